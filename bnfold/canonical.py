@@ -1,0 +1,154 @@
+"""Make real-world graphs look alike before recognition.
+
+Frozen graphs reach their constants through wrappers (``Identity`` left by
+``ReadVariableOp``, ``Reshape``/``Squeeze`` of a Keras 3 bias, ``Rsqrt(var +
+eps) * gamma``). Rather than rewriting those subgraphs, :class:`ConstEvaluator`
+evaluates any constant-only subgraph on demand in float64, so every recognizer
+sees plain numbers and the graph is only touched where a site is folded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tensorflow.core.framework import types_pb2
+from tensorflow.python.framework import tensor_util
+
+from bnfold.graph import GraphIndex, parse_input
+
+FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
+
+# Ops that only forward their input: constants are seen through them.
+PASS_THROUGH = {"Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics", "IdentityN"}
+
+_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "Sqrt": np.sqrt,
+    "Reciprocal": lambda x: 1.0 / x,
+    "Inv": lambda x: 1.0 / x,
+    "Neg": np.negative,
+    "Square": np.square,
+}
+_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add,
+    "AddV2": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "RealDiv": np.divide,
+    "Div": np.divide,
+    "Maximum": np.maximum,
+    "Minimum": np.minimum,
+}
+_EVALUABLE = set(_UNARY) | set(_BINARY) | {"Cast", "Reshape", "Squeeze", "ExpandDims"}
+# Ops whose presence in a constant subgraph marks it as normalization statistics.
+NORMALIZATION_EVIDENCE = {"Rsqrt", "Sqrt"}
+
+
+def to_float64(value: np.ndarray) -> np.ndarray:
+    """Widen floating values (fp16/bf16 included) so all fold math runs in float64."""
+    if value.dtype.kind in "fV" or value.dtype.name == "bfloat16":
+        return value.astype(np.float64)
+    return value
+
+
+class ConstEvaluator:
+    """Value of any tensor whose subgraph is constant-only, or ``None``.
+
+    Memoized per tensor, so a parameter read by several sites is evaluated once.
+    """
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self._memo: dict[str, np.ndarray | None] = {}
+
+    def forget(self, name: str) -> None:
+        """Drop memoized values of a node that an edit replaced."""
+        for key in [k for k in self._memo if parse_input(k)[0] == name]:
+            del self._memo[key]
+
+    def raw(self, ref: str) -> np.ndarray | None:
+        """The value in the tensor's own dtype (used for weights, to cast back)."""
+        node, index = self.index.producer(ref)
+        if node is None:
+            return None
+        if node.op == "Const":
+            return tensor_util.MakeNdarray(node.attr["value"].tensor)
+        if node.op in PASS_THROUGH:
+            return self.raw(node.input[index if node.op == "IdentityN" else 0])
+        value = self.value(ref)
+        if value is None:
+            return None
+        dtype = node.attr["T"].type if "T" in node.attr else types_pb2.DT_FLOAT
+        return value.astype(tensor_util.dtypes.as_dtype(dtype).as_numpy_dtype)
+
+    def value(self, ref: str) -> np.ndarray | None:
+        name, index, _ = parse_input(ref)
+        key = f"{name}:{index}"
+        if key not in self._memo:
+            self._memo[key] = self._evaluate(name, index)
+        return self._memo[key]
+
+    def is_const(self, ref: str) -> bool:
+        return self.value(ref) is not None
+
+    def contains_op(self, ref: str, ops: set[str]) -> bool:
+        """Whether the constant subgraph behind ``ref`` holds one of ``ops``."""
+        stack, seen = [parse_input(ref)[0]], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in self.index:
+                continue
+            seen.add(name)
+            node = self.index.node(name)
+            if node.op in ops:
+                return True
+            stack.extend(parse_input(r)[0] for r in node.input if not r.startswith("^"))
+        return False
+
+    def _evaluate(self, name: str, index: int) -> np.ndarray | None:
+        node = self.index.nodes.get(name)
+        if node is None:
+            return None
+        op = node.op
+        inputs = [r for r in node.input if not r.startswith("^")]
+        try:
+            if op == "Const":
+                return to_float64(tensor_util.MakeNdarray(node.attr["value"].tensor))
+            if op in PASS_THROUGH:
+                return self.value(inputs[index if op == "IdentityN" else 0])
+            if op not in _EVALUABLE:
+                return None
+            args = [self.value(r) for r in inputs]
+            if any(a is None for a in args):
+                return None
+            if op in _UNARY:
+                with np.errstate(all="ignore"):
+                    return _UNARY[op](args[0])
+            if op in _BINARY:
+                with np.errstate(all="ignore"):
+                    return _BINARY[op](args[0], args[1])
+            if op == "Cast":
+                dst = tensor_util.dtypes.as_dtype(node.attr["DstT"].type)
+                return to_float64(args[0].astype(dst.as_numpy_dtype))
+            if op == "Reshape":
+                return np.reshape(args[0], [int(d) for d in args[1]])
+            if op == "Squeeze":
+                dims = tuple(node.attr["squeeze_dims"].list.i)
+                return np.squeeze(args[0], axis=dims or None)
+            if op == "ExpandDims":
+                return np.expand_dims(args[0], int(args[1]))
+        except (ValueError, TypeError, IndexError):
+            return None
+        return None
+
+
+def input_dtype(index: GraphIndex, ref: str) -> int | None:
+    """The dtype of a tensor, read from its producer's ``T``/``dtype`` attribute."""
+    node, _ = index.producer(ref)
+    if node is None:
+        return None
+    for key in ("T", "dtype", "DstT"):
+        if key in node.attr:
+            return node.attr[key].type
+    return None

@@ -1,0 +1,327 @@
+"""Fold canonical :class:`~bnfold.affine.Affine` sites into the linear ops around them.
+
+Written once against ``Affine``: the BN form never matters here. A declarative
+table says where each linear op keeps its output and input channels in the
+weights; the data channel axis comes from ``data_format``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+from tensorflow.python.framework import dtypes
+
+from bnfold.affine import Affine, Unfoldable, as_step, data_format_axis, recognize
+from bnfold.canonical import FLOAT_TYPES, ConstEvaluator
+from bnfold.graph import GraphIndex, make_node, parse_input
+
+Action = Literal["folded", "standalone", "skipped"]
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Where a linear op keeps channels: weight input slot, data input slot, weight axes, data rank."""
+
+    weight_slot: int
+    data_slot: int
+    out_axis: int
+    in_axis: int
+    rank: int
+
+
+LINEAR_OPS: dict[str, LinearSpec] = {
+    "Conv2D": LinearSpec(weight_slot=1, data_slot=0, out_axis=3, in_axis=2, rank=4),
+    "DepthwiseConv2dNative": LinearSpec(weight_slot=1, data_slot=0, out_axis=3, in_axis=2, rank=4),
+    "Conv3D": LinearSpec(weight_slot=1, data_slot=0, out_axis=4, in_axis=3, rank=5),
+    "Conv2DBackpropInput": LinearSpec(weight_slot=1, data_slot=2, out_axis=2, in_axis=3, rank=4),
+    "MatMul": LinearSpec(weight_slot=1, data_slot=0, out_axis=1, in_axis=0, rank=2),
+}
+
+
+@dataclass
+class SiteRecord:
+    """What happened to one BN site: the unit of the report."""
+
+    name: str
+    form: str
+    action: Action
+    folded_into: str | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _weight_axes(node: node_def_pb2.NodeDef, spec: LinearSpec) -> tuple[int, int]:
+    """Out/in axes of the weights; MatMul's depend on ``transpose_b``."""
+    if node.op == "MatMul" and node.attr["transpose_b"].b:
+        return 0, 1
+    return spec.out_axis, spec.in_axis
+
+
+def _data_axis(node: node_def_pb2.NodeDef, spec: LinearSpec) -> int | None:
+    fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else ""
+    return data_format_axis(fmt, spec.rank)
+
+
+def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+class Folder:
+    """One fold of one graph: holds the index, the evaluator and the records."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, protected: set[str]) -> None:
+        self.index = GraphIndex(graph_def)
+        self.ev = ConstEvaluator(self.index)
+        self.protected = protected
+        self.records: list[SiteRecord] = []
+        self._last_linear: str | None = None
+
+    # -- driver --------------------------------------------------------------
+    def run(self) -> list[SiteRecord]:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 20000))
+        try:
+            for name in self.index.topological_order():
+                if name not in self.index:
+                    continue
+                site = recognize(self.index, self.ev, self.index.node(name))
+                if isinstance(site, Unfoldable):
+                    self.records.append(SiteRecord(site.name, site.form, "skipped", reason=site.reason))
+                elif site is not None:
+                    self.records.append(self.fold_site(site))
+        finally:
+            sys.setrecursionlimit(limit)
+        return self.records
+
+    def fold_site(self, site: Affine) -> SiteRecord:
+        forward = self.fold_forward(site)
+        if forward is None:
+            return SiteRecord(site.name, site.form, "folded", folded_into=self._last_linear)
+        backward = self.fold_backward(site)
+        if backward is None:
+            return SiteRecord(site.name, site.form, "folded", folded_into=self._last_linear)
+        self.make_standalone(site)
+        return SiteRecord(site.name, site.form, "standalone", reason=f"{forward}; {backward}")
+
+    # -- forward: linear op, then BN -----------------------------------------
+    def fold_forward(self, site: Affine) -> str | None:
+        """Fold into the linear op before the site; the reason it cannot, else None."""
+        linear, port = self.index.producer(site.input_ref)
+        if linear is None or linear.op not in LINEAR_OPS or port != 0:
+            return f"not after a conv/dense op (input is {linear.op if linear else 'missing'})"
+        spec = LINEAR_OPS[linear.op]
+        readers = self.index.consumers(linear.name)
+        if len(readers) != 1 or self.index.control_consumers(linear.name) or linear.name in self.protected:
+            return f"{linear.name} output also feeds other ops"
+        why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
+        if why:
+            return why
+        weights = self.ev.raw(linear.input[spec.weight_slot])
+        if weights is None:
+            return f"{linear.name} weights are not constants"
+        out_axis, _ = _weight_axes(linear, spec)
+        out_channels = weights.shape[2] * weights.shape[3] if linear.op == "DepthwiseConv2dNative" else weights.shape[out_axis]
+        scale, shift = self._expand(site, out_channels)
+        if scale is None or shift is None:
+            return f"BN has {site.channels} channels, {linear.name} has {out_channels}"
+        w64 = weights.astype(np.float64)
+        if linear.op == "DepthwiseConv2dNative":
+            folded = w64 * scale.reshape(1, 1, weights.shape[2], weights.shape[3])
+        else:
+            folded = w64 * _broadcast(scale, w64.ndim, out_axis)
+        self._set_weights(linear, spec, folded.astype(weights.dtype), site.name)
+        self._end_with_bias(site, linear.name, shift, _data_axis(linear, spec), spec.rank)
+        self._last_linear = linear.name
+        return None
+
+    # -- backward: BN, then linear op ----------------------------------------
+    def fold_backward(self, site: Affine) -> str | None:
+        """Fold into the linear op after the site where exact; the reason it cannot, else None."""
+        readers = self.index.consumers(site.output_node)
+        if len(readers) != 1 or self.index.control_consumers(site.output_node) or site.output_node in self.protected:
+            return "not read by a single conv/dense op"
+        linear = self.index.node(readers[0].node)
+        spec = LINEAR_OPS.get(linear.op)
+        if spec is None or readers[0].slot != spec.data_slot or readers[0].index != 0:
+            return f"not read by a conv/dense op (read by {linear.op})"
+        if linear.op == "Conv2DBackpropInput":
+            return "before a transposed conv: overlapping windows make the shift non-uniform"
+        if linear.op == "MatMul" and linear.attr["transpose_a"].b:
+            return f"{linear.name} transposes its input"
+        has_shift = bool(np.any(site.shift != 0))
+        padding = linear.attr["padding"].s.decode() if "padding" in linear.attr else "VALID"
+        if linear.op != "MatMul" and has_shift and padding != "VALID":
+            return f"{linear.name} pads with zeros ({padding}), which would meet the BN shift"
+        why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
+        if why:
+            return why
+        weights = self.ev.raw(linear.input[spec.weight_slot])
+        if weights is None:
+            return f"{linear.name} weights are not constants"
+        out_axis, in_axis = _weight_axes(linear, spec)
+        scale, shift = self._expand(site, weights.shape[in_axis])
+        if scale is None or shift is None:
+            return f"BN has {site.channels} channels, {linear.name} reads {weights.shape[in_axis]}"
+        w64 = weights.astype(np.float64)
+        folded = w64 * _broadcast(scale, w64.ndim, in_axis)
+        if linear.op == "DepthwiseConv2dNative":
+            bias = (w64 * _broadcast(shift, w64.ndim, in_axis)).sum(axis=(0, 1)).reshape(-1)
+        else:
+            moved = np.moveaxis(w64 * _broadcast(shift, w64.ndim, in_axis), out_axis, -1)
+            bias = moved.reshape(-1, moved.shape[-1]).sum(axis=0)
+        self.index.set_input(linear.name, spec.data_slot, site.input_ref)
+        self._set_weights(self.index.node(linear.name), spec, folded.astype(weights.dtype), site.name)
+        self._remove_site(site, keep=None)
+        if has_shift:
+            self._add_bias_after(linear.name, bias, _data_axis(linear, spec), spec.rank)
+        self._last_linear = linear.name
+        return None
+
+    # -- standalone ----------------------------------------------------------
+    def make_standalone(self, site: Affine) -> None:
+        """One multiply and one add with precomputed constants, under the site's name."""
+        end = self.index.node(site.output_node)
+        np_dtype = dtypes.as_dtype(site.dtype).as_numpy_dtype
+        k = -site.channel_axis if site.channel_axis is not None else 1
+        shape = (-1,) + (1,) * (k - 1)
+        scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", site.scale.reshape(shape).astype(np_dtype), site.dtype)
+        shift_c = self.index.add_const(f"{site.name}/bnfold_shift/value", site.shift.reshape(shape).astype(np_dtype), site.dtype)
+        mul = make_node(self.index.unique_name(f"{site.name}/bnfold_scale"), "Mul", [site.input_ref, scale_c], {"T": _type_attr(site.dtype)}, end.device)
+        add = make_node(site.output_node, "AddV2", [mul.name, shift_c], {"T": _type_attr(site.dtype)}, end.device)
+        self.index.add(mul)
+        self._replace_end(site, add)
+
+    # -- shared pieces -------------------------------------------------------
+    def _check_linear(self, site: Affine, linear: node_def_pb2.NodeDef, spec: LinearSpec, data_axis: int | None) -> str | None:
+        if linear.attr["T"].type not in FLOAT_TYPES:
+            return f"{linear.name} is not floating point"
+        if site.channel_axis is not None and site.channel_axis != data_axis:
+            return f"BN channel axis {site.channel_axis} is not {linear.name}'s channel axis {data_axis}"
+        return None
+
+    @staticmethod
+    def _expand(site: Affine, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        def fit(v: np.ndarray) -> np.ndarray | None:
+            if v.size == channels:
+                return v
+            return np.full(channels, v.item()) if v.size == 1 else None
+
+        return fit(site.scale), fit(site.shift)
+
+    def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: np.ndarray, site: str) -> None:
+        """Point the linear op at new weights; the old constant is never edited (others may read it)."""
+        old = linear.input[spec.weight_slot]
+        const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtypes.as_dtype(value.dtype).as_datatype_enum)
+        self.index.set_input(linear.name, spec.weight_slot, const)
+        self.prune([parse_input(old)[0]])
+
+    def _end_with_bias(self, site: Affine, linear: str, bias: np.ndarray, data_axis: int | None, rank: int) -> None:
+        end = self.index.node(site.output_node)
+        dtype = self.index.node(linear).attr["T"].type
+        node = self._bias_node(site.output_node, linear, bias, dtype, data_axis, rank, end.device)
+        self._replace_end(site, node)
+
+    def _bias_node(self, name: str, source: str, bias: np.ndarray, dtype: int, data_axis: int | None, rank: int, device: str) -> node_def_pb2.NodeDef:
+        """A BiasAdd where TF has one for the layout (grappler fuses it into the conv), else AddV2."""
+        np_dtype = dtypes.as_dtype(dtype).as_numpy_dtype
+        if data_axis == -1 or (data_axis == -3 and rank == 4):
+            const = self.index.add_const(f"{name}/bnfold_bias", bias.astype(np_dtype), dtype)
+            fmt = b"NHWC" if data_axis == -1 else b"NCHW"
+            attrs = {"T": _type_attr(dtype), "data_format": attr_value_pb2.AttrValue(s=fmt)}
+            return make_node(name, "BiasAdd", [source, const], attrs, device)
+        shaped = bias.reshape((-1,) + (1,) * (-(data_axis or -1) - 1))
+        const = self.index.add_const(f"{name}/bnfold_bias", shaped.astype(np_dtype), dtype)
+        return make_node(name, "AddV2", [source, const], {"T": _type_attr(dtype)}, device)
+
+    def _add_bias_after(self, linear: str, bias: np.ndarray, data_axis: int | None, rank: int) -> None:
+        """Add ``bias`` after ``linear``: into its own bias op when it has one, else a new BiasAdd."""
+        readers = self.index.consumers(linear)
+        if len(readers) == 1 and not self.index.control_consumers(linear) and linear not in self.protected:
+            step = as_step(self.index, self.ev, self.index.node(readers[0].node))
+            if step is not None and step.input_ref == linear and np.all(step.scale == 1) and step.axis in (data_axis, None):
+                old = self.index.node(step.node)
+                total = step.shift + bias
+                self._replace_node_keep_name(old, self._bias_node(old.name, linear, total, old.attr["T"].type, data_axis, rank, old.device))
+                return
+        node = self.index.node(linear)
+        renamed = node_def_pb2.NodeDef()
+        renamed.CopyFrom(node)
+        renamed.name = self.index.unique_name(f"{linear}/bnfold_linear")
+        self.index.add(renamed)
+        self._replace_node_keep_name(node, self._bias_node(linear, renamed.name, bias, node.attr["T"].type, data_axis, rank, node.device))
+
+    def _replace_node_keep_name(self, old: node_def_pb2.NodeDef, new: node_def_pb2.NodeDef) -> None:
+        inputs = [parse_input(r)[0] for r in old.input]
+        self.index.replace(new)
+        self.ev.forget(old.name)
+        self.prune(inputs)
+
+    def _replace_end(self, site: Affine, new_end: node_def_pb2.NodeDef) -> None:
+        self._remove_site(site, keep=new_end)
+
+    def _remove_site(self, site: Affine, keep: node_def_pb2.NodeDef | None) -> None:
+        """Drop the site's nodes; ``keep`` takes the output node's name so readers still resolve."""
+        seeds: list[str] = []
+        for name in reversed(site.replaces):
+            node = self.index.node(name)
+            seeds.extend(parse_input(r)[0] for r in node.input)
+            if name == site.output_node and keep is not None:
+                self.index.replace(keep)
+            elif name == site.output_node:
+                self._rewire(name, site.input_ref)
+                self.index.remove(name)
+            else:
+                self.index.remove(name)
+            self.ev.forget(name)
+        self.prune(seeds)
+
+    def _rewire(self, name: str, ref: str) -> None:
+        for reader in self.index.consumers(name, 0):
+            self.index.set_input(reader.node, reader.slot, ref)
+
+    def prune(self, seeds: list[str]) -> None:
+        """Remove nodes an edit left unread; constants read only by control edges go too."""
+        stack = list(seeds)
+        while stack:
+            name = stack.pop()
+            if name not in self.index or name in self.protected:
+                continue
+            node = self.index.node(name)
+            if node.op in ("Placeholder", "PlaceholderWithDefault") or self.index.consumers(name):
+                continue
+            controls = self.index.control_consumers(name)
+            if controls:
+                if not self._is_constant_read(node):
+                    continue
+                for reader in controls:
+                    self.index.drop_control_input(reader.node, name)
+            stack.extend(parse_input(r)[0] for r in node.input)
+            self.index.remove(name)
+            self.ev.forget(name)
+
+    def _is_constant_read(self, node: node_def_pb2.NodeDef) -> bool:
+        """A control edge on a constant (or an Identity of one) orders nothing and can go."""
+        return node.op == "Const" or (node.op == "Identity" and self.ev.is_const(node.name))
+
+
+def _type_attr(dtype: int) -> attr_value_pb2.AttrValue:
+    return attr_value_pb2.AttrValue(type=dtype)
+
+
+def fold_graph(graph_def: graph_pb2.GraphDef, protected: set[str] | None = None) -> tuple[graph_pb2.GraphDef, list[SiteRecord]]:
+    """Fold every BN site of ``graph_def``; ``protected`` names nodes that must survive (inputs/outputs)."""
+    folder = Folder(graph_def, protected or set())
+    records = folder.run()
+    if not any(r.action != "skipped" for r in records):
+        return graph_def, records
+    return folder.index.to_graph_def(), records
+
+

@@ -1,0 +1,202 @@
+"""A thin, mutable index over a ``GraphDef``.
+
+Every pass goes through this index instead of walking ``node.input`` strings by
+hand, so that the consumer map is built once and kept current by each edit:
+folding stays linear in graph size however many sites a model has.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+from tensorflow.python.framework import tensor_util
+
+
+def parse_input(ref: str) -> tuple[str, int, bool]:
+    """Split a NodeDef input string into (node name, output index, is control)."""
+    if ref.startswith("^"):
+        return ref[1:], -1, True
+    name, sep, port = ref.rpartition(":")
+    if sep and port.isdigit():
+        return name, int(port), False
+    return ref, 0, False
+
+
+def tensor_ref(node: str, index: int = 0) -> str:
+    """The NodeDef spelling of output ``index`` of ``node``."""
+    return node if index == 0 else f"{node}:{index}"
+
+
+class Consumer:
+    """One edge into a node: which node reads, at which input slot."""
+
+    __slots__ = ("node", "slot", "index", "control")
+
+    def __init__(self, node: str, slot: int, index: int, control: bool) -> None:
+        self.node = node
+        self.slot = slot
+        self.index = index
+        self.control = control
+
+
+class GraphIndex:
+    """Name -> node and name -> consumers, kept in step with every edit.
+
+    Nodes are held in the original order; new nodes go at the end, so the
+    written graph is deterministic for the same input and options. Nodes of the
+    caller's GraphDef are shared, never edited: every edit replaces a node.
+    """
+
+    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+        self._template = graph_pb2.GraphDef()
+        self._template.versions.CopyFrom(graph_def.versions)
+        self._template.library.CopyFrom(graph_def.library)
+        self.nodes: dict[str, node_def_pb2.NodeDef] = {}
+        for node in graph_def.node:
+            self.nodes[node.name] = node
+        self._consumers: dict[str, list[Consumer]] = defaultdict(list)
+        for node in self.nodes.values():
+            self._link(node)
+
+    # -- reading -------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.nodes
+
+    def __iter__(self) -> Iterator[node_def_pb2.NodeDef]:
+        return iter(list(self.nodes.values()))
+
+    def node(self, name: str) -> node_def_pb2.NodeDef:
+        return self.nodes[name]
+
+    def producer(self, ref: str) -> tuple[node_def_pb2.NodeDef | None, int]:
+        """The node behind an input string, and which of its outputs it is."""
+        name, index, _ = parse_input(ref)
+        return self.nodes.get(name), index
+
+    def data_inputs(self, node: node_def_pb2.NodeDef) -> list[str]:
+        return [ref for ref in node.input if not ref.startswith("^")]
+
+    def consumers(self, name: str, index: int | None = None) -> list[Consumer]:
+        """Data consumers of ``name`` (of one output when ``index`` is given)."""
+        return [
+            c
+            for c in self._consumers.get(name, ())
+            if not c.control and (index is None or c.index == index)
+        ]
+
+    def control_consumers(self, name: str) -> list[Consumer]:
+        return [c for c in self._consumers.get(name, ()) if c.control]
+
+    def has_consumers(self, name: str) -> bool:
+        return bool(self._consumers.get(name))
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for node in self.nodes.values():
+            counts[node.op] += 1
+        return dict(sorted(counts.items()))
+
+    def topological_order(self) -> list[str]:
+        """Kahn's order over data and control edges; nodes on cycles (loops) last."""
+        pending = {name: 0 for name in self.nodes}
+        for node in self.nodes.values():
+            pending[node.name] = sum(1 for ref in node.input if parse_input(ref)[0] in self.nodes)
+        ready = [name for name, count in pending.items() if count == 0]
+        order: list[str] = []
+        while ready:
+            name = ready.pop()
+            order.append(name)
+            for consumer in self._consumers.get(name, ()):
+                pending[consumer.node] -= 1
+                if pending[consumer.node] == 0:
+                    ready.append(consumer.node)
+        if len(order) < len(self.nodes):
+            seen = set(order)
+            order.extend(name for name in self.nodes if name not in seen)
+        return order
+
+    # -- editing -------------------------------------------------------------
+    def _link(self, node: node_def_pb2.NodeDef) -> None:
+        for slot, ref in enumerate(node.input):
+            name, index, control = parse_input(ref)
+            self._consumers[name].append(Consumer(node.name, slot, index, control))
+
+    def _unlink(self, node: node_def_pb2.NodeDef) -> None:
+        for ref in node.input:
+            name = parse_input(ref)[0]
+            edges = self._consumers.get(name)
+            if edges:
+                edges[:] = [c for c in edges if c.node != node.name]
+
+    def add(self, node: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
+        if node.name in self.nodes:
+            raise ValueError(f"node {node.name!r} already exists")
+        self.nodes[node.name] = node
+        self._link(node)
+        return node
+
+    def replace(self, node: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
+        """Put ``node`` in place of the node with the same name, keeping its position."""
+        self._unlink(self.nodes[node.name])
+        self.nodes[node.name] = node
+        self._link(node)
+        return node
+
+    def remove(self, name: str) -> None:
+        node = self.nodes.pop(name)
+        self._unlink(node)
+
+    def _own_copy(self, name: str) -> node_def_pb2.NodeDef:
+        """Copy a node before editing it: the caller's GraphDef is never modified."""
+        node = node_def_pb2.NodeDef()
+        node.CopyFrom(self.nodes[name])
+        return node
+
+    def set_input(self, name: str, slot: int, ref: str) -> None:
+        node = self._own_copy(name)
+        node.input[slot] = ref
+        self.replace(node)
+
+    def drop_control_input(self, name: str, source: str) -> None:
+        node = self._own_copy(name)
+        kept = [ref for ref in node.input if ref != f"^{source}"]
+        del node.input[:]
+        node.input.extend(kept)
+        self.replace(node)
+
+    def unique_name(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.nodes:
+            name = f"{base}_{n}"
+            n += 1
+        return name
+
+    def add_const(self, name: str, value: np.ndarray, dtype: int) -> str:
+        """Add a Const node holding ``value`` and return its (unique) name."""
+        node = node_def_pb2.NodeDef(name=self.unique_name(name), op="Const")
+        node.attr["dtype"].type = dtype
+        node.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(value, dtype=dtype))
+        self.add(node)
+        return node.name
+
+    def to_graph_def(self) -> graph_pb2.GraphDef:
+        out = graph_pb2.GraphDef()
+        out.CopyFrom(self._template)
+        out.node.extend(self.nodes.values())
+        return out
+
+
+def make_node(
+    name: str,
+    op: str,
+    inputs: Iterable[str],
+    attrs: dict[str, attr_value_pb2.AttrValue] | None = None,
+    device: str = "",
+) -> node_def_pb2.NodeDef:
+    node = node_def_pb2.NodeDef(name=name, op=op, input=list(inputs), device=device)
+    for key, value in (attrs or {}).items():
+        node.attr[key].CopyFrom(value)
+    return node
