@@ -194,7 +194,9 @@ class Folder:
         shape = (-1,) + (1,) * (k - 1)
         scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", site.scale.reshape(shape).astype(np_dtype), site.dtype)
         shift_c = self.index.add_const(f"{site.name}/bnfold_shift/value", site.shift.reshape(shape).astype(np_dtype), site.dtype)
-        mul = make_node(self.index.unique_name(f"{site.name}/bnfold_scale"), "Mul", [site.input_ref, scale_c], {"T": _type_attr(site.dtype)}, end.device)
+        mul = make_node(
+            self.index.unique_name(f"{site.name}/bnfold_scale"), "Mul", [site.input_ref, scale_c], {"T": _type_attr(site.dtype)}, end.device
+        )
         add = make_node(site.output_node, "AddV2", [mul.name, shift_c], {"T": _type_attr(site.dtype)}, end.device)
         self.index.add(mul)
         self._replace_end(site, add)
@@ -229,7 +231,9 @@ class Folder:
         node = self._bias_node(site.output_node, linear, bias, dtype, data_axis, rank, end.device)
         self._replace_end(site, node)
 
-    def _bias_node(self, name: str, source: str, bias: np.ndarray, dtype: int, data_axis: int | None, rank: int, device: str) -> node_def_pb2.NodeDef:
+    def _bias_node(
+        self, name: str, source: str, bias: np.ndarray, dtype: int, data_axis: int | None, rank: int, device: str
+    ) -> node_def_pb2.NodeDef:
         """A BiasAdd where TF has one for the layout (grappler fuses it into the conv), else AddV2."""
         np_dtype = dtypes.as_dtype(dtype).as_numpy_dtype
         if data_axis == -1 or (data_axis == -3 and rank == 4):
@@ -323,5 +327,3 @@ def fold_graph(graph_def: graph_pb2.GraphDef, protected: set[str] | None = None)
     if not any(r.action != "skipped" for r in records):
         return graph_def, records
     return folder.index.to_graph_def(), records
-
-

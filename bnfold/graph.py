@@ -81,23 +81,13 @@ class GraphIndex:
 
     def consumers(self, name: str, index: int | None = None) -> list[Consumer]:
         """Data consumers of ``name`` (of one output when ``index`` is given)."""
-        return [
-            c
-            for c in self._consumers.get(name, ())
-            if not c.control and (index is None or c.index == index)
-        ]
+        return [c for c in self._consumers.get(name, ()) if not c.control and (index is None or c.index == index)]
 
     def control_consumers(self, name: str) -> list[Consumer]:
         return [c for c in self._consumers.get(name, ()) if c.control]
 
     def has_consumers(self, name: str) -> bool:
         return bool(self._consumers.get(name))
-
-    def op_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        for node in self.nodes.values():
-            counts[node.op] += 1
-        return dict(sorted(counts.items()))
 
     def topological_order(self) -> list[str]:
         """Kahn's order over data and control edges; nodes on cycles (loops) last."""
@@ -200,3 +190,11 @@ def make_node(
     for key, value in (attrs or {}).items():
         node.attr[key].CopyFrom(value)
     return node
+
+
+def op_counts(graph_def: graph_pb2.GraphDef) -> dict[str, int]:
+    """How many nodes of each op type: the before/after numbers of the report."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in graph_def.node:
+        counts[node.op] += 1
+    return dict(sorted(counts.items()))

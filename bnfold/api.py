@@ -1,0 +1,142 @@
+"""The Python API: ``fold`` for export pipelines, ``fold_file`` for files.
+
+Runs the stages in one direction: load -> fold (canonical forms are read by the
+constant evaluator) -> verify -> write. Verification is on by default because
+the promise is that the written model computes what the input did.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2
+
+from bnfold import io
+from bnfold.errors import UsageError, VerificationError
+from bnfold.fold import SiteRecord, fold_graph
+from bnfold.graph import op_counts, parse_input
+from bnfold.verify import Verification, failure_message, find_inputs, find_outputs, verify
+
+GraphSource = graph_pb2.GraphDef | str | os.PathLike
+
+
+@dataclass
+class FoldResult:
+    """The folded graph, one record per BN site, op counts, and the verification."""
+
+    graph_def: graph_pb2.GraphDef
+    sites: list[SiteRecord]
+    inputs: list[str]
+    outputs: list[str]
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    verification: Verification | None = None
+    source: str = "<GraphDef>"
+
+    def count(self, action: str) -> int:
+        return sum(1 for s in self.sites if s.action == action)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "summary": {a: self.count(a) for a in ("folded", "standalone", "skipped")},
+            "sites": [s.to_json() for s in self.sites],
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(self.ops_after.values()),
+            "verification": self.verification.to_json() if self.verification else None,
+        }
+
+
+def _load(source: GraphSource) -> tuple[graph_pb2.GraphDef, str]:
+    if isinstance(source, graph_pb2.GraphDef):
+        io.check_graph(source, "<GraphDef>")
+        return source, "<GraphDef>"
+    return io.load_graph_def(source), str(source)
+
+
+def _check_names(graph_def: graph_pb2.GraphDef, names: list[str] | None, option: str) -> None:
+    known = {n.name for n in graph_def.node}
+    for name in names or []:
+        if parse_input(name)[0] not in known:
+            raise UsageError(f"{option}: no node named {parse_input(name)[0]!r} in the graph")
+
+
+def fold(
+    source: GraphSource,
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    *,
+    verify_outputs: bool = True,
+    feeds: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    force: bool = False,
+) -> FoldResult:
+    """Fold every BN of a frozen graph into the conv/dense ops around it.
+
+    ``source`` is a ``GraphDef`` or a path to a ``.pb``/``.pbtxt``; it is never
+    modified. With ``verify_outputs`` (default) both graphs run on the same
+    inputs and a :class:`~bnfold.errors.VerificationError` is raised if any
+    output differs beyond tolerance, unless ``force`` is given.
+    """
+    graph_def, name = _load(source)
+    _check_names(graph_def, inputs, "--inputs")
+    _check_names(graph_def, outputs, "--outputs")
+    in_names = inputs or [s.name for s in find_inputs(graph_def)]
+    out_names = outputs or find_outputs(graph_def)
+    protected = {parse_input(n)[0] for n in in_names + out_names}
+    folded, sites = fold_graph(graph_def, protected)
+    result = FoldResult(
+        graph_def=folded,
+        sites=sites,
+        inputs=in_names,
+        outputs=out_names,
+        ops_before=op_counts(graph_def),
+        ops_after=op_counts(folded),
+        source=name,
+    )
+    if verify_outputs:
+        result.verification = verify(
+            graph_def,
+            folded,
+            inputs,
+            out_names,
+            feeds=feeds,
+            input_shapes=input_shapes,
+            rtol=rtol,
+            atol=atol,
+            samples=samples,
+            seed=seed,
+        )
+        if not result.verification.passed and not force:
+            raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
+    return result
+
+
+def fold_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    in_place: bool = False,
+    **options: object,
+) -> FoldResult:
+    """Fold ``src`` and write ``dst`` atomically; its suffix picks the format (.pb, .pbtxt).
+
+    Nothing is written when verification fails (unless ``force=True``) and ``dst``
+    may not be ``src`` unless ``in_place=True``.
+    """
+    src_path, dst_path = Path(src), Path(dst)
+    io.check_output_path(src_path, dst_path, in_place)
+    result = fold(src_path, **options)  # type: ignore[arg-type]
+    io.write_graph_def(result.graph_def, dst_path)
+    return result

@@ -1,0 +1,184 @@
+"""``bnfold IN OUT``: the command line.
+
+Every user error is one line on stderr and a documented exit code (README:
+"Exit codes"); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
+)
+COMMANDS = {"fold", "inspect", "--help", "-h"}
+out = Console()
+err = Console(stderr=True)
+
+InputsOpt = Annotated[Optional[str], typer.Option("--inputs", help="Comma-separated input placeholders (default: all placeholders).")]
+OutputsOpt = Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated output nodes (default: the graph's sinks).")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the per-site report as JSON here.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        name, sep, rest = value.rpartition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"{option}: expected NAME=VALUE, got {value!r}")
+        pairs[name] = rest
+    return pairs
+
+
+def _shapes(values: list[str] | None) -> dict[str, list[int]]:
+    shapes = {}
+    for name, dims in _pairs(values, "--input-shape").items():
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be integers, like 1,224,224,3") from None
+    return shapes
+
+
+def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
+    """Turn bnfold errors into one line and an exit code; internal errors into exit 70."""
+    try:
+        body()
+    except BnfoldError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]bnfold: error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("bnfold: interrupted; nothing was written")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+        if debug:
+            traceback.print_exc()
+        err.print(
+            f"[red]bnfold: internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+@app.command("fold")
+def fold_command(
+    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
+    dst: Annotated[Optional[Path], typer.Argument(help="Output: .pb or .pbtxt (suffix picks the format).")] = None,
+    inputs: InputsOpt = None,
+    outputs: OutputsOpt = None,
+    report: ReportOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Fold and report, write no model.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")] = False,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default per dtype).")] = None,
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default per dtype).")] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=D0,D1,... for inputs with unknown dims.")] = None,
+    feed: Annotated[
+        Optional[list[str]], typer.Option("--feed", help="NAME=x.npy | true | false | number; NAME may be an internal tensor.")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Batches to compare.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write even if verification fails.")] = False,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fold BN in SRC and write DST."""
+
+    def body() -> None:
+        from bnfold import api, io
+        from bnfold import report as rep
+        from bnfold.verify import parse_feed_value
+
+        if dst is None and not dry_run:
+            raise UsageError("give an output path, or --dry-run to only report")
+        if dst is not None and not dry_run:
+            io.check_output_path(src, dst, in_place)
+        feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
+        try:
+            result = api.fold(
+                src,
+                _names(inputs),
+                _names(outputs),
+                verify_outputs=not no_verify,
+                feeds=feeds,
+                input_shapes=_shapes(input_shape),
+                rtol=rtol,
+                atol=atol,
+                samples=samples,
+                seed=seed,
+                force=force,
+            )
+        except VerificationError as exc:
+            if exc.result is not None and not quiet:
+                rep.print_result(exc.result, out)  # type: ignore[arg-type]
+            if report is not None and exc.result is not None:
+                rep.write_json(exc.result, report)  # type: ignore[arg-type]
+            raise VerificationError(f"{exc}; nothing written (--force writes anyway)") from None
+        if not quiet:
+            rep.print_result(result, out)
+        if report is not None:
+            rep.write_json(result, report)
+        if result.verification is not None and not result.verification.passed:
+            err.print("[yellow]warning:[/] verification failed; writing anyway because of --force")
+        if dst is not None and not dry_run:
+            io.write_graph_def(result.graph_def, dst)
+            if not quiet:
+                out.print(f"wrote {dst}")
+
+    _run(debug, body)
+
+
+@app.command("inspect")
+def inspect_command(
+    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
+    inputs: InputsOpt = None,
+    outputs: OutputsOpt = None,
+    report: ReportOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Report what would be folded, and why anything would not; write nothing."""
+
+    def body() -> None:
+        from bnfold import api
+        from bnfold import report as rep
+
+        result = api.fold(src, _names(inputs), _names(outputs), verify_outputs=False)
+        rep.print_result(result, out)
+        if report is not None:
+            rep.write_json(result, report)
+
+    _run(debug, body)
+
+
+def main() -> None:
+    """Console entry point: ``bnfold IN OUT`` means ``bnfold fold IN OUT``."""
+    argv = sys.argv[1:]
+    if argv and argv[0] not in COMMANDS:
+        argv = ["fold", *argv]
+    app(args=argv, prog_name="bnfold")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Load frozen graphs and write results atomically.
+
+Writes go to a temporary file in the destination directory and are renamed into
+place, so an interrupted run never leaves a half-written model behind and the
+input is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf import message, text_format
+from tensorflow.core.framework import graph_pb2
+
+from bnfold.errors import InputError, OutputError
+from bnfold.graph import parse_input
+
+TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
+VARIABLE_OPS = {"VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "ResourceGather", "AssignVariableOp"}
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a frozen graph (.pb/.pbtxt)")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; make the file readable") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
+    """Parse a binary or text GraphDef and check that it is a usable frozen graph."""
+    path = Path(path)
+    data = read_bytes(path)
+    graph_def = graph_pb2.GraphDef()
+    if not data:
+        raise InputError(f"{path}: file is empty")
+    try:
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+        else:
+            graph_def.ParseFromString(data)
+    except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as exc:
+        kind = "text" if path.suffix.lower() in TEXT_SUFFIXES else "binary"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a {kind} GraphDef ({first}); pass a frozen .pb or .pbtxt") from None
+    check_graph(graph_def, str(path))
+    return graph_def
+
+
+def check_graph(graph_def: graph_pb2.GraphDef, source: str) -> None:
+    """Refuse graphs that are not frozen or not well formed, naming the first culprit."""
+    if not graph_def.node:
+        raise InputError(f"{source}: the graph has no nodes; pass a frozen .pb or .pbtxt")
+    names: set[str] = set()
+    for node in graph_def.node:
+        if not node.name or not node.op:
+            raise InputError(f"{source}: not a GraphDef (a node without name or op)")
+        if node.name in names:
+            raise InputError(f"{source}: duplicate node name {node.name!r}; the graph is corrupt")
+        names.add(node.name)
+        if node.op in VARIABLE_OPS:
+            raise InputError(
+                f"{source}: not frozen: node {node.name!r} is a variable ({node.op}); "
+                "pass the SavedModel directory or Keras file instead, or freeze it first"
+            )
+    for node in graph_def.node:
+        for ref in node.input:
+            if parse_input(ref)[0] not in names:
+                raise InputError(f"{source}: node {node.name!r} reads missing node {ref!r}; the graph is corrupt")
+
+
+def check_output_path(src: Path | None, dst: Path, in_place: bool = False) -> None:
+    """Fail before any work when the result could not be written or would replace the input."""
+    if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:
+        raise OutputError(f"{dst}: is the input; choose another output path or pass --in-place")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{dst}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{dst}: directory {parent} is not writable")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a directory; give a file name ending in .pb, .pbtxt or .onnx")
+
+
+def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary file beside ``dst``, then rename it over ``dst``."""
+    parent = dst.parent if str(dst.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        mode = 0o644 & ~_umask()
+        os.chmod(tmp_path, mode)
+        os.replace(tmp_path, dst)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def graph_def_bytes(graph_def: graph_pb2.GraphDef, text: bool) -> bytes:
+    if text:
+        return text_format.MessageToString(graph_def).encode("utf-8")
+    return graph_def.SerializeToString(deterministic=True)
+
+
+def write_graph_def(graph_def: graph_pb2.GraphDef, dst: str | os.PathLike[str]) -> None:
+    dst = Path(dst)
+    data = graph_def_bytes(graph_def, dst.suffix.lower() in TEXT_SUFFIXES)
+    atomic_write(dst, lambda tmp: tmp.write_bytes(data))
