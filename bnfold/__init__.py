@@ -1,21 +1,42 @@
-"""bnfold: fold batch normalization into the conv/dense layers of frozen TensorFlow graphs."""
+"""bnfold: fold batch normalization into the conv/dense layers of frozen TensorFlow graphs.
 
-from bnfold.api import FoldResult, fold, fold_file
-from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
-from bnfold.fold import SiteRecord
-from bnfold.verify import Verification, verify
+The public names are loaded lazily, so ``bnfold.cli`` can quiet TensorFlow's
+start-up logging before TensorFlow is imported.
+"""
 
-__all__ = [
-    "BnfoldError",
-    "FoldResult",
-    "InputError",
-    "OutputError",
-    "SiteRecord",
-    "UsageError",
-    "Verification",
-    "VerificationError",
-    "fold",
-    "fold_file",
-    "verify",
-]
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+# TensorFlow's C++ start-up chatter would bury bnfold's one-line messages.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+if TYPE_CHECKING:
+    from bnfold.api import FoldResult, fold, fold_file
+    from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
+    from bnfold.fold import SiteRecord
+    from bnfold.verify import Verification, verify
+
+_EXPORTS = {
+    "FoldResult": "bnfold.api",
+    "fold": "bnfold.api",
+    "fold_file": "bnfold.api",
+    "BnfoldError": "bnfold.errors",
+    "InputError": "bnfold.errors",
+    "OutputError": "bnfold.errors",
+    "UsageError": "bnfold.errors",
+    "VerificationError": "bnfold.errors",
+    "SiteRecord": "bnfold.fold",
+    "Verification": "bnfold.verify",
+    "verify": "bnfold.verify",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

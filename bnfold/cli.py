@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -172,9 +172,28 @@ def inspect_command(
     _run(debug, body)
 
 
+def _silence_native_logs() -> None:
+    """Send TensorFlow's C++ log lines (fd 2) to /dev/null; Python's stderr keeps the terminal.
+
+    TF 2.21 logs through absl before ``TF_CPP_MIN_LOG_LEVEL`` is read, which
+    would bury bnfold's one-line errors. ``--debug`` keeps everything.
+    """
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = os.fdopen(saved, "w", buffering=1)
+
+
 def main() -> None:
     """Console entry point: ``bnfold IN OUT`` means ``bnfold fold IN OUT``."""
     argv = sys.argv[1:]
+    if "--debug" not in argv:
+        _silence_native_logs()
     if argv and argv[0] not in COMMANDS:
         argv = ["fold", *argv]
     app(args=argv, prog_name="bnfold")

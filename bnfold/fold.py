@@ -234,16 +234,12 @@ class Folder:
     def _bias_node(
         self, name: str, source: str, bias: np.ndarray, dtype: int, data_axis: int | None, rank: int, device: str
     ) -> node_def_pb2.NodeDef:
-        """A BiasAdd where TF has one for the layout (grappler fuses it into the conv), else AddV2."""
+        """A BiasAdd (grappler fuses it into the conv); NCHW means channels at dim 1 for any rank."""
         np_dtype = dtypes.as_dtype(dtype).as_numpy_dtype
-        if data_axis == -1 or (data_axis == -3 and rank == 4):
-            const = self.index.add_const(f"{name}/bnfold_bias", bias.astype(np_dtype), dtype)
-            fmt = b"NHWC" if data_axis == -1 else b"NCHW"
-            attrs = {"T": _type_attr(dtype), "data_format": attr_value_pb2.AttrValue(s=fmt)}
-            return make_node(name, "BiasAdd", [source, const], attrs, device)
-        shaped = bias.reshape((-1,) + (1,) * (-(data_axis or -1) - 1))
-        const = self.index.add_const(f"{name}/bnfold_bias", shaped.astype(np_dtype), dtype)
-        return make_node(name, "AddV2", [source, const], {"T": _type_attr(dtype)}, device)
+        const = self.index.add_const(f"{name}/bnfold_bias", bias.astype(np_dtype), dtype)
+        fmt = b"NHWC" if data_axis in (-1, None) else b"NCHW"
+        attrs = {"T": _type_attr(dtype), "data_format": attr_value_pb2.AttrValue(s=fmt)}
+        return make_node(name, "BiasAdd", [source, const], attrs, device)
 
     def _add_bias_after(self, linear: str, bias: np.ndarray, data_axis: int | None, rank: int) -> None:
         """Add ``bias`` after ``linear``: into its own bias op when it has one, else a new BiasAdd."""
