@@ -32,7 +32,19 @@ _EXPORTS = {
     "Verification": "bnfold.verify",
     "verify": "bnfold.verify",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BnfoldError",
+    "FoldResult",
+    "InputError",
+    "OutputError",
+    "SiteRecord",
+    "UsageError",
+    "Verification",
+    "VerificationError",
+    "fold",
+    "fold_file",
+    "verify",
+]
 __version__ = "0.1.0"
 
 
