@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if TYPE_CHECKING:
     from bnfold.api import FoldResult, fold, fold_file
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
-    from bnfold.fold import SiteRecord
+    from bnfold.folding import SiteRecord
     from bnfold.verify import Verification, verify
 
 _EXPORTS = {
@@ -28,7 +28,7 @@ _EXPORTS = {
     "OutputError": "bnfold.errors",
     "UsageError": "bnfold.errors",
     "VerificationError": "bnfold.errors",
-    "SiteRecord": "bnfold.fold",
+    "SiteRecord": "bnfold.folding",
     "Verification": "bnfold.verify",
     "verify": "bnfold.verify",
 }

@@ -16,7 +16,7 @@ from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
 from bnfold.errors import UsageError, VerificationError
-from bnfold.fold import SiteRecord, fold_graph
+from bnfold.folding import SiteRecord, fold_graph
 from bnfold.graph import op_counts, parse_input
 from bnfold.verify import Verification, failure_message, find_inputs, find_outputs, verify
 

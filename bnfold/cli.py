@@ -135,7 +135,8 @@ def fold_command(
                 rep.print_result(exc.result, out)  # type: ignore[arg-type]
             if report is not None and exc.result is not None:
                 rep.write_json(exc.result, report)  # type: ignore[arg-type]
-            raise VerificationError(f"{exc}; nothing written (--force writes anyway)") from None
+            hint = "--force writes anyway" if exc.result is not None else "--no-verify writes without the check"
+            raise VerificationError(f"{exc}; nothing written ({hint})") from None
         if not quiet:
             rep.print_result(result, out)
         if report is not None:

@@ -119,7 +119,7 @@ def _linear(spec: Spec, x: tf.Tensor, rng: np.random.Generator) -> tuple[tf.Tens
         w = weights([cout, cin] if spec.transpose_b else [cin, cout])
         return tf.raw_ops.MatMul(a=x, b=w, transpose_b=spec.transpose_b, name="dense"), cout
     if spec.linear == "conv_transpose":
-        size = spec.spatial * spec.stride
+        size = spec.spatial * spec.stride if spec.padding == "SAME" else (spec.spatial - 1) * spec.stride + k
         spatial = [size, size, cout] if spec.channels_last else [cout, size, size]
         sizes = tf.concat([tf.shape(x)[:1], tf.constant(spatial, tf.int32)], axis=0)
         return tf.raw_ops.Conv2DBackpropInput(
@@ -145,9 +145,11 @@ def _bias(spec: Spec, y: tf.Tensor, channels: int, rng: np.random.Generator) -> 
         return tf.add(y, tf.constant(b.reshape(_channel_shape(spec, channels)), name="bias"), name="bias_add")
     if spec.bias == "reshape":  # Keras 3: bias read through Identity, Reshape and Squeeze
         full = [1] * spec.rank
-        full[-1 if spec.channels_last or spec.rank == 2 else 1] = channels
+        channel_dim = spec.rank - 1 if spec.channels_last or spec.rank == 2 else 1
+        full[channel_dim] = channels
         shaped = tf.reshape(tf.identity(tf.constant(b, name="bias")), full)
-        return tf.raw_ops.BiasAdd(value=y, bias=tf.squeeze(shaped), data_format=fmt, name="bias_add")
+        squeezed = tf.squeeze(shaped, axis=[d for d in range(spec.rank) if d != channel_dim])
+        return tf.raw_ops.BiasAdd(value=y, bias=squeezed, data_format=fmt, name="bias_add")
     raise ValueError(spec.bias)
 
 

@@ -1,0 +1,46 @@
+"""Shared helpers: run real TensorFlow graphs and compare them, independently of bnfold.verify."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.core.framework import graph_pb2  # noqa: E402
+
+BN_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization", "Rsqrt"}
+
+
+def run_graph(graph_def: graph_pb2.GraphDef, feeds: dict[str, np.ndarray], fetches: list[str]) -> list[np.ndarray]:
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        names = [f if ":" in f else f"{f}:0" for f in fetches]
+        return session.run(names, {(k if ":" in k else f"{k}:0"): v for k, v in feeds.items()})
+
+
+def bn_ops(graph_def: graph_pb2.GraphDef) -> list[str]:
+    return [n.name for n in graph_def.node if n.op in BN_OPS]
+
+
+def max_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    scale = float(np.max(np.abs(np.asarray(a, np.float64)))) if np.size(a) else 0.0
+    err = max_error(a, b)
+    assert err <= atol + rtol * scale, f"max abs error {err} > {atol} + {rtol} * {scale}"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
