@@ -35,7 +35,7 @@ def specs(draw: st.DrawFn) -> Spec:
         channels_last = draw(st.booleans())
         if linear == "conv3d":
             data_format = "NDHWC" if channels_last else "NCDHW"
-            bn = "fused_v3" if bn in ("fused", "global") else bn
+            bn = "fused_v3" if bn in ("fused", "fused_v2", "global") else bn
         else:
             data_format = "NHWC" if channels_last else "NCHW"
             bn = "fused_v3" if bn == "global" and not channels_last else bn
