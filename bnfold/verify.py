@@ -144,7 +144,9 @@ def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, r
             shape[0] = batch
             how = f"declared shape, batch {batch} (default)"
         if any(d is None for d in shape):
-            raise VerificationError(f"input {spec.name!r} has unknown dimensions {spec.shape}; give --input-shape {spec.name}=D0,D1,... or --no-verify")
+            raise VerificationError(
+                f"input {spec.name!r} has unknown dimensions {spec.shape}; give --input-shape {spec.name}=D0,D1,... or --no-verify"
+            )
     kind = tf.dtypes.as_dtype(spec.dtype)
     if kind.is_floating:
         value = rng.standard_normal(shape).astype(np_dtype)
@@ -154,7 +156,9 @@ def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, r
     elif kind.is_integer:
         value = rng.integers(0, 8, size=shape).astype(np_dtype)
     else:
-        raise VerificationError(f"input {spec.name!r} is {kind.name}; bnfold cannot make such data: pass --feed {spec.name}=... or --no-verify")
+        raise VerificationError(
+            f"input {spec.name!r} is {kind.name}; bnfold cannot make such data: pass --feed {spec.name}=... or --no-verify"
+        )
     return value, f"random {kind.name} {list(shape)} ({how})"
 
 

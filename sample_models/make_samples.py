@@ -121,7 +121,8 @@ def _linear(spec: Spec, x: tf.Tensor, rng: np.random.Generator) -> tuple[tf.Tens
     if spec.linear == "conv_transpose":
         size = spec.spatial * spec.stride if spec.padding == "SAME" else (spec.spatial - 1) * spec.stride + k
         spatial = [size, size, cout] if spec.channels_last else [cout, size, size]
-        sizes = tf.concat([tf.shape(x)[:1], tf.constant(spatial, tf.int32)], axis=0)
+        batch = tf.shape(tf.compat.v1.get_default_graph().get_tensor_by_name("x:0"))[:1]
+        sizes = tf.concat([batch, tf.constant(spatial, tf.int32)], axis=0)
         return tf.raw_ops.Conv2DBackpropInput(
             input_sizes=sizes,
             filter=weights([k, k, cout, cin]),

@@ -1,0 +1,255 @@
+"""Never silently wrong: unsafe sites are skipped with a reason, the input is never changed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_close, bn_ops, run_graph
+from tensorflow.core.framework import graph_pb2
+
+from bnfold import fold
+from sample_models.make_samples import SAMPLES, Spec, build
+
+
+def _graph(body) -> graph_pb2.GraphDef:  # type: ignore[no-untyped-def]
+    graph = tf.Graph()
+    with graph.as_default():
+        body()
+    return graph.as_graph_def()
+
+
+def _const(values: list[float] | np.ndarray, name: str | None = None) -> tf.Tensor:
+    return tf.constant(np.asarray(values, np.float32), name=name)
+
+
+def _conv_bn(mean=(0.1, -0.2), var=(1.0, 2.0), gamma=(1.0, -1.5), beta=(0.3, 0.0), eps=1e-3) -> graph_pb2.GraphDef:  # type: ignore[no-untyped-def]
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 5, 5, 2], name="x")
+        w = _const(np.random.default_rng(0).standard_normal((3, 3, 2, 2)), "w")
+        y = tf.nn.conv2d(x, w, 1, "SAME", name="conv")
+        bn = tf.raw_ops.FusedBatchNormV3(
+            x=y,
+            scale=_const(gamma),
+            offset=_const(beta),
+            mean=_const(mean),
+            variance=_const(var),
+            epsilon=eps,
+            is_training=False,
+            name="bn",
+        )[0]
+        tf.nn.relu(bn, name="output")
+
+    return _graph(body)
+
+
+def _sites(graph_def: graph_pb2.GraphDef) -> list[tuple[str, str | None]]:
+    return [(s.action, s.reason) for s in fold(graph_def, verify_outputs=False).sites]
+
+
+def test_training_mode_bn_is_skipped_and_kept() -> None:
+    result = fold(build(SAMPLES["skip_training_bn"]), verify_outputs=False)
+    assert [(s.action, "is_training" in (s.reason or "")) for s in result.sites] == [("skipped", True)]
+    assert "bn" in {n.name for n in result.graph_def.node if n.op == "FusedBatchNormV3"}
+
+
+def test_is_training_defaults_to_true_when_the_attribute_is_absent() -> None:
+    graph_def = build(Spec())
+    for node in graph_def.node:
+        if node.op == "FusedBatchNormV3":
+            del node.attr["is_training"]
+    assert _sites(graph_def)[0][0] == "skipped"
+
+
+def test_shared_linear_output_is_not_folded_into() -> None:
+    spec = SAMPLES["skip_shared_conv"]
+    graph_def = build(spec)
+    result = fold(graph_def, verify_outputs=False)
+    site = result.sites[0]
+    assert site.action == "standalone" and "also feeds" in (site.reason or "")
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)}
+    for a, b in zip(
+        run_graph(graph_def, feeds, ["output", "pre_bn_output"]),
+        run_graph(result.graph_def, feeds, ["output", "pre_bn_output"]),
+        strict=True,
+    ):
+        assert_close(a, b)
+
+
+def test_bn_fed_by_placeholders_is_skipped() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="x")
+        mean = tf.compat.v1.placeholder(tf.float32, [2], name="mean")
+        y = tf.nn.conv2d(x, _const(np.ones((1, 1, 2, 2))), 1, "SAME")
+        tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=_const([1, 1]), offset=_const([0, 0]), mean=mean, variance=_const([1, 1]), is_training=False, name="bn"
+        )
+
+    action, reason = _sites(_graph(body))[0]
+    assert action == "skipped" and "not constants" in reason
+
+
+def test_instance_norm_with_runtime_statistics_is_reported() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="x")
+        y = tf.nn.conv2d(x, _const(np.ones((1, 1, 2, 2))), 1, "SAME")
+        mean, var = tf.nn.moments(y, axes=[1, 2], keepdims=True)
+        tf.nn.batch_normalization(y, mean, var, None, None, 1e-3, name="instance_norm")
+
+    sites = _sites(_graph(body))
+    assert sites and all(a == "skipped" and "run time" in r for a, r in sites)
+
+
+def test_other_bn_outputs_in_use_block_the_fold() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="x")
+        y = tf.nn.conv2d(x, _const(np.ones((1, 1, 2, 2))), 1, "SAME")
+        out = tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=_const([1, 1]), offset=_const([0, 0]), mean=_const([0, 0]), variance=_const([1, 1]), is_training=False
+        )
+        tf.identity(out[0], name="y")
+        tf.identity(out[1], name="batch_mean")
+
+    action, reason = _sites(_graph(body))[0]
+    assert action == "skipped" and "output 1" in reason
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        dict(var=(np.nan, 1.0)),
+        dict(mean=(np.inf, 0.0)),
+        dict(var=(0.0, 1.0), eps=0.0),
+        dict(var=(-1.0, 1.0)),
+        dict(gamma=(np.nan, 1.0)),
+    ],
+)
+def test_unsafe_numbers_are_skipped(stats: dict) -> None:  # type: ignore[type-arg]
+    action, reason = _sites(_conv_bn(**stats))[0]
+    assert action == "skipped" and reason
+
+
+def test_shared_weights_are_copied_not_changed() -> None:
+    """conv_a is followed by BN, conv_b (same weights constant) is not: conv_b must keep its weights."""
+
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 5, 5, 2], name="x")
+        w = _const(np.random.default_rng(3).standard_normal((3, 3, 2, 2)), "shared_w")
+        a = tf.nn.conv2d(x, w, 1, "SAME", name="conv_a")
+        b = tf.nn.conv2d(x, w, 1, "SAME", name="conv_b")
+        bn = tf.raw_ops.FusedBatchNormV3(
+            x=a,
+            scale=_const([2, -3]),
+            offset=_const([1, 1]),
+            mean=_const([0.5, 0]),
+            variance=_const([0.5, 4]),
+            is_training=False,
+            name="bn",
+        )[0]
+        tf.add(bn, b, name="output")
+
+    graph_def = _graph(body)
+    result = fold(graph_def, verify_outputs=False)
+    assert result.sites[0].action == "folded"
+    nodes = {n.name: n for n in result.graph_def.node}
+    assert nodes["conv_b"].input[1] == "shared_w"
+    assert nodes["conv_a"].input[1] != "shared_w"
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, 5, 2)).astype(np.float32)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
+
+
+def test_input_graph_is_never_modified() -> None:
+    graph_def = build(SAMPLES["conv_keras3"])
+    before = graph_def.SerializeToString(deterministic=True)
+    fold(graph_def, verify_outputs=False)
+    assert graph_def.SerializeToString(deterministic=True) == before
+
+
+def test_fold_is_deterministic() -> None:
+    graph_def = build(SAMPLES["dense_nn_transpose_b"])
+    first = fold(graph_def, verify_outputs=False).graph_def.SerializeToString(deterministic=True)
+    second = fold(graph_def, verify_outputs=False).graph_def.SerializeToString(deterministic=True)
+    assert first == second
+
+
+@pytest.mark.parametrize("padding,beta,expected", [("VALID", True, "folded"), ("SAME", False, "folded"), ("SAME", True, "standalone")])
+def test_backward_fold_only_where_exact(padding: str, beta: bool, expected: str) -> None:
+    """BN before a conv folds into its input channels unless zero padding would meet the shift."""
+    stats = {
+        "gamma": np.array([1.5, -0.5, 2.0]),
+        "beta": np.array([0.4, 0.1, -0.3]) if beta else np.zeros(3),
+        "mean": np.zeros(3) if not beta else np.array([0.2, -0.1, 0.3]),
+        "var": np.array([1.0, 0.5, 2.0]),
+    }
+    spec = Spec(bn="fused_v3", bn_before=True, padding=padding, stats=stats, bias=None)
+    graph_def = build(spec)
+    result = fold(graph_def, verify_outputs=False)
+    assert result.sites[0].action == expected, result.sites
+    if expected == "standalone":
+        assert "pads with zeros" in (result.sites[0].reason or "")
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
+
+
+def test_bn_before_transposed_conv_is_not_folded_into_it() -> None:
+    spec = Spec(linear="conv_transpose", bn_before=True, stride=2, padding="VALID")
+    result = fold(build(spec), verify_outputs=False)
+    assert result.sites[0].action == "standalone" and "transposed" in (result.sites[0].reason or "")
+
+
+def test_bn_with_nothing_to_fold_into_becomes_one_mul_and_one_add() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 3], name="x")
+        bn = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=_const([1, 2, 3]),
+            offset=_const([0, 1, 0]),
+            mean=_const([0.5, 0, 0]),
+            variance=_const([1, 2, 4]),
+            is_training=False,
+            name="bn",
+        )[0]
+        tf.nn.relu(bn, name="output")
+
+    graph_def = _graph(body)
+    result = fold(graph_def, verify_outputs=False)
+    assert result.sites[0].action == "standalone"
+    ops = sorted(n.op for n in result.graph_def.node if n.op not in ("Const", "Placeholder"))
+    assert ops == ["AddV2", "Mul", "Relu"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
+
+
+def test_two_bns_in_a_row_fold_into_one_conv() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 5, 5, 2], name="x")
+        y = tf.nn.conv2d(x, _const(np.random.default_rng(1).standard_normal((3, 3, 2, 2))), 1, "SAME", name="conv")
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=_const([1, 2]), offset=_const([0, 1]), mean=_const([0.5, 0]), variance=_const([1, 2]), is_training=False, name="bn1"
+        )[0]
+        y = tf.nn.batch_normalization(y, _const([0.1, 0.2]), _const([3, 0.5]), _const([0, 1]), _const([-1, 1]), 1e-3, name="bn2")
+        tf.nn.relu(y, name="output")
+
+    graph_def = _graph(body)
+    result = fold(graph_def, verify_outputs=False)
+    assert [s.action for s in result.sites] == ["folded", "folded"]
+    assert bn_ops(result.graph_def) == []
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, 5, 2)).astype(np.float32)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
+
+
+def test_fp16_graph_folds_in_float64_and_keeps_fp16_weights() -> None:
+    graph_def = build(SAMPLES["conv_fp16"])
+    result = fold(graph_def, verify_outputs=False)
+    assert result.sites[0].action == "folded"
+    weights = [n for n in result.graph_def.node if n.name.endswith("bnfold_weights")]
+    assert weights and weights[0].attr["dtype"].type == tf.float16.as_datatype_enum
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float16)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0], rtol=1e-2, atol=1e-2)
+
+
+def test_requested_output_is_kept_even_if_it_is_the_conv() -> None:
+    graph_def = build(Spec())
+    result = fold(graph_def, outputs=["output", "conv"], verify_outputs=True)
+    assert result.sites[0].action == "standalone"
+    assert "conv" in {n.name for n in result.graph_def.node}
