@@ -77,6 +77,29 @@ def check_graph(graph_def: graph_pb2.GraphDef, source: str) -> None:
                 raise InputError(f"{source}: node {node.name!r} reads missing node {ref!r}; the graph is corrupt")
 
 
+def freeze_concrete_function(function: object) -> graph_pb2.GraphDef:
+    """Inline variables as constants with TF's own converter, as ``tf.saved_model`` users freeze today."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(function)
+    return frozen.graph.as_graph_def()
+
+
+def freeze_keras(model: object, batch_size: int | None = None) -> graph_pb2.GraphDef:
+    """Freeze a Keras 3 or tf_keras model in inference mode (``training=False``)."""
+    import tensorflow as tf
+
+    inputs = model.inputs  # type: ignore[attr-defined]
+    specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=t.name.split(":")[0]) for t in inputs]
+    single = len(specs) == 1
+
+    @tf.function
+    def serve(*args: tf.Tensor) -> object:
+        return model(args[0] if single else list(args), training=False)  # type: ignore[operator]
+
+    return freeze_concrete_function(serve.get_concrete_function(*specs))
+
+
 def check_output_path(src: Path | None, dst: Path, in_place: bool = False) -> None:
     """Fail before any work when the result could not be written or would replace the input."""
     if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:
