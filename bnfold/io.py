@@ -51,6 +51,9 @@ def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
         kind = "text" if path.suffix.lower() in TEXT_SUFFIXES else "binary"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: not a {kind} GraphDef ({first}); pass a frozen .pb or .pbtxt") from None
+    if not graph_def.HasField("versions") and path.suffix.lower() not in TEXT_SUFFIXES:
+        # TensorFlow writes `versions` after the nodes, so its absence means the file was cut short.
+        raise InputError(f"{path}: truncated GraphDef (no versions record after the nodes); export the graph again")
     check_graph(graph_def, str(path))
     return graph_def
 

@@ -1,0 +1,177 @@
+"""The command line: outputs, reports, exit codes, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+from bnfold.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY
+from bnfold.io import load_graph_def
+
+SAMPLES = ROOT / "sample_models"
+runner = CliRunner()
+
+
+def invoke(*args: str | Path) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_fold_writes_graph_and_prints_table(tmp_path: Path) -> None:
+    out = tmp_path / "folded.pb"
+    result = invoke("fold", SAMPLES / "conv_keras3.pb", out)
+    assert result.exit_code == 0, result.output
+    assert "folded" in result.stdout and "verification" in result.stdout and "pass" in result.stdout
+    assert not [n for n in load_graph_def(out).node if n.op == "Rsqrt"]
+
+
+def test_pbtxt_output_and_input(tmp_path: Path) -> None:
+    text = tmp_path / "folded.pbtxt"
+    assert invoke("fold", SAMPLES / "conv_fused_nhwc.pb", text).exit_code == 0
+    assert text.read_text().lstrip().startswith("node")
+    again = tmp_path / "again.pb"
+    result = invoke("fold", text, again)
+    assert result.exit_code == 0, result.output
+
+
+def test_report_json_has_sites_ops_and_verification(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = invoke("fold", SAMPLES / "skip_shared_conv.pb", tmp_path / "o.pb", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    site = data["sites"][0]
+    assert set(site) >= {"name", "form", "action", "folded_into", "reason"}
+    assert site["action"] == "standalone" and "also feeds" in site["reason"]
+    assert data["ops_before"]["FusedBatchNormV3"] == 1 and "FusedBatchNormV3" not in data["ops_after"]
+    outputs = data["verification"]["outputs"]
+    assert {o["name"] for o in outputs} == {"output", "pre_bn_output"}
+    assert all(o["passed"] and "max_abs_error" in o and "rtol" in o for o in outputs)
+    assert "random float32" in data["verification"]["inputs"]["x"]
+
+
+def test_dry_run_and_inspect_write_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o.pb"
+    assert invoke("fold", SAMPLES / "conv_fused_nchw.pb", out, "--dry-run").exit_code == 0
+    assert not out.exists()
+    result = invoke("inspect", SAMPLES / "conv_fused_nchw.pb")
+    assert result.exit_code == 0 and "folded" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_tolerance_fails_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o.pb"
+    result = invoke("fold", SAMPLES / "conv_keras3.pb", out, "--rtol", "0", "--atol", "0")
+    assert result.exit_code == EXIT_VERIFY
+    assert "verification failed" in result.stderr and "nothing written" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_force_writes_despite_failure(tmp_path: Path) -> None:
+    out = tmp_path / "o.pb"
+    result = invoke("fold", SAMPLES / "conv_keras3.pb", out, "--rtol", "0", "--atol", "0", "--force")
+    assert result.exit_code == 0 and out.exists()
+    assert "writing anyway" in result.stderr
+
+
+def test_training_mode_bn_fails_batch_independence(tmp_path: Path) -> None:
+    result = invoke("fold", SAMPLES / "skip_training_bn.pb", tmp_path / "o.pb")
+    assert result.exit_code == EXIT_VERIFY
+    assert "depends on the batch" in result.stderr
+    assert not (tmp_path / "o.pb").exists()
+
+
+def test_no_verify_writes_without_checking(tmp_path: Path) -> None:
+    out = tmp_path / "o.pb"
+    result = invoke("fold", SAMPLES / "skip_training_bn.pb", out, "--no-verify")
+    assert result.exit_code == 0 and out.exists()
+
+
+def test_input_shape_and_feed_options(tmp_path: Path) -> None:
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32))
+    report = tmp_path / "r.json"
+    result = invoke("fold", SAMPLES / "conv_fused_nhwc.pb", tmp_path / "o.pb", "--feed", f"x={x}", "--samples", "2", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["verification"]["inputs"]["x"] == "user feed"
+    result = invoke("fold", SAMPLES / "conv_fused_nhwc.pb", tmp_path / "o2.pb", "--input-shape", "x=5,8,8,3", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "[5, 8, 8, 3]" in json.loads(report.read_text())["verification"]["inputs"]["x"]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(b"", "empty"), (b"\x00\xff\x13garbage\x99" * 10, "not a binary GraphDef"), (None, "no such file")],
+)
+def test_bad_input_is_one_line_with_exit_3(tmp_path: Path, content: bytes | None, needle: str) -> None:
+    src = tmp_path / "bad.pb"
+    if content is not None:
+        src.write_bytes(content)
+    result = invoke("fold", src, tmp_path / "o.pb")
+    assert result.exit_code == EXIT_INPUT, result.output
+    assert needle in result.stderr and str(src) in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.77, 0.999])
+def test_truncated_pb_is_refused(tmp_path: Path, fraction: float) -> None:
+    """Cut mid-node (a parse error) or on a node boundary (no versions record): both refused."""
+    data = (SAMPLES / "conv_keras3.pb").read_bytes()
+    src = tmp_path / "cut.pb"
+    src.write_bytes(data[: int(len(data) * fraction)])
+    result = invoke("fold", src, tmp_path / "o.pb")
+    assert result.exit_code == EXIT_INPUT, result.output
+    assert not (tmp_path / "o.pb").exists()
+
+
+def test_not_frozen_graph_names_the_variable(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        v = tf.compat.v1.get_variable("kernel", shape=[2], use_resource=True)
+        tf.identity(v.read_value(), name="out")
+    src = tmp_path / "unfrozen.pb"
+    src.write_bytes(graph.as_graph_def().SerializeToString())
+    result = invoke("fold", src, tmp_path / "o.pb")
+    assert result.exit_code == EXIT_INPUT and "not frozen" in result.stderr and "kernel" in result.stderr
+
+
+def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "m.pb"
+    src.write_bytes((SAMPLES / "conv_fused_nhwc.pb").read_bytes())
+    before = src.read_bytes()
+    result = invoke("fold", src, src)
+    assert result.exit_code == EXIT_OUTPUT and "--in-place" in result.stderr
+    assert src.read_bytes() == before
+    assert invoke("fold", src, src, "--in-place").exit_code == 0
+    assert src.read_bytes() != before
+
+
+def test_unwritable_output_directory_fails_before_work(tmp_path: Path) -> None:
+    result = invoke("fold", SAMPLES / "conv_fused_nhwc.pb", tmp_path / "missing" / "o.pb")
+    assert result.exit_code == EXIT_OUTPUT and "does not exist" in result.stderr
+
+
+def test_unknown_output_name_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("fold", SAMPLES / "conv_fused_nhwc.pb", tmp_path / "o.pb", "--outputs", "nope")
+    assert result.exit_code == EXIT_USAGE and "nope" in result.stderr
+
+
+def test_console_script_default_command_and_quiet_errors(tmp_path: Path) -> None:
+    """`bnfold IN OUT` works without the `fold` word; errors are one line, no TF chatter."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", "from bnfold.cli import main; main()"]
+    ok = subprocess.run([*cmd, str(SAMPLES / "conv_fused_nhwc.pb"), str(tmp_path / "o.pb"), "-q"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "o.pb").exists()
+    bad = subprocess.run([*cmd, str(tmp_path / "missing.pb"), str(tmp_path / "o2.pb")], capture_output=True, text=True, env=env)
+    assert bad.returncode == EXIT_INPUT
+    assert bad.stderr.strip().splitlines() == [f"bnfold: error: {tmp_path / 'missing.pb'}: no such file"]
