@@ -123,7 +123,8 @@ def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -
         return None
     x_ref, c_ref = (inputs[1], inputs[0]) if a_const else (inputs[0], inputs[1])
     c = ev.value(c_ref)
-    assert c is not None
+    if c is None:
+        return None
     if node.op == "BiasAdd":
         if a_const:
             return None

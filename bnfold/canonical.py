@@ -60,12 +60,13 @@ class ConstEvaluator:
 
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
-        self._memo: dict[str, np.ndarray | None] = {}
+        self._memo: dict[str, dict[int, np.ndarray | None]] = {}
+        self._const_memo: dict[str, bool] = {}
 
     def forget(self, name: str) -> None:
         """Drop memoized values of a node that an edit replaced."""
-        for key in [k for k in self._memo if parse_input(k)[0] == name]:
-            del self._memo[key]
+        self._memo.pop(name, None)
+        self._const_memo.pop(name, None)
 
     def raw(self, ref: str) -> np.ndarray | None:
         """The value in the tensor's own dtype (used for weights, to cast back)."""
@@ -84,13 +85,31 @@ class ConstEvaluator:
 
     def value(self, ref: str) -> np.ndarray | None:
         name, index, _ = parse_input(ref)
-        key = f"{name}:{index}"
-        if key not in self._memo:
-            self._memo[key] = self._evaluate(name, index)
-        return self._memo[key]
+        outputs = self._memo.setdefault(name, {})
+        if index not in outputs:
+            outputs[index] = self._evaluate(name, index)
+        return outputs[index]
 
     def is_const(self, ref: str) -> bool:
-        return self.value(ref) is not None
+        """Whether ``ref`` depends on constants only, decided from op types alone.
+
+        Cheaper than :meth:`value`: a conv's weights are never converted just to
+        learn that they are constant.
+        """
+        name = parse_input(ref)[0]
+        known = self._const_memo.get(name)
+        if known is None:
+            node = self.index.nodes.get(name)
+            if node is None:
+                known = False
+            elif node.op == "Const":
+                known = True
+            elif node.op in PASS_THROUGH or node.op in _EVALUABLE:
+                known = all(self.is_const(r) for r in node.input if not r.startswith("^"))
+            else:
+                known = False
+            self._const_memo[name] = known
+        return known
 
     def contains_op(self, ref: str, ops: set[str]) -> bool:
         """Whether the constant subgraph behind ``ref`` holds one of ``ops``."""

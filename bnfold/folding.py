@@ -68,6 +68,16 @@ def _data_axis(node: node_def_pb2.NodeDef, spec: LinearSpec) -> int | None:
     return data_format_axis(fmt, spec.rank)
 
 
+def _scaled(weights: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``weights * factor`` computed in float64, written straight into the weights' dtype.
+
+    Buffered casting avoids a full float64 copy of large kernels.
+    """
+    out = np.empty(weights.shape, dtype=weights.dtype)
+    np.multiply(weights, factor, out=out, dtype=np.float64, casting="unsafe")
+    return out
+
+
 def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
@@ -132,12 +142,11 @@ class Folder:
         scale, shift = self._expand(site, out_channels)
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} has {out_channels}"
-        w64 = weights.astype(np.float64)
         if linear.op == "DepthwiseConv2dNative":
-            folded = w64 * scale.reshape(1, 1, weights.shape[2], weights.shape[3])
+            factor = scale.reshape(1, 1, weights.shape[2], weights.shape[3])
         else:
-            folded = w64 * _broadcast(scale, w64.ndim, out_axis)
-        self._set_weights(linear, spec, folded.astype(weights.dtype), site.name)
+            factor = _broadcast(scale, weights.ndim, out_axis)
+        self._set_weights(linear, spec, _scaled(weights, factor), site.name)
         self._end_with_bias(site, linear.name, shift, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
@@ -171,14 +180,14 @@ class Folder:
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} reads {weights.shape[in_axis]}"
         w64 = weights.astype(np.float64)
-        folded = w64 * _broadcast(scale, w64.ndim, in_axis)
+        folded = _scaled(weights, _broadcast(scale, w64.ndim, in_axis))
         if linear.op == "DepthwiseConv2dNative":
             bias = (w64 * _broadcast(shift, w64.ndim, in_axis)).sum(axis=(0, 1)).reshape(-1)
         else:
             moved = np.moveaxis(w64 * _broadcast(shift, w64.ndim, in_axis), out_axis, -1)
             bias = moved.reshape(-1, moved.shape[-1]).sum(axis=0)
         self.index.set_input(linear.name, spec.data_slot, site.input_ref)
-        self._set_weights(self.index.node(linear.name), spec, folded.astype(weights.dtype), site.name)
+        self._set_weights(self.index.node(linear.name), spec, folded, site.name)
         self._remove_site(site, keep=None)
         if has_shift:
             self._add_bias_after(linear.name, bias, _data_axis(linear, spec), spec.rank)
