@@ -22,7 +22,7 @@ from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 from bnfold.folding import fold_graph  # noqa: E402
 from bnfold.io import freeze_keras  # noqa: E402
-from bnfold.verify import find_inputs, find_outputs, verify  # noqa: E402
+from bnfold.verification import find_inputs, find_outputs, verify  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 MODELS = ["ResNet50", "MobileNetV2", "DenseNet121"]

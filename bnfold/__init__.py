@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from bnfold.api import FoldResult, fold, fold_file
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.folding import SiteRecord
-    from bnfold.verify import Verification, verify
+    from bnfold.verification import Verification, verify
 
 _EXPORTS = {
     "FoldResult": "bnfold.api",
@@ -29,8 +29,8 @@ _EXPORTS = {
     "UsageError": "bnfold.errors",
     "VerificationError": "bnfold.errors",
     "SiteRecord": "bnfold.folding",
-    "Verification": "bnfold.verify",
-    "verify": "bnfold.verify",
+    "Verification": "bnfold.verification",
+    "verify": "bnfold.verification",
 }
 __all__ = [
     "BnfoldError",

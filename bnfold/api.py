@@ -8,6 +8,7 @@ the promise is that the written model computes what the input did.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from bnfold import io
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import SiteRecord, fold_graph
 from bnfold.graph import op_counts, parse_input
-from bnfold.verify import Verification, failure_message, find_inputs, find_outputs, verify
+from bnfold.verification import Verification, failure_message, find_inputs, find_outputs, verify
 
 GraphSource = graph_pb2.GraphDef | str | os.PathLike
 
@@ -81,6 +82,7 @@ def fold(
     samples: int = 1,
     seed: int = 0,
     force: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> FoldResult:
     """Fold every BN of a frozen graph into the conv/dense ops around it.
 
@@ -94,7 +96,8 @@ def fold(
     _check_names(graph_def, outputs, "--outputs")
     in_names = inputs or [s.name for s in find_inputs(graph_def)]
     out_names = outputs or find_outputs(graph_def)
-    protected = {parse_input(n)[0] for n in in_names + out_names}
+    # Inputs, outputs and fed tensors must survive the fold under their names.
+    protected = {parse_input(n)[0] for n in [*in_names, *out_names, *(feeds or {})]}
     folded, sites = fold_graph(graph_def, protected)
     result = FoldResult(
         graph_def=folded,
@@ -117,6 +120,7 @@ def fold(
             atol=atol,
             samples=samples,
             seed=seed,
+            on_batch=on_batch,
         )
         if not result.verification.passed and not force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)

@@ -7,18 +7,18 @@ Every user error is one line on stderr and a documented exit code (README:
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-import sys  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError  # noqa: E402
+from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
@@ -55,6 +55,21 @@ def _shapes(values: list[str] | None) -> dict[str, list[int]]:
         except ValueError:
             raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be integers, like 1,224,224,3") from None
     return shapes
+
+
+@contextmanager
+def verification_progress(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient rich progress bar on stderr while both graphs run; nothing when quiet."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("verify", total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield on_batch
 
 
 def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
@@ -109,7 +124,7 @@ def fold_command(
     def body() -> None:
         from bnfold import api, io
         from bnfold import report as rep
-        from bnfold.verify import parse_feed_value
+        from bnfold.verification import parse_feed_value
 
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
@@ -117,19 +132,21 @@ def fold_command(
             io.check_output_path(src, dst, in_place)
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
         try:
-            result = api.fold(
-                src,
-                _names(inputs),
-                _names(outputs),
-                verify_outputs=not no_verify,
-                feeds=feeds,
-                input_shapes=_shapes(input_shape),
-                rtol=rtol,
-                atol=atol,
-                samples=samples,
-                seed=seed,
-                force=force,
-            )
+            with verification_progress(quiet) as on_batch:
+                result = api.fold(
+                    src,
+                    _names(inputs),
+                    _names(outputs),
+                    verify_outputs=not no_verify,
+                    feeds=feeds,
+                    input_shapes=_shapes(input_shape),
+                    rtol=rtol,
+                    atol=atol,
+                    samples=samples,
+                    seed=seed,
+                    force=force,
+                    on_batch=on_batch,
+                )
         except VerificationError as exc:
             if exc.result is not None and not quiet:
                 rep.print_result(exc.result, out)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from conftest import assert_close, bn_ops, run_graph
 from bnfold import fold
 from bnfold.folding import LINEAR_OPS
 from bnfold.io import freeze_keras
-from bnfold.verify import find_inputs, find_outputs
+from bnfold.verification import find_inputs, find_outputs
 
 
 def randomize_bn(model: object, seed: int = 0) -> None:

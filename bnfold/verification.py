@@ -8,6 +8,8 @@ batch still normalizes with batch statistics (BN left in training mode).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,9 +179,41 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -
     return OutputCheck(name, max_abs, max_rel, max_abs_value, rtol, atol, max_abs <= atol + rtol * max_abs_value)
 
 
+def needed_inputs(graph_def: graph_pb2.GraphDef, outputs: list[str], fed: set[str]) -> set[str]:
+    """Placeholders the outputs depend on, not counting those behind a fed tensor.
+
+    Lets a user feed an internal tensor (``Mfcc:0``) in place of a string input
+    that bnfold cannot synthesize.
+    """
+    nodes = {n.name: n for n in graph_def.node}
+    stack = [parse_input(o)[0] for o in outputs]
+    seen: set[str] = set()
+    found: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        if name in fed:
+            continue
+        node = nodes[name]
+        if node.op == "Placeholder":
+            found.add(name)
+        stack.extend(parse_input(r)[0] for r in node.input)
+    return found
+
+
+def _as_graph_def(graph: graph_pb2.GraphDef | str | os.PathLike[str]) -> graph_pb2.GraphDef:
+    if isinstance(graph, graph_pb2.GraphDef):
+        return graph
+    from bnfold.io import load_graph_def
+
+    return load_graph_def(graph)
+
+
 def verify(
-    original: graph_pb2.GraphDef,
-    folded: graph_pb2.GraphDef,
+    original: graph_pb2.GraphDef | str | os.PathLike[str],
+    folded: graph_pb2.GraphDef | str | os.PathLike[str],
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
     feeds: dict[str, np.ndarray] | None = None,
@@ -189,12 +223,16 @@ def verify(
     samples: int = 1,
     seed: int = 0,
     batch_check: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> Verification:
-    """Run both graphs on the same inputs and compare every output.
+    """Run both graphs (GraphDefs or paths) on the same inputs and compare every output.
 
-    ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value;
-    other inputs are drawn at random from their dtype and shape.
+    ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value,
+    used in every batch; other inputs are drawn at random from their dtype and
+    shape, anew for each of the ``samples`` batches. ``on_batch(done, total)``
+    reports progress.
     """
+    original, folded = _as_graph_def(original), _as_graph_def(folded)
     feeds = dict(feeds or {})
     input_shapes = input_shapes or {}
     specs = {s.name: s for s in find_inputs(original)}
@@ -207,6 +245,11 @@ def verify(
     if not outputs:
         raise VerificationError("the graph has no outputs to compare; name them with --outputs")
     fed_names = {parse_input(k)[0] for k in feeds}
+    unknown = [k for k in fed_names if k not in {n.name for n in original.node}]
+    if unknown:
+        raise UsageError(f"--feed: no node named {unknown[0]!r} in the graph")
+    needed = needed_inputs(original, outputs, fed_names)
+    specs = {n: s for n, s in specs.items() if n in needed}
     result = Verification(samples=samples)
     rng = np.random.default_rng(seed)
     runners = [GraphRunner(original), GraphRunner(folded)]
@@ -223,7 +266,10 @@ def verify(
         for name in feeds:
             result.inputs[name] = "user feed"
         checks: dict[str, OutputCheck] = {}
-        for batch_feeds in per_sample:
+        total = len(per_sample) + (1 if batch_check else 0)
+        for done, batch_feeds in enumerate(per_sample):
+            if on_batch is not None:
+                on_batch(done, total)
             try:
                 expected = runners[0].run(outputs, batch_feeds)
                 actual = runners[1].run(outputs, batch_feeds)
@@ -241,7 +287,11 @@ def verify(
                     prev.passed = False
         result.outputs = list(checks.values())
         if batch_check:
+            if on_batch is not None:
+                on_batch(total - 1, total)
             _check_batch_independence(runners[1], outputs, per_sample[0], specs, result)
+        if on_batch is not None:
+            on_batch(total, total)
     finally:
         for runner in runners:
             runner.close()

@@ -1,0 +1,153 @@
+"""Built-in verification: tolerances, feeds, unknown shapes, batch independence, standalone use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT
+from tensorflow.core.framework import graph_pb2
+from test_keras import randomize_bn
+from typer.testing import CliRunner
+
+import bnfold
+from bnfold.cli import app
+from bnfold.errors import EXIT_VERIFY, VerificationError
+from bnfold.io import freeze_keras
+from sample_models.make_samples import SAMPLES, Spec, build
+
+runner = CliRunner()
+
+
+def _graph(body) -> graph_pb2.GraphDef:  # type: ignore[no-untyped-def]
+    graph = tf.Graph()
+    with graph.as_default():
+        body()
+    return graph.as_graph_def()
+
+
+def _conv_bn(x: tf.Tensor) -> tf.Tensor:
+    w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+    y = tf.nn.conv2d(x, w, 1, "SAME", name="conv")
+    c = lambda v: tf.constant(np.asarray(v, np.float32))  # noqa: E731
+    return tf.raw_ops.FusedBatchNormV3(
+        x=y,
+        scale=c([1, 2, -1, 0.5]),
+        offset=c([0, 1, 0, 2]),
+        mean=c([0.1, 0, 0.3, 0]),
+        variance=c([1, 2, 3, 4]),
+        is_training=False,
+        name="bn",
+    )[0]
+
+
+def test_verify_on_its_own_compares_two_graphs(tmp_path: Path) -> None:
+    a = build(Spec(seed=1))
+    same = bnfold.fold(a, verify_outputs=False).graph_def
+    path = tmp_path / "a.pb"
+    path.write_bytes(a.SerializeToString())
+    assert bnfold.verify(path, same).passed
+    different = build(Spec(seed=2))  # other weights and statistics, same names
+    result = bnfold.verify(a, different)
+    assert not result.passed and result.worst().name == "output"
+
+
+def test_tolerances_follow_the_output_dtype() -> None:
+    result = bnfold.fold(build(SAMPLES["conv_fp16"]))
+    assert result.verification.outputs[0].rtol == 1e-2
+    result = bnfold.fold(build(SAMPLES["conv_fused_nhwc"]))
+    assert result.verification.outputs[0].rtol == 1e-4
+
+
+def test_samples_run_several_batches_and_record_inputs() -> None:
+    result = bnfold.fold(build(Spec()), samples=3)
+    assert result.verification.samples == 3
+    assert "random float32 [2, 8, 8, 3]" in result.verification.inputs["x"]
+    assert result.verification.batch_independent is True
+
+
+def test_bool_flag_is_fed_from_the_command_line(tmp_path: Path) -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 3], name="x")
+        flag = tf.compat.v1.placeholder(tf.bool, [], name="use_bias")
+        y = _conv_bn(x)
+        tf.identity(tf.where(flag, y + 1.0, y), name="output")
+
+    src = tmp_path / "flag.pb"
+    src.write_bytes(_graph(body).SerializeToString())
+    report = tmp_path / "r.json"
+    result = runner.invoke(app, ["fold", str(src), str(tmp_path / "o.pb"), "--feed", "use_bias=true", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["verification"]["inputs"]["use_bias"] == "user feed"
+
+
+def test_string_input_blocks_the_check_until_an_internal_tensor_is_fed(tmp_path: Path) -> None:
+    def body() -> None:
+        raw = tf.compat.v1.placeholder(tf.string, [], name="raw_bytes")
+        decoded = tf.reshape(tf.io.decode_raw(raw, tf.float32), [-1, 6, 6, 3], name="decoded")
+        tf.nn.relu(_conv_bn(decoded), name="output")
+
+    src = tmp_path / "decode.pb"
+    src.write_bytes(_graph(body).SerializeToString())
+    out = tmp_path / "o.pb"
+    blocked = runner.invoke(app, ["fold", str(src), str(out)])
+    assert blocked.exit_code == EXIT_VERIFY and "raw_bytes" in blocked.stderr and "--feed" in blocked.stderr
+    assert not out.exists()
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32))
+    fed = runner.invoke(app, ["fold", str(src), str(out), "--feed", f"decoded:0={x}"])
+    assert fed.exit_code == 0, fed.output
+    assert out.exists()
+
+
+def test_unknown_dimensions_need_an_input_shape(tmp_path: Path) -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="x")
+        tf.nn.relu(_conv_bn(x), name="output")
+
+    src = tmp_path / "dyn.pb"
+    src.write_bytes(_graph(body).SerializeToString())
+    out = tmp_path / "o.pb"
+    result = runner.invoke(app, ["fold", str(src), str(out)])
+    assert result.exit_code == EXIT_VERIFY and "--input-shape x=" in result.stderr and not out.exists()
+    assert runner.invoke(app, ["fold", str(src), str(out), "--input-shape", "x=1,9,7,3"]).exit_code == 0
+    out.unlink()
+    assert runner.invoke(app, ["fold", str(src), str(out), "--no-verify"]).exit_code == 0 and out.exists()
+
+
+def test_api_raises_with_the_result_attached() -> None:
+    with pytest.raises(VerificationError) as info:
+        bnfold.fold(build(SAMPLES["conv_keras3"]), rtol=0, atol=0)
+    assert "differs by" in str(info.value)
+    assert info.value.result.verification.passed is False
+    forced = bnfold.fold(build(SAMPLES["conv_keras3"]), rtol=0, atol=0, force=True)
+    assert forced.verification.passed is False
+
+
+@pytest.fixture(scope="module")
+def resnet50_pb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3))
+    randomize_bn(model)
+    path = tmp_path_factory.mktemp("resnet") / "resnet50.pb"
+    path.write_bytes(freeze_keras(model).SerializeToString())
+    return path
+
+
+def test_resnet50_cli_passes_and_zero_tolerance_fails(resnet50_pb: Path, tmp_path: Path) -> None:
+    out = tmp_path / "folded.pb"
+    ok = runner.invoke(app, ["fold", str(resnet50_pb), str(out), "--report", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification"]["passed"] and report["summary"]["folded"] == 53
+    strict = tmp_path / "strict.pb"
+    failed = runner.invoke(app, ["fold", str(resnet50_pb), str(strict), "--rtol", "0", "--atol", "0"])
+    assert failed.exit_code == EXIT_VERIFY and not strict.exists()
+
+
+def test_sample_models_are_small() -> None:
+    for path in (ROOT / "sample_models").glob("*.pb"):
+        assert path.stat().st_size < 1_000_000, path
