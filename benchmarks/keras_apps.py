@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 from bnfold.folding import fold_graph  # noqa: E402
-from bnfold.io import freeze_keras  # noqa: E402
+from bnfold.freeze import freeze_keras  # noqa: E402
 from bnfold.verification import find_inputs, find_outputs, verify  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -44,7 +44,7 @@ def frozen_bytes(name: str) -> bytes:
     WORK.mkdir(exist_ok=True)
     path = WORK / f"{name}.pb"
     if not path.exists():
-        path.write_bytes(freeze_keras(randomized(name)).SerializeToString(deterministic=True))
+        path.write_bytes(freeze_keras(randomized(name)).graph_def.SerializeToString(deterministic=True))
     return path.read_bytes()
 
 

@@ -80,30 +80,14 @@ def check_graph(graph_def: graph_pb2.GraphDef, source: str) -> None:
                 raise InputError(f"{source}: node {node.name!r} reads missing node {ref!r}; the graph is corrupt")
 
 
-def freeze_concrete_function(function: object) -> graph_pb2.GraphDef:
-    """Inline variables as constants with TF's own converter, as ``tf.saved_model`` users freeze today."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+def freeze_keras(model: object) -> graph_pb2.GraphDef:
+    """The frozen GraphDef of a Keras model (see :func:`bnfold.freeze.freeze_keras` for names)."""
+    from bnfold.freeze import freeze_keras as freeze
 
-    frozen = convert_variables_to_constants_v2(function)
-    return frozen.graph.as_graph_def()
-
-
-def freeze_keras(model: object, batch_size: int | None = None) -> graph_pb2.GraphDef:
-    """Freeze a Keras 3 or tf_keras model in inference mode (``training=False``)."""
-    import tensorflow as tf
-
-    inputs = model.inputs  # type: ignore[attr-defined]
-    specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=t.name.split(":")[0]) for t in inputs]
-    single = len(specs) == 1
-
-    @tf.function
-    def serve(*args: tf.Tensor) -> object:
-        return model(args[0] if single else list(args), training=False)  # type: ignore[operator]
-
-    return freeze_concrete_function(serve.get_concrete_function(*specs))
+    return freeze(model).graph_def
 
 
-def check_output_path(src: Path | None, dst: Path, in_place: bool = False) -> None:
+def check_output_path(src: Path | None, dst: Path, in_place: bool = False, directory: bool = False) -> None:
     """Fail before any work when the result could not be written or would replace the input."""
     if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:
         raise OutputError(f"{dst}: is the input; choose another output path or pass --in-place")
@@ -112,8 +96,59 @@ def check_output_path(src: Path | None, dst: Path, in_place: bool = False) -> No
         raise OutputError(f"{dst}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{dst}: directory {parent} is not writable")
-    if dst.is_dir():
+    if directory:
+        if dst.exists() and not dst.is_dir():
+            raise OutputError(f"{dst}: exists and is not a directory; a SavedModel output is a directory")
+        if dst.is_dir() and any(dst.iterdir()) and not (dst / "saved_model.pb").exists():
+            raise OutputError(f"{dst}: is a non-empty directory that is not a SavedModel; bnfold will not replace it")
+    elif dst.is_dir():
         raise OutputError(f"{dst}: is a directory; give a file name ending in .pb, .pbtxt or .onnx")
+
+
+def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dict[str, str], outputs: dict[str, str], dst: Path) -> None:
+    """Write a frozen graph as a SavedModel with one signature, built in a temporary directory and renamed in.
+
+    Keys of ``inputs``/``outputs`` become the signature's argument and output
+    names, so TF Serving clients of the original keep working.
+    """
+    import shutil
+
+    import tensorflow as tf
+
+    def imported() -> None:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(imported, [])
+    graph = wrapped.graph
+    in_keys = list(inputs)
+    feeds = [graph.get_tensor_by_name(inputs[k]) for k in in_keys]
+    fetches = {k: graph.get_tensor_by_name(v if ":" in v else f"{v}:0") for k, v in outputs.items()}
+    pruned = wrapped.prune(feeds=feeds, fetches=fetches)
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=k) for k, t in zip(in_keys, feeds, strict=True)]
+
+    @tf.function(input_signature=specs)
+    def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
+        return pruned(*args)
+
+    module = tf.Module()
+    module.serve = serve
+    parent = dst.parent if str(dst.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=parent))
+    try:
+        tf.saved_model.save(module, str(tmp), signatures={signature: serve})
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=parent))
+            os.replace(dst, old / "model")
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{dst}: cannot write SavedModel ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:

@@ -10,7 +10,7 @@ from conftest import assert_close, bn_ops, run_graph
 
 from bnfold import fold
 from bnfold.folding import LINEAR_OPS
-from bnfold.io import freeze_keras
+from bnfold.freeze import freeze_keras
 from bnfold.verification import find_inputs, find_outputs
 
 
@@ -36,7 +36,7 @@ def randomize_bn(model: object, seed: int = 0) -> None:
 
 
 def check_model(model: object, shape: tuple[int, ...], batch: int = 2) -> object:
-    graph_def = freeze_keras(model)
+    graph_def = freeze_keras(model).graph_def
     result = fold(graph_def, verify_outputs=True)
     x = np.random.default_rng(7).standard_normal((batch, *shape)).astype(np.float32)
     expected = model(x, training=False)  # type: ignore[operator]

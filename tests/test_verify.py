@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold.cli import app
 from bnfold.errors import EXIT_VERIFY, VerificationError
-from bnfold.io import freeze_keras
+from bnfold.freeze import freeze_keras
 from sample_models.make_samples import SAMPLES, Spec, build
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def resnet50_pb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3))
     randomize_bn(model)
     path = tmp_path_factory.mktemp("resnet") / "resnet50.pb"
-    path.write_bytes(freeze_keras(model).SerializeToString())
+    path.write_bytes(freeze_keras(model).graph_def.SerializeToString())
     return path
 
 

@@ -1,0 +1,163 @@
+"""Take models as users have them and freeze them the way TensorFlow does today.
+
+SavedModel directories, ``.keras``/``.h5`` files, in-memory Keras models and
+``tf.function``s all become a frozen ``GraphDef`` in inference mode
+(``training=False``) through TF's own ``convert_variables_to_constants_v2``,
+plus a :class:`Signature` that remembers the user-facing input and output names
+so a folded SavedModel can be written back with the same interface.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from bnfold import io
+from bnfold.errors import InputError
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass
+class Signature:
+    """A serving signature: its name, and key -> tensor name in the frozen graph for inputs and outputs."""
+
+    name: str = DEFAULT_SIGNATURE
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """A frozen graph, where it came from, and its signature when the source had one."""
+
+    graph_def: graph_pb2.GraphDef
+    source: str
+    signature: Signature | None = None
+
+
+def freeze_concrete_function(function: Any, name: str = DEFAULT_SIGNATURE) -> Loaded:
+    """Inline variables as constants; keys come from the function's structured inputs/outputs."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(function)
+    placeholders = [t for t in frozen.inputs if t.dtype != tf.resource]
+    _, kwargs = function.structured_input_signature if function.structured_input_signature else ((), {})
+    if kwargs and len(kwargs) == len(placeholders):
+        keys = [spec.name or key for key, spec in sorted(kwargs.items())]
+        by_name = {t.name.split(":")[0]: t.name for t in placeholders}
+        inputs = {key: by_name.get(key, t.name) for key, t in zip(keys, placeholders, strict=True)}
+    else:
+        inputs = {t.name.split(":")[0]: t.name for t in placeholders}
+    structured = function.structured_outputs
+    if isinstance(structured, dict) and len(structured) == len(frozen.outputs):
+        keys = sorted(structured)  # tf.nest flattens dicts in sorted key order
+    else:
+        keys = [f"output_{i}" for i in range(len(frozen.outputs))]
+    outputs = {key: t.name for key, t in zip(keys, frozen.outputs, strict=True)}
+    return Loaded(frozen.graph.as_graph_def(), f"<{type(function).__name__}>", Signature(name, inputs, outputs))
+
+
+def freeze_keras(model: Any, batch_size: int | None = None) -> Loaded:
+    """Freeze a Keras 3 or tf_keras model in inference mode, named like ``model.export`` names things."""
+    specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=_keras_input_name(t)) for t in model.inputs]
+    single = len(specs) == 1
+
+    @tf.function(input_signature=specs)
+    def serve(*args: tf.Tensor) -> Any:
+        outputs = model(args[0] if single else list(args), training=False)
+        if isinstance(outputs, dict):
+            return outputs
+        flat = outputs if isinstance(outputs, list | tuple) else [outputs]
+        return {f"output_{i}": t for i, t in enumerate(flat)}
+
+    loaded = freeze_concrete_function(serve.get_concrete_function())
+    placeholders = [n.name for n in loaded.graph_def.node if n.op == "Placeholder"]
+    assert loaded.signature is not None
+    loaded.signature.inputs = {spec.name: f"{name}:0" for spec, name in zip(specs, placeholders, strict=True)}
+    loaded.source = f"<{type(model).__name__} {getattr(model, 'name', '')}>"
+    return loaded
+
+
+def _keras_input_name(tensor: Any) -> str:
+    name = getattr(tensor, "name", "") or "input"
+    return name.split(":")[0]
+
+
+def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE) -> Loaded:
+    try:
+        model = tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as exc:
+        raise InputError(f"{path}: cannot load SavedModel ({_first_line(exc)})") from None
+    signatures = getattr(model, "signatures", {})
+    if signature not in signatures:
+        known = ", ".join(sorted(signatures)) or "none"
+        raise InputError(f"{path}: no signature {signature!r} (signatures: {known}); pick one with --signature")
+    loaded = freeze_concrete_function(signatures[signature], signature)
+    loaded.source = str(path)
+    return loaded
+
+
+def load_keras_file(path: Path) -> Loaded:
+    """A ``.keras`` file with Keras 3; an ``.h5`` with Keras 3, else legacy tf_keras."""
+    errors = []
+    try:
+        import keras
+
+        model = keras.saving.load_model(str(path), compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
+        errors.append(f"keras: {_first_line(exc)}")
+        model = None
+    if model is None and path.suffix.lower() in (".h5", ".hdf5"):
+        try:
+            import tf_keras
+        except ImportError:
+            raise InputError(f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files") from None
+        try:
+            model = tf_keras.models.load_model(str(path), compile=False)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"tf_keras: {_first_line(exc)}")
+    if model is None:
+        raise InputError(f"{path}: not a loadable Keras model ({'; '.join(errors)})")
+    loaded = freeze_keras(model)
+    loaded.source = str(path)
+    return loaded
+
+
+def load(source: Any, signature: str = DEFAULT_SIGNATURE) -> Loaded:
+    """Any supported source -> frozen GraphDef (never modifying the source)."""
+    if isinstance(source, graph_pb2.GraphDef):
+        io.check_graph(source, "<GraphDef>")
+        return Loaded(source, "<GraphDef>")
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if path.is_dir():
+            if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
+                raise InputError(f"{path}: directory is not a SavedModel (no saved_model.pb); pass a SavedModel, .keras, .h5, .pb or .pbtxt")
+            return load_saved_model(path, signature)
+        if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
+            if not path.exists():
+                raise InputError(f"{path}: no such file")
+            return load_keras_file(path)
+        return Loaded(io.load_graph_def(path), str(path))
+    if hasattr(source, "structured_outputs") and hasattr(source, "graph"):
+        return freeze_concrete_function(source)
+    if hasattr(source, "get_concrete_function") and not hasattr(source, "inputs"):
+        try:
+            function = source.get_concrete_function()
+        except (TypeError, ValueError):
+            raise InputError("tf.function has no input_signature; pass fn.get_concrete_function(tf.TensorSpec(...))") from None
+        return freeze_concrete_function(function)
+    if hasattr(source, "inputs") and callable(source):
+        return freeze_keras(source)
+    raise InputError(f"cannot fold a {type(source).__name__}: pass a GraphDef, a path, a Keras model or a tf.function")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
