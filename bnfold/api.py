@@ -19,6 +19,7 @@ from bnfold import io
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import SiteRecord, fold_graph
 from bnfold.graph import op_counts, parse_input
+from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
 from bnfold.verification import Verification, failure_message, find_inputs, find_outputs, verify
 
 GraphSource = graph_pb2.GraphDef | str | os.PathLike
@@ -36,6 +37,8 @@ class FoldResult:
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: Verification | None = None
     source: str = "<GraphDef>"
+    switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
+    training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
 
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
@@ -52,6 +55,8 @@ class FoldResult:
             "nodes_before": sum(self.ops_before.values()),
             "nodes_after": sum(self.ops_after.values()),
             "verification": self.verification.to_json() if self.verification else None,
+            "switches": [r.to_json() for r in self.switches],
+            "training_bn": [vars(r) for r in self.training_bn],
         }
 
 
@@ -83,6 +88,8 @@ def fold(
     seed: int = 0,
     force: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    set_flags: dict[str, bool] | None = None,
+    training_bn: str = "keep",
 ) -> FoldResult:
     """Fold every BN of a frozen graph into the conv/dense ops around it.
 
@@ -90,15 +97,28 @@ def fold(
     modified. With ``verify_outputs`` (default) both graphs run on the same
     inputs and a :class:`~bnfold.errors.VerificationError` is raised if any
     output differs beyond tolerance, unless ``force`` is given.
+
+    Training switches are resolved first (:mod:`bnfold.switches`): conditionals on
+    a constant, a ``PlaceholderWithDefault``, ``keras_learning_phase`` or a flag in
+    ``set_flags`` (``{"is_training": False}``) keep only the taken branch; the
+    original is verified with those flags fed. ``training_bn="moving-stats"``
+    rewrites ``is_training=True`` fused BN to use the moving statistics; that
+    changes the result on purpose, so verification then compares against the
+    rewritten graph.
     """
     graph_def, name = _load(source)
     _check_names(graph_def, inputs, "--inputs")
     _check_names(graph_def, outputs, "--outputs")
     in_names = inputs or [s.name for s in find_inputs(graph_def)]
-    out_names = outputs or find_outputs(graph_def)
+    out_names = outputs or without_cond_plumbing(graph_def, find_outputs(graph_def))
     # Inputs, outputs and fed tensors must survive the fold under their names.
     protected = {parse_input(n)[0] for n in [*in_names, *out_names, *(feeds or {})]}
-    folded, sites = fold_graph(graph_def, protected)
+    canonical, resolutions, rewrites = canonicalize(graph_def, set_flags, training_bn, protected)
+    folded, sites = fold_graph(canonical, protected)
+    reference = canonical if any(r.rewritten for r in rewrites) else graph_def
+    flag_nodes = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
+    fed = {parse_input(k)[0] for k in feeds or {}}
+    feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **(feeds or {})}
     result = FoldResult(
         graph_def=folded,
         sites=sites,
@@ -107,10 +127,12 @@ def fold(
         ops_before=op_counts(graph_def),
         ops_after=op_counts(folded),
         source=name,
+        switches=resolutions,
+        training_bn=rewrites,
     )
     if verify_outputs:
         result.verification = verify(
-            graph_def,
+            reference,
             folded,
             inputs,
             out_names,

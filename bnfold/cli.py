@@ -23,7 +23,7 @@ from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationEr
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
 )
-COMMANDS = {"fold", "inspect", "--help", "-h"}
+COMMANDS = {"fold", "inspect", "doctor", "--help", "-h"}
 out = Console()
 err = Console(stderr=True)
 
@@ -31,6 +31,10 @@ InputsOpt = Annotated[Optional[str], typer.Option("--inputs", help="Comma-separa
 OutputsOpt = Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated output nodes (default: the graph's sinks).")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the per-site report as JSON here.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="NAME=true|false: the value of a training flag; conditionals on it keep only that branch."),
+]
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -45,6 +49,17 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
             raise UsageError(f"{option}: expected NAME=VALUE, got {value!r}")
         pairs[name] = rest
     return pairs
+
+
+def _flags(values: list[str] | None) -> dict[str, bool]:
+    """``--set is_training=false`` -> ``{"is_training": False}``."""
+    flags = {}
+    for name, text in _pairs(values, "--set").items():
+        low = text.strip().lower()
+        if low not in ("true", "false", "1", "0"):
+            raise UsageError(f"--set: {name}={text!r}: the value must be true or false")
+        flags[name] = low in ("true", "1")
+    return flags
 
 
 def _shapes(values: list[str] | None) -> dict[str, list[int]]:
@@ -116,6 +131,14 @@ def fold_command(
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write even if verification fails.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,
+    set_: SetOpt = None,
+    training_bn: Annotated[
+        str,
+        typer.Option(
+            "--training-bn",
+            help="is_training=True fused BN: 'keep' (skip, default) or 'moving-stats' (rewrite to inference mode on the moving averages).",
+        ),
+    ] = "keep",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -131,6 +154,13 @@ def fold_command(
         if dst is not None and not dry_run:
             io.check_output_path(src, dst, in_place)
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
+        switch_options: dict[str, object] = {}
+        if set_:
+            switch_options["set_flags"] = _flags(set_)
+        if training_bn != "keep":
+            switch_options["training_bn"] = training_bn
+        if switch_options and any(str(p).lower().endswith(".onnx") for p in (src, dst) if p is not None):
+            raise UsageError("--set/--training-bn: not supported with ONNX input or output yet; fold to .pb first")
         try:
             with verification_progress(quiet) as on_batch:
                 result = api.fold(
@@ -146,6 +176,7 @@ def fold_command(
                     seed=seed,
                     force=force,
                     on_batch=on_batch,
+                    **switch_options,
                 )
         except VerificationError as exc:
             if exc.result is not None and not quiet:
@@ -164,6 +195,43 @@ def fold_command(
             io.write_graph_def(result.graph_def, dst)
             if not quiet:
                 out.print(f"wrote {dst}")
+
+    _run(debug, body)
+
+
+@app.command("doctor")
+def doctor_command(
+    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option("--data", help="x.npy (inputs in order) or NAME=x.npy: real data for the drift check (BN_STATS_DRIFT)."),
+    ] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the findings as JSON here.")] = None,
+    set_: SetOpt = None,
+    outputs: OutputsOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Find BN misuse that makes inference differ from training; exit 1 when anything is at warning level or above."""
+
+    def body() -> None:
+        from bnfold import doctor
+        from bnfold.verification import parse_feed_value
+
+        named: dict[str, object] = {}
+        ordered = []
+        for value in data or []:
+            name, sep, path = value.rpartition("=")
+            if sep and name:
+                named[name] = parse_feed_value(path)
+            else:
+                ordered.append(parse_feed_value(value))
+        if named and ordered:
+            raise UsageError("--data: give either NAME=x.npy for every input or plain paths in input order, not both")
+        report = doctor.diagnose(src, data=named or ordered or None, set_flags=_flags(set_), outputs=_names(outputs))  # type: ignore[arg-type]
+        doctor.print_report(report, out)
+        if json_path is not None:
+            doctor.write_json(report, json_path)
+        raise typer.Exit(report.exit_code)
 
     _run(debug, body)
 
