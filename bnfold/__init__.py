@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from bnfold.api import FoldResult, fold, fold_file
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.folding import SiteRecord
+    from bnfold.onnx_export import to_onnx
     from bnfold.verification import Verification, verify
 
 _EXPORTS = {
@@ -29,6 +30,7 @@ _EXPORTS = {
     "UsageError": "bnfold.errors",
     "VerificationError": "bnfold.errors",
     "SiteRecord": "bnfold.folding",
+    "to_onnx": "bnfold.onnx_export",
     "Verification": "bnfold.verification",
     "verify": "bnfold.verification",
 }
@@ -43,6 +45,7 @@ __all__ = [
     "VerificationError",
     "fold",
     "fold_file",
+    "to_onnx",
     "verify",
 ]
 __version__ = "0.1.0"

@@ -131,6 +131,9 @@ def fold_command(
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write even if verification fails.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,
+    opset: Annotated[
+        Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output (default 17; tf2onnx converts 9-18).")
+    ] = None,
     set_: SetOpt = None,
     training_bn: Annotated[
         str,
@@ -142,7 +145,7 @@ def fold_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Fold BN in SRC and write DST."""
+    """Fold BN in SRC and write DST (.pb, .pbtxt, or .onnx: converted with tf2onnx and checked in onnxruntime)."""
 
     def body() -> None:
         from bnfold import api, io
@@ -161,9 +164,25 @@ def fold_command(
             switch_options["training_bn"] = training_bn
         if switch_options and any(str(p).lower().endswith(".onnx") for p in (src, dst) if p is not None):
             raise UsageError("--set/--training-bn: not supported with ONNX input or output yet; fold to .pb first")
+        from bnfold import onnx_export
+
+        onnx_mode = onnx_export.is_onnx_path(src) or onnx_export.is_onnx_path(dst)
+        if onnx_export.is_onnx_path(src) and dst is not None and not onnx_export.is_onnx_path(dst):
+            raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
+        if opset is not None and not onnx_mode:
+            raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
+        model = None
         try:
             with verification_progress(quiet) as on_batch:
-                result = api.fold(
+                fold_fn = api.fold
+                if onnx_mode:
+
+                    def fold_fn(*args, **kwargs):  # type: ignore[no-untyped-def]
+                        nonlocal model
+                        model, res = onnx_export.to_onnx(*args, opset=opset or onnx_export.DEFAULT_OPSET, **kwargs)
+                        return res
+
+                result = fold_fn(
                     src,
                     _names(inputs),
                     _names(outputs),
@@ -181,17 +200,23 @@ def fold_command(
         except VerificationError as exc:
             if exc.result is not None and not quiet:
                 rep.print_result(exc.result, out)  # type: ignore[arg-type]
+                onnx_export.print_stage(exc.result, out)
             if report is not None and exc.result is not None:
                 rep.write_json(exc.result, report)  # type: ignore[arg-type]
             hint = "--force writes anyway" if exc.result is not None else "--no-verify writes without the check"
             raise VerificationError(f"{exc}; nothing written ({hint})") from None
         if not quiet:
             rep.print_result(result, out)
+            onnx_export.print_stage(result, out)
         if report is not None:
             rep.write_json(result, report)
         if result.verification is not None and not result.verification.passed:
             err.print("[yellow]warning:[/] verification failed; writing anyway because of --force")
-        if dst is not None and not dry_run:
+        if dst is not None and not dry_run and model is not None:
+            onnx_export.write_onnx(model, dst)
+            if not quiet:
+                out.print(f"wrote {dst}")
+        elif dst is not None and not dry_run:
             io.write_graph_def(result.graph_def, dst)
             if not quiet:
                 out.print(f"wrote {dst}")
