@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
@@ -22,6 +23,9 @@ from bnfold.graph import op_counts, parse_input
 from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
 from bnfold.verification import Verification, failure_message, find_inputs, find_outputs, verify
 
+if TYPE_CHECKING:
+    from bnfold.onnx_export import OnnxStage
+
 GraphSource = graph_pb2.GraphDef | str | os.PathLike
 
 
@@ -29,7 +33,7 @@ GraphSource = graph_pb2.GraphDef | str | os.PathLike
 class FoldResult:
     """The folded graph, one record per BN site, op counts, and the verification."""
 
-    graph_def: graph_pb2.GraphDef
+    graph_def: graph_pb2.GraphDef | None  # None when the input was ONNX (bnfold in.onnx out.onnx)
     sites: list[SiteRecord]
     inputs: list[str]
     outputs: list[str]
@@ -37,6 +41,7 @@ class FoldResult:
     ops_after: dict[str, int] = field(default_factory=dict)
     verification: Verification | None = None
     source: str = "<GraphDef>"
+    onnx: OnnxStage | None = None  # ONNX output: tf2onnx conversion, ONNX-side fold, name mapping
     switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
     training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
 
@@ -55,6 +60,7 @@ class FoldResult:
             "nodes_before": sum(self.ops_before.values()),
             "nodes_after": sum(self.ops_after.values()),
             "verification": self.verification.to_json() if self.verification else None,
+            "onnx": self.onnx.to_json() if self.onnx else None,
             "switches": [r.to_json() for r in self.switches],
             "training_bn": [vars(r) for r in self.training_bn],
         }
@@ -156,12 +162,17 @@ def fold_file(
     in_place: bool = False,
     **options: object,
 ) -> FoldResult:
-    """Fold ``src`` and write ``dst`` atomically; its suffix picks the format (.pb, .pbtxt).
+    """Fold ``src`` and write ``dst`` atomically; its suffix picks the format (.pb, .pbtxt, .onnx).
 
     Nothing is written when verification fails (unless ``force=True``) and ``dst``
-    may not be ``src`` unless ``in_place=True``.
+    may not be ``src`` unless ``in_place=True``. An ``.onnx`` source or destination
+    goes through :func:`bnfold.onnx_export.to_onnx` (options such as ``opset`` too).
     """
     src_path, dst_path = Path(src), Path(dst)
+    if dst_path.suffix.lower() == ".onnx" or src_path.suffix.lower() == ".onnx":
+        from bnfold.onnx_export import fold_file_onnx
+
+        return fold_file_onnx(src_path, dst_path, in_place=in_place, **options)
     io.check_output_path(src_path, dst_path, in_place)
     result = fold(src_path, **options)  # type: ignore[arg-type]
     io.write_graph_def(result.graph_def, dst_path)
