@@ -383,3 +383,37 @@ def test_cli_doctor_data_and_fold_set(tmp_path) -> None:  # type: ignore[no-unty
     assert not ops(folded) & COND_OPS
     res = runner.invoke(app, ["fold", str(cond), str(out), "--set", "is_training=maybe"])
     assert res.exit_code == 2
+
+
+def test_keras_training_branch_with_moving_stats_equals_inference() -> None:
+    """--set keras_learning_phase=true inlines the training branch; moving-stats turns it back into the inference BN."""
+    graph_def, expected = tf_keras_learning_phase_graph()
+    result = fold(graph_def, set_flags={"keras_learning_phase": True}, training_bn="moving-stats")
+    assert not ops(result.graph_def) & COND_OPS and [r.action for r in result.sites] == ["folded"]
+    assert result.training_bn[0].rewritten
+    (actual,) = run_graph(result.graph_def, {"x": x_data()}, ["out"])
+    assert_close(expected, actual)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(v1=st.booleans(), value=st.booleans(), negate=st.booleans(), batch=st.integers(1, 4))
+def test_resolved_graph_matches_original_fed_the_same_flag(v1: bool, value: bool, negate: bool, batch: int) -> None:
+    """Whatever the flag value and however it reaches the cond (LogicalNot too), resolution keeps what the original computes."""
+    s = stats(2)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        flag = tf.compat.v1.placeholder(tf.bool, [], name="is_inference" if negate else "is_training")
+        pred = tf.logical_not(flag) if negate else flag
+        y = conv(x)
+        return tf.cond(pred, lambda: fused(y, s, True, "bn_train"), lambda: fused(y, s, False, "bn_infer"))
+
+    graph_def = build(body, v1)
+    name = "is_inference" if negate else "is_training"
+    result = fold(graph_def, set_flags={name: value}, verify_outputs=False)
+    assert not ops(result.graph_def) & COND_OPS
+    x = x_data(batch)
+    (expected,) = run_graph(graph_def, {"x": x, name: np.array(value)}, ["out"])
+    (actual,) = run_graph(result.graph_def, {"x": x}, ["out"])
+    assert_close(expected, actual)
+    training = value != negate
+    assert [r.action for r in result.sites] == (["skipped"] if training else ["folded"])
