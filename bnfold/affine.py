@@ -18,7 +18,7 @@ import numpy as np
 from tensorflow.core.framework import node_def_pb2
 
 from bnfold.canonical import FLOAT_TYPES, NORMALIZATION_EVIDENCE, ConstEvaluator, input_dtype
-from bnfold.graph import GraphIndex
+from bnfold.graph import GraphIndex, attr
 
 FUSED_BN_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 GLOBAL_BN_OPS = {"BatchNormWithGlobalNormalization"}
@@ -103,9 +103,9 @@ def rank_of(index: GraphIndex, ref: str) -> int | None:
     if node.op in STEP_OPS:
         return rank_of(index, node.input[0])
     if node.op == "FusedBatchNormV3" or node.op in GLOBAL_BN_OPS:
-        fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+        fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
         return len(fmt) if node.op != "BatchNormWithGlobalNormalization" else 4
-    shapes = node.attr["_output_shapes"].list.shape if "_output_shapes" in node.attr else []
+    shapes = attr(node, "_output_shapes").list.shape if "_output_shapes" in node.attr else []
     if shapes and not shapes[0].unknown_rank:
         return len(shapes[0].dim)
     return None
@@ -113,7 +113,7 @@ def rank_of(index: GraphIndex, ref: str) -> int | None:
 
 def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Step | None:
     """Read ``node`` as a per-channel affine step, if it is one."""
-    if node.op not in STEP_OPS or node.attr["T"].type not in FLOAT_TYPES:
+    if node.op not in STEP_OPS or attr(node, "T").type not in FLOAT_TYPES:
         return None
     inputs = index.data_inputs(node)
     if len(inputs) != 2:
@@ -128,7 +128,7 @@ def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -
     if node.op == "BiasAdd":
         if a_const:
             return None
-        fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+        fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
         if c.ndim != 1:
             return None
         axis = data_format_axis(fmt, rank_of(index, x_ref))
@@ -216,7 +216,9 @@ def _finish(index: GraphIndex, ev: ConstEvaluator, name: str, form: str, own: li
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return Unfoldable(name, form, "non-finite scale or shift (NaN/inf statistics, or var + eps <= 0)")
     end = own[-1].node
-    dtype = input_dtype(index, kept[0].input_ref) or index.node(end).attr["T"].type
+    dtype = input_dtype(index, kept[0].input_ref) or attr(index.node(end), "T").type
+    if dtype not in FLOAT_TYPES:
+        return Unfoldable(name, form, "input is not floating point")
     return Affine(
         name=name,
         form=form,
@@ -232,31 +234,35 @@ def _finish(index: GraphIndex, ev: ConstEvaluator, name: str, form: str, own: li
 
 def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable:
     form = node.op
-    is_training = node.attr["is_training"].b if "is_training" in node.attr else True
+    is_training = attr(node, "is_training").b if "is_training" in node.attr else True
     if is_training:
         return Unfoldable(node.name, form, "is_training=True: uses batch statistics at inference")
     extra_outputs = [c for c in index.consumers(node.name) if c.index != 0]
     if extra_outputs:
         return Unfoldable(node.name, form, f"output {extra_outputs[0].index} (batch statistics) is read by {extra_outputs[0].node}")
+    if len(index.data_inputs(node)) < 5:
+        return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
     x_ref, *param_refs = index.data_inputs(node)
     params = [ev.value(r) for r in param_refs[:4]]
     if any(p is None for p in params):
         return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants")
     gamma, beta, mean, var = params  # type: ignore[misc]
-    eps = node.attr["epsilon"].f if "epsilon" in node.attr else 1e-4
+    eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
     return _from_statistics(index, ev, node, form, x_ref, gamma, beta, mean, var, eps)
 
 
 def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable:
     form = node.op
+    if len(index.data_inputs(node)) < 5:
+        return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
     x_ref, *param_refs = index.data_inputs(node)
     params = [ev.value(r) for r in param_refs[:4]]
     if any(p is None for p in params):
         return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants")
     mean, var, beta, gamma = params  # type: ignore[misc]
-    if not node.attr["scale_after_normalization"].b:
+    if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)
-    eps = node.attr["variance_epsilon"].f
+    eps = attr(node, "variance_epsilon").f
     return _from_statistics(index, ev, node, form, x_ref, gamma, beta, mean, var, eps)
 
 
@@ -278,7 +284,7 @@ def _from_statistics(
             return Unfoldable(node.name, form, "variance + epsilon is not positive and finite")
         scale = gamma / np.sqrt(denom)
         shift = beta - mean * scale
-    fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
     axis = data_format_axis(fmt, rank_of(index, node.name))
     own = Step(node.name, x_ref, scale.reshape(-1), shift.reshape(-1), axis, True)
     return _finish(index, ev, node.name, form, [own])

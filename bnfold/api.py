@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
@@ -19,6 +19,7 @@ from tensorflow.core.framework import graph_pb2
 from bnfold import io
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import SiteRecord, fold_graph
+from bnfold.freeze import DEFAULT_SIGNATURE, Signature, load
 from bnfold.graph import op_counts, parse_input
 from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
 from bnfold.verification import Verification, failure_message, find_inputs, find_outputs, verify
@@ -26,7 +27,8 @@ from bnfold.verification import Verification, failure_message, find_inputs, find
 if TYPE_CHECKING:
     from bnfold.onnx_export import OnnxStage
 
-GraphSource = graph_pb2.GraphDef | str | os.PathLike
+# A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.
+GraphSource = Any
 
 
 @dataclass
@@ -44,6 +46,7 @@ class FoldResult:
     onnx: OnnxStage | None = None  # ONNX output: tf2onnx conversion, ONNX-side fold, name mapping
     switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
     training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
+    signature: Signature | None = None  # the source's serving signature (SavedModel/Keras/tf.function input)
 
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
@@ -67,10 +70,17 @@ class FoldResult:
 
 
 def _load(source: GraphSource) -> tuple[graph_pb2.GraphDef, str]:
-    if isinstance(source, graph_pb2.GraphDef):
-        io.check_graph(source, "<GraphDef>")
-        return source, "<GraphDef>"
-    return io.load_graph_def(source), str(source)
+    """Frozen GraphDef and a display name for any source (used by the ONNX path)."""
+    loaded = load(source)
+    return loaded.graph_def, loaded.source
+
+
+GRAPH_SUFFIXES = {".pb", ".pbtxt", ".pbtext", ".txt"}
+
+
+def is_saved_model_destination(dst: Path) -> bool:
+    """OUT without a model-file suffix (.pb, .pbtxt, .onnx) names a SavedModel directory."""
+    return dst.suffix.lower() not in GRAPH_SUFFIXES | {".onnx"}
 
 
 def _check_names(graph_def: graph_pb2.GraphDef, names: list[str] | None, option: str) -> None:
@@ -96,11 +106,14 @@ def fold(
     on_batch: Callable[[int, int], None] | None = None,
     set_flags: dict[str, bool] | None = None,
     training_bn: str = "keep",
+    signature: str = DEFAULT_SIGNATURE,
 ) -> FoldResult:
     """Fold every BN of a frozen graph into the conv/dense ops around it.
 
-    ``source`` is a ``GraphDef`` or a path to a ``.pb``/``.pbtxt``; it is never
-    modified. With ``verify_outputs`` (default) both graphs run on the same
+    ``source`` is a ``GraphDef``, a path (``.pb``/``.pbtxt``, a SavedModel
+    directory with ``signature``, ``.keras``, ``.h5``), a Keras model or a
+    ``tf.function``/``ConcreteFunction``; models are frozen in inference mode
+    first. The source is never modified. With ``verify_outputs`` (default) both graphs run on the same
     inputs and a :class:`~bnfold.errors.VerificationError` is raised if any
     output differs beyond tolerance, unless ``force`` is given.
 
@@ -112,11 +125,17 @@ def fold(
     changes the result on purpose, so verification then compares against the
     rewritten graph.
     """
-    graph_def, name = _load(source)
+    loaded = load(source, signature)
+    graph_def, name = loaded.graph_def, loaded.source
     _check_names(graph_def, inputs, "--inputs")
     _check_names(graph_def, outputs, "--outputs")
     in_names = inputs or [s.name for s in find_inputs(graph_def)]
-    out_names = outputs or without_cond_plumbing(graph_def, find_outputs(graph_def))
+    if outputs:
+        out_names = outputs
+    elif loaded.signature is not None:
+        out_names = [parse_input(t)[0] for t in loaded.signature.outputs.values()]
+    else:
+        out_names = without_cond_plumbing(graph_def, find_outputs(graph_def))
     # Inputs, outputs and fed tensors must survive the fold under their names.
     protected = {parse_input(n)[0] for n in [*in_names, *out_names, *(feeds or {})]}
     canonical, resolutions, rewrites = canonicalize(graph_def, set_flags, training_bn, protected)
@@ -135,6 +154,7 @@ def fold(
         source=name,
         switches=resolutions,
         training_bn=rewrites,
+        signature=loaded.signature,
     )
     if verify_outputs:
         result.verification = verify(
@@ -162,7 +182,7 @@ def fold_file(
     in_place: bool = False,
     **options: object,
 ) -> FoldResult:
-    """Fold ``src`` and write ``dst`` atomically; its suffix picks the format (.pb, .pbtxt, .onnx).
+    """Fold ``src`` and write ``dst`` atomically; its suffix picks the format (.pb, .pbtxt, .onnx, else a SavedModel directory).
 
     Nothing is written when verification fails (unless ``force=True``) and ``dst``
     may not be ``src`` unless ``in_place=True``. An ``.onnx`` source or destination
@@ -173,7 +193,20 @@ def fold_file(
         from bnfold.onnx_export import fold_file_onnx
 
         return fold_file_onnx(src_path, dst_path, in_place=in_place, **options)
-    io.check_output_path(src_path, dst_path, in_place)
+    io.check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst_path))
     result = fold(src_path, **options)  # type: ignore[arg-type]
-    io.write_graph_def(result.graph_def, dst_path)
+    write_result(result, dst_path)
     return result
+
+
+def write_result(result: FoldResult, dst: Path) -> None:
+    """Write a folded TF graph as .pb/.pbtxt, or as a SavedModel directory with the source's signature."""
+    assert result.graph_def is not None
+    if is_saved_model_destination(dst):
+        signature = result.signature or Signature(
+            inputs={n: f"{n}:0" for n in result.inputs},
+            outputs={parse_input(n)[0]: f"{parse_input(n)[0]}:{parse_input(n)[1]}" for n in result.outputs},
+        )
+        io.write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, dst)
+    else:
+        io.write_graph_def(result.graph_def, dst)

@@ -15,7 +15,7 @@ import numpy as np
 from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import tensor_util
 
-from bnfold.graph import GraphIndex, parse_input
+from bnfold.graph import GraphIndex, attr, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
 
@@ -73,20 +73,24 @@ class ConstEvaluator:
         node, index = self.index.producer(ref)
         if node is None:
             return None
-        if node.op == "Const":
-            return tensor_util.MakeNdarray(node.attr["value"].tensor)
-        if node.op in PASS_THROUGH:
-            return self.raw(node.input[index if node.op == "IdentityN" else 0])
-        value = self.value(ref)
-        if value is None:
-            return None
-        dtype = node.attr["T"].type if "T" in node.attr else types_pb2.DT_FLOAT
-        return value.astype(tensor_util.dtypes.as_dtype(dtype).as_numpy_dtype)
+        try:
+            if node.op == "Const":
+                return tensor_util.MakeNdarray(attr(node, "value").tensor)
+            if node.op in PASS_THROUGH:
+                return self.raw(node.input[index if node.op == "IdentityN" else 0])
+            value = self.value(ref)
+            if value is None:
+                return None
+            dtype = attr(node, "T").type if "T" in node.attr else types_pb2.DT_FLOAT
+            return value.astype(tensor_util.dtypes.as_dtype(dtype).as_numpy_dtype)
+        except (ValueError, TypeError, IndexError):
+            return None  # a corrupt constant is not a constant bnfold can fold
 
     def value(self, ref: str) -> np.ndarray | None:
         name, index, _ = parse_input(ref)
         outputs = self._memo.setdefault(name, {})
         if index not in outputs:
+            outputs[index] = None  # a cycle (a corrupt graph) evaluates to "not constant"
             outputs[index] = self._evaluate(name, index)
         return outputs[index]
 
@@ -99,6 +103,7 @@ class ConstEvaluator:
         name = parse_input(ref)[0]
         known = self._const_memo.get(name)
         if known is None:
+            self._const_memo[name] = False  # a cycle (a corrupt graph) is not constant
             node = self.index.nodes.get(name)
             if node is None:
                 known = False
@@ -133,7 +138,7 @@ class ConstEvaluator:
         inputs = [r for r in node.input if not r.startswith("^")]
         try:
             if op == "Const":
-                return to_float64(tensor_util.MakeNdarray(node.attr["value"].tensor))
+                return to_float64(tensor_util.MakeNdarray(attr(node, "value").tensor))
             if op in PASS_THROUGH:
                 return self.value(inputs[index if op == "IdentityN" else 0])
             if op not in _EVALUABLE:
@@ -148,12 +153,12 @@ class ConstEvaluator:
                 with np.errstate(all="ignore"):
                     return _BINARY[op](args[0], args[1])
             if op == "Cast":
-                dst = tensor_util.dtypes.as_dtype(node.attr["DstT"].type)
+                dst = tensor_util.dtypes.as_dtype(attr(node, "DstT").type)
                 return to_float64(args[0].astype(dst.as_numpy_dtype))
             if op == "Reshape":
                 return np.reshape(args[0], [int(d) for d in args[1]])
             if op == "Squeeze":
-                dims = tuple(node.attr["squeeze_dims"].list.i)
+                dims = tuple(attr(node, "squeeze_dims").list.i)
                 return np.squeeze(args[0], axis=dims or None)
             if op == "ExpandDims":
                 return np.expand_dims(args[0], int(args[1]))

@@ -114,11 +114,12 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
 
 @app.command("fold")
 def fold_command(
-    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
-    dst: Annotated[Optional[Path], typer.Argument(help="Output: .pb or .pbtxt (suffix picks the format).")] = None,
+    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras, .h5 or .onnx.")],
+    dst: Annotated[Optional[Path], typer.Argument(help="Output: .pb, .pbtxt, .onnx, or a SavedModel directory (any other name).")] = None,
     inputs: InputsOpt = None,
     outputs: OutputsOpt = None,
     report: ReportOpt = None,
+    signature: Annotated[str, typer.Option("--signature", help="SavedModel signature to fold.")] = "serving_default",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fold and report, write no model.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")] = False,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default per dtype).")] = None,
@@ -131,9 +132,6 @@ def fold_command(
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write even if verification fails.")] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,
-    opset: Annotated[
-        Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output (default 17; tf2onnx converts 9-18).")
-    ] = None,
     set_: SetOpt = None,
     training_bn: Annotated[
         str,
@@ -142,6 +140,9 @@ def fold_command(
             help="is_training=True fused BN: 'keep' (skip, default) or 'moving-stats' (rewrite to inference mode on the moving averages).",
         ),
     ] = "keep",
+    opset: Annotated[
+        Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output (default 17; tf2onnx converts 9-18).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -155,7 +156,7 @@ def fold_command(
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
         if dst is not None and not dry_run:
-            io.check_output_path(src, dst, in_place)
+            io.check_output_path(src, dst, in_place, directory=api.is_saved_model_destination(dst))
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
         switch_options: dict[str, object] = {}
         if set_:
@@ -196,6 +197,7 @@ def fold_command(
                     force=force,
                     on_batch=on_batch,
                     **switch_options,
+                    **({} if onnx_mode else {"signature": signature}),
                 )
         except VerificationError as exc:
             if exc.result is not None and not quiet:
@@ -217,7 +219,7 @@ def fold_command(
             if not quiet:
                 out.print(f"wrote {dst}")
         elif dst is not None and not dry_run:
-            io.write_graph_def(result.graph_def, dst)
+            api.write_result(result, dst)
             if not quiet:
                 out.print(f"wrote {dst}")
 

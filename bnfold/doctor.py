@@ -27,7 +27,7 @@ from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import EXIT_FINDINGS, EXIT_OK, UsageError, VerificationError
 from bnfold.folding import fold_graph
-from bnfold.graph import GraphIndex, parse_input
+from bnfold.graph import GraphIndex, attr, parse_input
 from bnfold.switches import (
     IF_OPS,
     KERAS_LEARNING_PHASE,
@@ -107,7 +107,7 @@ class BnStats:
 # -- statistics of each BN form ----------------------------------------------------
 def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
     inputs = index.data_inputs(node)  # type: ignore[arg-type]
-    training = node.attr["is_training"].b if "is_training" in node.attr else True  # type: ignore[attr-defined]
+    training = attr(node, "is_training").b if "is_training" in node.attr else True  # type: ignore[attr-defined]
     if training:
         found = find_moving_stats(index, ev, node)  # type: ignore[arg-type]
         if found is None:
@@ -117,8 +117,8 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
         mean, var = ev.value(inputs[3]), ev.value(inputs[4])
     if mean is None or var is None or mean.size == 0:
         return None
-    fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
-    eps = node.attr["epsilon"].f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
+    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
+    eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
     axis = -1 if fmt.endswith("C") else 1 - len(fmt)
     return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis)  # type: ignore[attr-defined]
 
@@ -128,7 +128,7 @@ def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStat
     mean, var = ev.value(inputs[1]), ev.value(inputs[2])
     if mean is None or var is None:
         return None
-    eps = node.attr["variance_epsilon"].f  # type: ignore[attr-defined]
+    eps = attr(node, "variance_epsilon").f  # type: ignore[attr-defined]
     return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1)  # type: ignore[attr-defined]
 
 
@@ -236,7 +236,7 @@ def _batch_mean_behind(index: GraphIndex, ev: ConstEvaluator, rsqrt: str) -> str
 def _branch_has_bn(graph_def: graph_pb2.GraphDef, index: GraphIndex, site: CondSite) -> bool:
     node = index.node(site.node)
     if node.op in IF_OPS:
-        names = {node.attr["then_branch"].func.name, node.attr["else_branch"].func.name}
+        names = {attr(node, "then_branch").func.name, attr(node, "else_branch").func.name}
         return any(any(n.op in _BN_MARKERS for n in f.node_def) for f in graph_def.library.function if f.signature.name in names)
     stack, seen = [site.node], set()
     while stack and len(seen) < 200:
@@ -295,7 +295,7 @@ def check_bn_nodes(graph_def: graph_pb2.GraphDef) -> tuple[list[Finding], list[B
         stat: BnStats | None = None
         if node.op in FUSED_BN_OPS:
             count += 1
-            training = node.attr["is_training"].b if "is_training" in node.attr else True
+            training = attr(node, "is_training").b if "is_training" in node.attr else True
             stat = _fused_stats(index, ev, node)
             if training:
                 rewrite = (

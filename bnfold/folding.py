@@ -17,7 +17,7 @@ from tensorflow.python.framework import dtypes
 
 from bnfold.affine import Affine, Unfoldable, as_step, data_format_axis, recognize
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator
-from bnfold.graph import GraphIndex, make_node, parse_input
+from bnfold.graph import GraphIndex, attr, make_node, parse_input
 
 Action = Literal["folded", "standalone", "skipped"]
 
@@ -31,6 +31,10 @@ class LinearSpec:
     out_axis: int
     in_axis: int
     rank: int
+
+    @property
+    def weight_rank(self) -> int:
+        return 2 if self.rank == 2 else self.rank
 
 
 LINEAR_OPS: dict[str, LinearSpec] = {
@@ -58,13 +62,13 @@ class SiteRecord:
 
 def _weight_axes(node: node_def_pb2.NodeDef, spec: LinearSpec) -> tuple[int, int]:
     """Out/in axes of the weights; MatMul's depend on ``transpose_b``."""
-    if node.op == "MatMul" and node.attr["transpose_b"].b:
+    if node.op == "MatMul" and attr(node, "transpose_b").b:
         return 0, 1
     return spec.out_axis, spec.in_axis
 
 
 def _data_axis(node: node_def_pb2.NodeDef, spec: LinearSpec) -> int | None:
-    fmt = node.attr["data_format"].s.decode() if "data_format" in node.attr else ""
+    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else ""
     return data_format_axis(fmt, spec.rank)
 
 
@@ -76,6 +80,15 @@ def _scaled(weights: np.ndarray, factor: np.ndarray) -> np.ndarray:
     out = np.empty(weights.shape, dtype=weights.dtype)
     np.multiply(weights, factor, out=out, dtype=np.float64, casting="unsafe")
     return out
+
+
+def _overflow(linear: node_def_pb2.NodeDef, weights: np.ndarray, bias: np.ndarray) -> str | None:
+    """Why folded values cannot be stored in the op's dtype (fp16 overflow after scaling), else None."""
+    np_dtype = dtypes.as_dtype(attr(linear, "T").type).as_numpy_dtype
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.all(np.isfinite(weights)) or not np.all(np.isfinite(bias.astype(np_dtype))):
+            return f"folded weights or bias of {linear.name} overflow {np.dtype(np_dtype).name}"
+    return None
 
 
 def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -118,7 +131,9 @@ class Folder:
         backward = self.fold_backward(site)
         if backward is None:
             return SiteRecord(site.name, site.form, "folded", folded_into=self._last_linear)
-        self.make_standalone(site)
+        overflow = self.make_standalone(site)
+        if overflow:
+            return SiteRecord(site.name, site.form, "skipped", reason=f"{forward}; {backward}; {overflow}")
         return SiteRecord(site.name, site.form, "standalone", reason=f"{forward}; {backward}")
 
     # -- forward: linear op, then BN -----------------------------------------
@@ -134,9 +149,9 @@ class Folder:
         why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
         if why:
             return why
-        weights = self.ev.raw(linear.input[spec.weight_slot])
-        if weights is None:
-            return f"{linear.name} weights are not constants"
+        weights = self._weights(linear, spec)
+        if isinstance(weights, str):
+            return weights
         out_axis, _ = _weight_axes(linear, spec)
         out_channels = weights.shape[2] * weights.shape[3] if linear.op == "DepthwiseConv2dNative" else weights.shape[out_axis]
         scale, shift = self._expand(site, out_channels)
@@ -146,7 +161,11 @@ class Folder:
             factor = scale.reshape(1, 1, weights.shape[2], weights.shape[3])
         else:
             factor = _broadcast(scale, weights.ndim, out_axis)
-        self._set_weights(linear, spec, _scaled(weights, factor), site.name)
+        folded = _scaled(weights, factor)
+        overflow = _overflow(linear, folded, shift)
+        if overflow:
+            return overflow
+        self._set_weights(linear, spec, folded, site.name)
         self._end_with_bias(site, linear.name, shift, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
@@ -163,18 +182,18 @@ class Folder:
             return f"not read by a conv/dense op (read by {linear.op})"
         if linear.op == "Conv2DBackpropInput":
             return "before a transposed conv: overlapping windows make the shift non-uniform"
-        if linear.op == "MatMul" and linear.attr["transpose_a"].b:
+        if linear.op == "MatMul" and attr(linear, "transpose_a").b:
             return f"{linear.name} transposes its input"
         has_shift = bool(np.any(site.shift != 0))
-        padding = linear.attr["padding"].s.decode() if "padding" in linear.attr else "VALID"
+        padding = attr(linear, "padding").s.decode() if "padding" in linear.attr else "VALID"
         if linear.op != "MatMul" and has_shift and padding != "VALID":
             return f"{linear.name} pads with zeros ({padding}), which would meet the BN shift"
         why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
         if why:
             return why
-        weights = self.ev.raw(linear.input[spec.weight_slot])
-        if weights is None:
-            return f"{linear.name} weights are not constants"
+        weights = self._weights(linear, spec)
+        if isinstance(weights, str):
+            return weights
         out_axis, in_axis = _weight_axes(linear, spec)
         scale, shift = self._expand(site, weights.shape[in_axis])
         if scale is None or shift is None:
@@ -186,6 +205,9 @@ class Folder:
         else:
             moved = np.moveaxis(w64 * _broadcast(shift, w64.ndim, in_axis), out_axis, -1)
             bias = moved.reshape(-1, moved.shape[-1]).sum(axis=0)
+        overflow = _overflow(linear, folded, bias)
+        if overflow:
+            return overflow
         self.index.set_input(linear.name, spec.data_slot, site.input_ref)
         self._set_weights(self.index.node(linear.name), spec, folded, site.name)
         self._remove_site(site, keep=None)
@@ -195,10 +217,13 @@ class Folder:
         return None
 
     # -- standalone ----------------------------------------------------------
-    def make_standalone(self, site: Affine) -> None:
-        """One multiply and one add with precomputed constants, under the site's name."""
+    def make_standalone(self, site: Affine) -> str | None:
+        """One multiply and one add with precomputed constants, under the site's name; or why not."""
         end = self.index.node(site.output_node)
         np_dtype = dtypes.as_dtype(site.dtype).as_numpy_dtype
+        with np.errstate(over="ignore"):
+            if not (np.all(np.isfinite(site.scale.astype(np_dtype))) and np.all(np.isfinite(site.shift.astype(np_dtype)))):
+                return f"scale or shift overflows {np.dtype(np_dtype).name}"
         k = -site.channel_axis if site.channel_axis is not None else 1
         shape = (-1,) + (1,) * (k - 1)
         scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", site.scale.reshape(shape).astype(np_dtype), site.dtype)
@@ -209,10 +234,24 @@ class Folder:
         add = make_node(site.output_node, "AddV2", [mul.name, shift_c], {"T": _type_attr(site.dtype)}, end.device)
         self.index.add(mul)
         self._replace_end(site, add)
+        return None
 
     # -- shared pieces -------------------------------------------------------
+    def _weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec) -> np.ndarray | str:
+        """The linear op's constant weights, or why they cannot be folded into."""
+        if len(linear.input) <= spec.weight_slot:
+            return f"{linear.name} has no weights input"
+        weights = self.ev.raw(linear.input[spec.weight_slot])
+        if weights is None:
+            return f"{linear.name} weights are not constants"
+        if weights.ndim != spec.weight_rank or weights.dtype.kind not in "fV":
+            return (
+                f"{linear.name} weights have shape {list(weights.shape)} and dtype {weights.dtype}, not a {spec.weight_rank}-D float kernel"
+            )
+        return weights
+
     def _check_linear(self, site: Affine, linear: node_def_pb2.NodeDef, spec: LinearSpec, data_axis: int | None) -> str | None:
-        if linear.attr["T"].type not in FLOAT_TYPES:
+        if attr(linear, "T").type not in FLOAT_TYPES:
             return f"{linear.name} is not floating point"
         if site.channel_axis is not None and site.channel_axis != data_axis:
             return f"BN channel axis {site.channel_axis} is not {linear.name}'s channel axis {data_axis}"
@@ -236,7 +275,7 @@ class Folder:
 
     def _end_with_bias(self, site: Affine, linear: str, bias: np.ndarray, data_axis: int | None, rank: int) -> None:
         end = self.index.node(site.output_node)
-        dtype = self.index.node(linear).attr["T"].type
+        dtype = attr(self.index.node(linear), "T").type
         node = self._bias_node(site.output_node, linear, bias, dtype, data_axis, rank, end.device)
         self._replace_end(site, node)
 
@@ -258,14 +297,16 @@ class Folder:
             if step is not None and step.input_ref == linear and np.all(step.scale == 1) and step.axis in (data_axis, None):
                 old = self.index.node(step.node)
                 total = step.shift + bias
-                self._replace_node_keep_name(old, self._bias_node(old.name, linear, total, old.attr["T"].type, data_axis, rank, old.device))
+                self._replace_node_keep_name(
+                    old, self._bias_node(old.name, linear, total, attr(old, "T").type, data_axis, rank, old.device)
+                )
                 return
         node = self.index.node(linear)
         renamed = node_def_pb2.NodeDef()
         renamed.CopyFrom(node)
         renamed.name = self.index.unique_name(f"{linear}/bnfold_linear")
         self.index.add(renamed)
-        self._replace_node_keep_name(node, self._bias_node(linear, renamed.name, bias, node.attr["T"].type, data_axis, rank, node.device))
+        self._replace_node_keep_name(node, self._bias_node(linear, renamed.name, bias, attr(node, "T").type, data_axis, rank, node.device))
 
     def _replace_node_keep_name(self, old: node_def_pb2.NodeDef, new: node_def_pb2.NodeDef) -> None:
         inputs = [parse_input(r)[0] for r in old.input]

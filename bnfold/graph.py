@@ -219,3 +219,9 @@ def op_counts(graph_def: graph_pb2.GraphDef) -> dict[str, int]:
     for node in graph_def.node:
         counts[node.op] += 1
     return dict(sorted(counts.items()))
+
+
+def attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
+    """Read an attribute without inserting it: indexing a proto map adds the key,
+    which would edit the caller's GraphDef."""
+    return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()

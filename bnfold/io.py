@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import message, text_format
-from tensorflow.core.framework import graph_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.errors import InputError, OutputError
 from bnfold.graph import parse_input
@@ -78,6 +78,26 @@ def check_graph(graph_def: graph_pb2.GraphDef, source: str) -> None:
         for ref in node.input:
             if parse_input(ref)[0] not in names:
                 raise InputError(f"{source}: node {node.name!r} reads missing node {ref!r}; the graph is corrupt")
+        missing = _missing_attr(node)
+        if missing:
+            raise InputError(f"{source}: node {node.name!r} ({node.op}) lacks required attribute {missing!r}; the graph is corrupt")
+
+
+def _missing_attr(node: node_def_pb2.NodeDef) -> str | None:
+    """A required attribute (no default in TF's op registry) that the node lacks.
+
+    TensorFlow can abort the whole process when it runs such a node, so it is
+    refused before verification runs anything. Unknown (custom) ops pass.
+    """
+    from tensorflow.python.framework import op_def_registry
+
+    op_def = op_def_registry.get(node.op)
+    if op_def is None:
+        return None
+    for attr in op_def.attr:
+        if not attr.HasField("default_value") and attr.name not in node.attr:
+            return attr.name
+    return None
 
 
 def freeze_keras(model: object) -> graph_pb2.GraphDef:

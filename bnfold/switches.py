@@ -26,7 +26,7 @@ from tensorflow.python.framework import tensor_util
 
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import UsageError
-from bnfold.graph import GraphIndex, make_node, parse_input, tensor_ref
+from bnfold.graph import GraphIndex, attr, make_node, parse_input, tensor_ref
 
 IF_OPS = {"If", "StatelessIf"}
 FLAG_SOURCES = {"Const", "Placeholder", "PlaceholderWithDefault"}
@@ -113,7 +113,7 @@ def flag_value(index: GraphIndex, flag: Flag, set_flags: dict[str, bool], assume
     if flag.node in set_flags:
         return set_flags[flag.node], "--set"
     if flag.op == "Const":
-        value = tensor_util.MakeNdarray(node.attr["value"].tensor)
+        value = tensor_util.MakeNdarray(attr(node, "value").tensor)
         return (bool(value.reshape(-1)[0]) if value.size else None), "constant"
     if flag.node.rsplit("/", 1)[-1] == KERAS_LEARNING_PHASE:
         return False, "Keras learning phase (inference)"
@@ -343,7 +343,7 @@ def _inline_if(index: GraphIndex, name: str, value: bool, keep: set[str]) -> Non
         index.set_input(reader.node, reader.slot, outputs[reader.index])
     seeds = [parse_input(r)[0] for r in node.input]
     if name in keep or index.control_consumers(name):
-        attrs = {"T": attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(type=list(node.attr["Tout"].list.type)))}
+        attrs = {"T": attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(type=list(attr(node, "Tout").list.type)))}
         index.replace(make_node(name, "IdentityN", outputs, attrs, node.device))
     else:
         index.remove(name)
@@ -449,7 +449,7 @@ def use_moving_stats(graph_def: graph_pb2.GraphDef) -> tuple[graph_pb2.GraphDef,
     for node in index:
         if not node.op.startswith("FusedBatchNorm") or node.op.startswith("FusedBatchNormGrad"):
             continue
-        if not (node.attr["is_training"].b if "is_training" in node.attr else True):
+        if not (attr(node, "is_training").b if "is_training" in node.attr else True):
             continue
         found = find_moving_stats(index, ev, node)
         if found is None:

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, types_pb2
 
 from bnfold.errors import UsageError, VerificationError
-from bnfold.graph import parse_input
+from bnfold.graph import attr, parse_input
 
 # Default tolerances per output dtype, chosen from measured fold errors (README: "Tolerances").
 TOLERANCES: dict[int, tuple[float, float]] = {
@@ -81,9 +81,11 @@ def find_inputs(graph_def: graph_pb2.GraphDef) -> list[InputSpec]:
     specs = []
     for node in graph_def.node:
         if node.op == "Placeholder":
-            shape_proto = node.attr["shape"].shape
-            shape = None if shape_proto.unknown_rank else [d.size if d.size >= 0 else None for d in shape_proto.dim]
-            specs.append(InputSpec(node.name, node.attr["dtype"].type, shape))
+            shape_proto = attr(node, "shape").shape
+            shape = (
+                None if shape_proto.unknown_rank or "shape" not in node.attr else [d.size if d.size >= 0 else None for d in shape_proto.dim]
+            )
+            specs.append(InputSpec(node.name, attr(node, "dtype").type, shape))
     return specs
 
 
@@ -126,6 +128,14 @@ class GraphRunner:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
+    """Import a graph for checking; a graph TF cannot load is reported, not a crash."""
+    try:
+        return GraphRunner(graph_def)
+    except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
+        raise VerificationError(f"TensorFlow cannot load {which} to verify it ({_first_line(exc)}); --no-verify skips the check") from None
 
 
 def _tensor_name(ref: str) -> str:
@@ -252,7 +262,7 @@ def verify(
     specs = {n: s for n, s in specs.items() if n in needed}
     result = Verification(samples=samples)
     rng = np.random.default_rng(seed)
-    runners = [GraphRunner(original), GraphRunner(folded)]
+    runners = [_runner(original, "the input graph"), _runner(folded, "the folded graph")]
     try:
         per_sample: list[dict[str, np.ndarray]] = []
         for _ in range(max(1, samples)):

@@ -44,3 +44,21 @@ def assert_close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-4, atol: float =
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=40, help="hypothesis examples per fuzz test (CI: 40)")
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (several-hundred-MB graphs)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long test, run with --run-slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
