@@ -128,6 +128,7 @@ class GraphRunner:
 
     def close(self) -> None:
         self.session.close()
+        del self.session, self.graph
 
 
 def _runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
@@ -136,6 +137,24 @@ def _runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
         return GraphRunner(graph_def)
     except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
         raise VerificationError(f"TensorFlow cannot load {which} to verify it ({_first_line(exc)}); --no-verify skips the check") from None
+
+
+def _run_batch(runner: GraphRunner, outputs: list[str], feeds: dict[str, np.ndarray], tick: Callable[[], None]) -> list[np.ndarray]:
+    tick()
+    try:
+        return runner.run(outputs, feeds)
+    except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
+        raise VerificationError(f"could not run the graph for verification: {_first_line(exc)}") from None
+
+
+def _run_batches(
+    graph_def: graph_pb2.GraphDef, which: str, outputs: list[str], batches: list[dict[str, np.ndarray]], tick: Callable[[], None]
+) -> list[list[np.ndarray]]:
+    runner = _runner(graph_def, which)
+    try:
+        return [_run_batch(runner, outputs, batch, tick) for batch in batches]
+    finally:
+        runner.close()
 
 
 def _tensor_name(ref: str) -> str:
@@ -262,29 +281,31 @@ def verify(
     specs = {n: s for n, s in specs.items() if n in needed}
     result = Verification(samples=samples)
     rng = np.random.default_rng(seed)
-    runners = [_runner(original, "the input graph"), _runner(folded, "the folded graph")]
+    per_sample: list[dict[str, np.ndarray]] = []
+    for _ in range(max(1, samples)):
+        batch_feeds = dict(feeds)
+        for name, spec in specs.items():
+            if name in fed_names:
+                continue
+            batch_feeds[name], how = _synthesize(spec, input_shapes.get(name), DEFAULT_BATCH, rng)
+            result.inputs[name] = how
+        per_sample.append(batch_feeds)
+    for name in feeds:
+        result.inputs[name] = "user feed"
+    total = 2 * len(per_sample) + (1 if batch_check else 0)
+    steps = iter(range(total + 1))
+
+    def tick() -> None:
+        if on_batch is not None:
+            on_batch(next(steps), total)
+
+    # One graph in TF at a time: a session holds its own copies of every weight.
+    expected_all = _run_batches(original, "the input graph", outputs, per_sample, tick)
+    runner = _runner(folded, "the folded graph")
     try:
-        per_sample: list[dict[str, np.ndarray]] = []
-        for _ in range(max(1, samples)):
-            batch_feeds = dict(feeds)
-            for name, spec in specs.items():
-                if name in fed_names:
-                    continue
-                batch_feeds[name], how = _synthesize(spec, input_shapes.get(name), DEFAULT_BATCH, rng)
-                result.inputs[name] = how
-            per_sample.append(batch_feeds)
-        for name in feeds:
-            result.inputs[name] = "user feed"
+        actual_all = [_run_batch(runner, outputs, batch, tick) for batch in per_sample]
         checks: dict[str, OutputCheck] = {}
-        total = len(per_sample) + (1 if batch_check else 0)
-        for done, batch_feeds in enumerate(per_sample):
-            if on_batch is not None:
-                on_batch(done, total)
-            try:
-                expected = runners[0].run(outputs, batch_feeds)
-                actual = runners[1].run(outputs, batch_feeds)
-            except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
-                raise VerificationError(f"could not run the graph for verification: {_first_line(exc)}") from None
+        for expected, actual in zip(expected_all, actual_all, strict=True):
             for name, a, b in zip(outputs, expected, actual, strict=False):
                 dtype = tf.dtypes.as_dtype(a.dtype).as_datatype_enum if a.dtype != object else types_pb2.DT_FLOAT
                 d_rtol, d_atol = TOLERANCES.get(dtype, TOLERANCES[types_pb2.DT_FLOAT])
@@ -297,14 +318,12 @@ def verify(
                     prev.passed = False
         result.outputs = list(checks.values())
         if batch_check:
-            if on_batch is not None:
-                on_batch(total - 1, total)
-            _check_batch_independence(runners[1], outputs, per_sample[0], specs, result)
+            tick()
+            _check_batch_independence(runner, outputs, per_sample[0], specs, result)
         if on_batch is not None:
             on_batch(total, total)
     finally:
-        for runner in runners:
-            runner.close()
+        runner.close()
     return result
 
 
