@@ -118,17 +118,7 @@ class ConstEvaluator:
 
     def contains_op(self, ref: str, ops: set[str]) -> bool:
         """Whether the constant subgraph behind ``ref`` holds one of ``ops``."""
-        stack, seen = [parse_input(ref)[0]], set()
-        while stack:
-            name = stack.pop()
-            if name in seen or name not in self.index:
-                continue
-            seen.add(name)
-            node = self.index.node(name)
-            if node.op in ops:
-                return True
-            stack.extend(parse_input(r)[0] for r in node.input if not r.startswith("^"))
-        return False
+        return any(node.op in ops for node in self.index.walk(parse_input(ref)[0]))
 
     def _evaluate(self, name: str, index: int) -> np.ndarray | None:
         node = self.index.nodes.get(name)

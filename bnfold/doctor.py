@@ -132,19 +132,9 @@ def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStat
     return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1)  # type: ignore[attr-defined]
 
 
-def _find_op(index: GraphIndex, ref: str, op: str, limit: int = 12) -> str | None:
+def _find_op(index: GraphIndex, ref: str, op: str) -> str | None:
     """The first ``op`` node in the constant subgraph behind ``ref`` (bounded walk)."""
-    stack, seen = [parse_input(ref)[0]], set()
-    while stack and len(seen) < 64:
-        name = stack.pop()
-        if name in seen or name not in index:
-            continue
-        seen.add(name)
-        node = index.node(name)
-        if node.op == op:
-            return name
-        stack.extend(parse_input(r)[0] for r in index.data_inputs(node))
-    return None
+    return next((node.name for node in index.walk(parse_input(ref)[0], limit=64) if node.op == op), None)
 
 
 def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> BnStats | None:
@@ -190,23 +180,16 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
 
 def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> np.ndarray | None:
     """In ``offset - mean * inv``: the ``Mul`` operand that holds no ``Rsqrt``."""
-    stack, seen = [parse_input(ref)[0]], set()
-    while stack and len(seen) < 64:
-        name = stack.pop()
-        if name in seen or name not in index:
-            continue
-        seen.add(name)
-        node = index.node(name)
+    for node in index.walk(parse_input(ref)[0], limit=64):
         inputs = index.data_inputs(node)
         if node.op == "Mul" and len(inputs) == 2:
             with_rsqrt = [_find_op(index, r, "Rsqrt") is not None for r in inputs]
             if with_rsqrt.count(True) == 1:
                 other = inputs[with_rsqrt.index(False)]
                 # the gamma multiply (inv * gamma) sits under another Mul; the mean's Mul feeds a Sub/Neg
-                readers = [index.node(c.node).op for c in index.consumers(name)]
+                readers = [index.node(c.node).op for c in index.consumers(node.name)]
                 if any(op in ("Sub", "Neg") for op in readers):
                     return ev.value(other)
-        stack.extend(parse_input(r)[0] for r in inputs)
     return None
 
 
@@ -217,18 +200,10 @@ def _reduces_batch_axis(index: GraphIndex, ev: ConstEvaluator, node: object) -> 
 
 def _batch_mean_behind(index: GraphIndex, ev: ConstEvaluator, rsqrt: str) -> str | None:
     """A ``Mean`` over the batch axis among the (run-time) inputs of a normalization's ``Rsqrt``."""
-    stack, seen = [rsqrt], set()
-    while stack and len(seen) < 40:
-        name = stack.pop()
-        if name in seen or name not in index:
-            continue
-        seen.add(name)
-        node = index.node(name)
+    linear_or_input = ("Placeholder", "Conv2D", "MatMul", "Conv3D", "DepthwiseConv2dNative")
+    for node in index.walk(rsqrt, limit=40, stop=lambda n: n.op in linear_or_input):
         if node.op == "Mean" and _reduces_batch_axis(index, ev, node):
-            return name
-        if node.op in ("Placeholder", "Conv2D", "MatMul", "Conv3D", "DepthwiseConv2dNative"):
-            continue
-        stack.extend(parse_input(r)[0] for r in index.data_inputs(node))
+            return node.name
     return None
 
 
@@ -238,16 +213,7 @@ def _branch_has_bn(graph_def: graph_pb2.GraphDef, index: GraphIndex, site: CondS
     if node.op in IF_OPS:
         names = {attr(node, "then_branch").func.name, attr(node, "else_branch").func.name}
         return any(any(n.op in _BN_MARKERS for n in f.node_def) for f in graph_def.library.function if f.signature.name in names)
-    stack, seen = [site.node], set()
-    while stack and len(seen) < 200:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if index.node(name).op in _BN_MARKERS:
-            return True
-        stack.extend(c.node for c in index.consumers(name))
-    return False
+    return any(node.op in _BN_MARKERS for node in index.walk(site.node, limit=200, forward=True))
 
 
 def check_switches(graph_def: graph_pb2.GraphDef, set_flags: dict[str, bool] | None) -> list[Finding]:

@@ -8,7 +8,7 @@ folding stays linear in graph size however many sites a model has.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2, tensor_shape_pb2
@@ -88,6 +88,33 @@ class GraphIndex:
 
     def has_consumers(self, name: str) -> bool:
         return bool(self._consumers.get(name))
+
+    def walk(
+        self,
+        start: str,
+        limit: int | None = None,
+        stop: Callable[[node_def_pb2.NodeDef], bool] | None = None,
+        forward: bool = False,
+    ) -> Iterator[node_def_pb2.NodeDef]:
+        """Nodes reachable from ``start`` through data inputs (or readers, ``forward``), depth first.
+
+        ``stop(node)`` keeps a node from being expanded; ``limit`` bounds how many
+        nodes are visited. The one graph walk every pass shares.
+        """
+        stack, seen = [start], set()
+        while stack and (limit is None or len(seen) < limit):
+            name = stack.pop()
+            if name in seen or name not in self.nodes:
+                continue
+            seen.add(name)
+            node = self.nodes[name]
+            yield node
+            if stop is not None and stop(node):
+                continue
+            if forward:
+                stack.extend(c.node for c in self.consumers(name))
+            else:
+                stack.extend(parse_input(r)[0] for r in node.input if not r.startswith("^"))
 
     def topological_order(self) -> list[str]:
         """Kahn's order over data and control edges; nodes on cycles (loops) last."""
