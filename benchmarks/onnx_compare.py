@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keras_apps import WORK, randomized  # noqa: E402
 
-from bnfold.io import freeze_keras, load_graph_def  # noqa: E402
+from bnfold.freeze import freeze_keras  # noqa: E402
+from bnfold.io import load_graph_def  # noqa: E402
 from bnfold.onnx_export import DEFAULT_OPSET, OrtRunner, convert  # noqa: E402
 from bnfold.onnx_fold import leftover_sites  # noqa: E402
 from bnfold.verification import GraphRunner, find_inputs, find_outputs  # noqa: E402
@@ -39,7 +40,7 @@ def frozen_path(name: str) -> Path:
     WORK.mkdir(exist_ok=True)
     path = WORK / f"{name}.pb"
     if not path.exists():
-        path.write_bytes(freeze_keras(randomized(name)).SerializeToString(deterministic=True))
+        path.write_bytes(freeze_keras(randomized(name)).graph_def.SerializeToString(deterministic=True))
     return path
 
 

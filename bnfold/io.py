@@ -100,13 +100,6 @@ def _missing_attr(node: node_def_pb2.NodeDef) -> str | None:
     return None
 
 
-def freeze_keras(model: object) -> graph_pb2.GraphDef:
-    """The frozen GraphDef of a Keras model (see :func:`bnfold.freeze.freeze_keras` for names)."""
-    from bnfold.freeze import freeze_keras as freeze
-
-    return freeze(model).graph_def
-
-
 def check_output_path(src: Path | None, dst: Path, in_place: bool = False, directory: bool = False) -> None:
     """Fail before any work when the result could not be written or would replace the input."""
     if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:

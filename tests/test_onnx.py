@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_keras import randomize_bn
 
 import bnfold
-from bnfold.io import freeze_keras, load_graph_def
+from bnfold.freeze import freeze_keras
+from bnfold.io import load_graph_def
 from bnfold.onnx_export import DEFAULT_OPSET, convert, to_onnx
 from bnfold.onnx_fold import fold_model, leftover_sites
 from bnfold.verification import find_inputs, find_outputs
@@ -45,7 +46,7 @@ def assert_fully_folded(model: onnx.ModelProto) -> None:
 def test_keras_applications_export_fully_folded_and_equal_in_onnxruntime(name: str, refold_plain: bool) -> None:
     model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
     randomize_bn(model)
-    graph_def = freeze_keras(model)
+    graph_def = freeze_keras(model).graph_def
     onnx_model, result = to_onnx(graph_def)
     onnx.checker.check_model(onnx_model)
     assert_fully_folded(onnx_model)
