@@ -379,6 +379,7 @@ def test_cli_doctor_data_and_fold_set(tmp_path) -> None:  # type: ignore[no-unty
     out = tmp_path / "folded.pb"
     res = runner.invoke(app, ["fold", str(cond), str(out), "--set", "is_training=false"])
     assert res.exit_code == 0, res.output
+    assert "training switch is_training = false (--set)" in res.stdout
     folded = graph_pb2.GraphDef.FromString(out.read_bytes())
     assert not ops(folded) & COND_OPS
     res = runner.invoke(app, ["fold", str(cond), str(out), "--set", "is_training=maybe"])
