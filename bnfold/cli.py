@@ -228,7 +228,7 @@ def fold_command(
 
 @app.command("doctor")
 def doctor_command(
-    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
+    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras or .h5.")],
     data: Annotated[
         Optional[list[str]],
         typer.Option("--data", help="x.npy (inputs in order) or NAME=x.npy: real data for the drift check (BN_STATS_DRIFT)."),
@@ -265,7 +265,7 @@ def doctor_command(
 
 @app.command("inspect")
 def inspect_command(
-    src: Annotated[Path, typer.Argument(help="Frozen graph: .pb or .pbtxt.")],
+    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras or .h5.")],
     inputs: InputsOpt = None,
     outputs: OutputsOpt = None,
     report: ReportOpt = None,

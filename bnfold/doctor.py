@@ -14,10 +14,9 @@ says "training" is assumed false) so the other checks see the inference path.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
@@ -424,20 +423,18 @@ def _data_feeds(graph_def: graph_pb2.GraphDef, data: dict[str, np.ndarray] | lis
 
 
 def diagnose(
-    source: graph_pb2.GraphDef | str | os.PathLike,
+    source: Any,
     *,
     data: dict[str, np.ndarray] | list[np.ndarray] | None = None,
     set_flags: dict[str, bool] | None = None,
     outputs: list[str] | None = None,
 ) -> DoctorReport:
-    """Check a frozen graph for BN misuse; ``data`` (arrays per input) enables the drift check."""
+    """Check a model (any source ``bnfold.fold`` takes) for BN misuse; ``data`` (arrays per input) enables the drift check."""
+    from bnfold.freeze import load
     from bnfold.verification import find_outputs
 
-    if isinstance(source, graph_pb2.GraphDef):
-        io.check_graph(source, "<GraphDef>")
-        graph_def, name = source, "<GraphDef>"
-    else:
-        graph_def, name = io.load_graph_def(source), str(source)
+    loaded = load(source)  # a frozen graph, a SavedModel, a Keras file or model: the same as `bnfold fold`
+    graph_def, name = loaded.graph_def, loaded.source
     out_names = outputs or without_cond_plumbing(graph_def, find_outputs(graph_def))
     protected = {parse_input(n)[0] for n in out_names}
     findings = check_switches(graph_def, set_flags)

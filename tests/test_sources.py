@@ -158,3 +158,13 @@ def test_non_empty_directory_is_not_overwritten(tmp_path: Path) -> None:
     (target / "notes.txt").write_text("keep me")
     result = runner.invoke(app, ["fold", str(Path(__file__).parents[1] / "sample_models" / "conv_fused_nhwc.pb"), str(target)])
     assert result.exit_code == EXIT_OUTPUT and (target / "notes.txt").read_text() == "keep me"
+
+
+def test_doctor_reads_keras_files(tmp_path: Path) -> None:
+    """An untrained Keras model still has moving mean 0 / variance 1: the doctor says so from the .keras file."""
+    inp = keras.Input((6, 6, 3))
+    model = keras.Model(inp, keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(inp)))
+    path = tmp_path / "untrained.keras"
+    model.save(path)
+    result = runner.invoke(app, ["doctor", str(path)])
+    assert result.exit_code == 1 and "BN_STATS_AT_INIT" in result.stdout
