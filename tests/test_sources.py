@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -166,5 +167,7 @@ def test_doctor_reads_keras_files(tmp_path: Path) -> None:
     model = keras.Model(inp, keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(inp)))
     path = tmp_path / "untrained.keras"
     model.save(path)
-    result = runner.invoke(app, ["doctor", str(path)])
-    assert result.exit_code == 1 and "BN_STATS_AT_INIT" in result.stdout
+    report = tmp_path / "doctor.json"
+    result = runner.invoke(app, ["doctor", str(path), "--json", str(report)])
+    assert result.exit_code == 1
+    assert [f["code"] for f in json.loads(report.read_text())["findings"]] == ["BN_STATS_AT_INIT"]
