@@ -139,9 +139,13 @@ def fold(
     # Inputs, outputs and fed tensors must survive the fold under their names.
     protected = {parse_input(n)[0] for n in [*in_names, *out_names, *(feeds or {})]}
     canonical, resolutions, rewrites = canonicalize(graph_def, set_flags, training_bn, protected)
-    folded, sites = fold_graph(canonical, protected)
-    reference = canonical if any(r.rewritten for r in rewrites) else graph_def
     flag_nodes = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
+    ops_before = op_counts(graph_def)
+    # A graph bnfold loaded itself and will not verify against is folded in place:
+    # no copy of the model is made (bnfold IN OUT --no-verify, the fastest path).
+    owned = loaded.graph_def is not source or canonical is not graph_def
+    folded, sites = fold_graph(canonical, protected, in_place=owned and not verify_outputs)
+    reference = canonical if any(r.rewritten for r in rewrites) else graph_def
     fed = {parse_input(k)[0] for k in feeds or {}}
     feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **(feeds or {})}
     result = FoldResult(
@@ -149,7 +153,7 @@ def fold(
         sites=sites,
         inputs=in_names,
         outputs=out_names,
-        ops_before=op_counts(graph_def),
+        ops_before=ops_before,
         ops_after=op_counts(folded),
         source=name,
         switches=resolutions,

@@ -15,7 +15,7 @@ import numpy as np
 from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import tensor_util
 
-from bnfold.graph import GraphIndex, attr, parse_input
+from bnfold.graph import GraphIndex, attr, const_array, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
 
@@ -75,7 +75,7 @@ class ConstEvaluator:
             return None
         try:
             if node.op == "Const":
-                return tensor_util.MakeNdarray(attr(node, "value").tensor)
+                return const_array(attr(node, "value").tensor)
             if node.op in PASS_THROUGH:
                 return self.raw(node.input[index if node.op == "IdentityN" else 0])
             value = self.value(ref)
@@ -128,7 +128,7 @@ class ConstEvaluator:
         inputs = [r for r in node.input if not r.startswith("^")]
         try:
             if op == "Const":
-                return to_float64(tensor_util.MakeNdarray(attr(node, "value").tensor))
+                return to_float64(const_array(attr(node, "value").tensor))
             if op in PASS_THROUGH:
                 return self.value(inputs[index if op == "IdentityN" else 0])
             if op not in _EVALUABLE:

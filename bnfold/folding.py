@@ -86,9 +86,19 @@ def _overflow(linear: node_def_pb2.NodeDef, weights: np.ndarray, bias: np.ndarra
     """Why folded values cannot be stored in the op's dtype (fp16 overflow after scaling), else None."""
     np_dtype = dtypes.as_dtype(attr(linear, "T").type).as_numpy_dtype
     with np.errstate(over="ignore", invalid="ignore"):
-        if not np.all(np.isfinite(weights)) or not np.all(np.isfinite(bias.astype(np_dtype))):
+        if not _all_finite(weights) or not np.all(np.isfinite(bias.astype(np_dtype))):
             return f"folded weights or bias of {linear.name} overflow {np.dtype(np_dtype).name}"
     return None
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite, without a whole-kernel boolean temporary: min and max carry NaN and inf."""
+    if values.size == 0:
+        return True
+    try:
+        return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+    except TypeError:  # a dtype without min/max
+        return bool(np.all(np.isfinite(values)))
 
 
 def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -100,8 +110,8 @@ def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 class Folder:
     """One fold of one graph: holds the index, the evaluator and the records."""
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, protected: set[str]) -> None:
-        self.index = GraphIndex(graph_def)
+    def __init__(self, graph_def: graph_pb2.GraphDef, protected: set[str], in_place: bool = False) -> None:
+        self.index = GraphIndex(graph_def, in_place=in_place)
         self.ev = ConstEvaluator(self.index)
         self.protected = protected
         self.records: list[SiteRecord] = []
@@ -366,9 +376,16 @@ def _type_attr(dtype: int) -> attr_value_pb2.AttrValue:
     return attr_value_pb2.AttrValue(type=dtype)
 
 
-def fold_graph(graph_def: graph_pb2.GraphDef, protected: set[str] | None = None) -> tuple[graph_pb2.GraphDef, list[SiteRecord]]:
-    """Fold every BN site of ``graph_def``; ``protected`` names nodes that must survive (inputs/outputs)."""
-    folder = Folder(graph_def, protected or set())
+def fold_graph(
+    graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False
+) -> tuple[graph_pb2.GraphDef, list[SiteRecord]]:
+    """Fold every BN site of ``graph_def``; ``protected`` names nodes that must survive (inputs/outputs).
+
+    ``graph_def`` is not modified, unless ``in_place``: then it is edited into the
+    result (and returned), so unchanged nodes and new weights are never copied.
+    Use that only for a graph nothing else will read, such as one just parsed.
+    """
+    folder = Folder(graph_def, protected or set(), in_place=in_place)
     records = folder.run()
     if not any(r.action != "skipped" for r in records):
         return graph_def, records

@@ -7,11 +7,12 @@ folding stays linear in graph size however many sites a model has.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2, tensor_shape_pb2
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 
@@ -50,13 +51,17 @@ class GraphIndex:
     caller's GraphDef are shared, never edited: every edit replaces a node.
     """
 
-    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
-        self._template = graph_pb2.GraphDef()
-        self._template.versions.CopyFrom(graph_def.versions)
-        self._template.library.CopyFrom(graph_def.library)
+    def __init__(self, graph_def: graph_pb2.GraphDef, in_place: bool = False) -> None:
+        self._template_source = graph_def  # versions and library of the result
         self.nodes: dict[str, node_def_pb2.NodeDef] = {}
         for node in graph_def.node:
             self.nodes[node.name] = node
+        # In place: ``graph_def`` belongs to the caller's fold and becomes the result, so
+        # unchanged nodes are never copied and new constants are built inside it.
+        self._source = graph_def if in_place and len(self.nodes) == len(graph_def.node) else None
+        self._original: dict[str, node_def_pb2.NodeDef] = dict(self.nodes) if self._source is not None else {}
+        self._appended: list[node_def_pb2.NodeDef] = []  # built inside the source's node list, in order
+        self._readded: set[str] = set()  # original names removed and then added again (they move to the end)
         self._consumers: dict[str, list[Consumer]] = defaultdict(list)
         for node in self.nodes.values():
             self._link(node)
@@ -137,9 +142,13 @@ class GraphIndex:
 
     # -- editing -------------------------------------------------------------
     def _link(self, node: node_def_pb2.NodeDef) -> None:
+        consumers, reader = self._consumers, node.name
         for slot, ref in enumerate(node.input):
+            if ":" not in ref and not ref.startswith("^"):  # the common case, without parse_input's work
+                consumers[ref].append(Consumer(reader, slot, 0, False))
+                continue
             name, index, control = parse_input(ref)
-            self._consumers[name].append(Consumer(node.name, slot, index, control))
+            consumers[name].append(Consumer(reader, slot, index, control))
 
     def _unlink(self, node: node_def_pb2.NodeDef) -> None:
         for ref in node.input:
@@ -151,6 +160,8 @@ class GraphIndex:
     def add(self, node: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
         if node.name in self.nodes:
             raise ValueError(f"node {node.name!r} already exists")
+        if node.name in self._original:
+            self._readded.add(node.name)
         self.nodes[node.name] = node
         self._link(node)
         return node
@@ -202,29 +213,102 @@ class GraphIndex:
 
     def add_const(self, name: str, value: np.ndarray, dtype: int) -> str:
         """Add a Const node holding ``value`` and return its (unique) name."""
-        node = node_def_pb2.NodeDef(name=self.unique_name(name), op="Const")
+        name = self.unique_name(name)
+        if self._source is not None:
+            node = self._source.node.add()  # built where it will be written: its bytes are never copied again
+            self._appended.append(node)
+        else:
+            node = node_def_pb2.NodeDef()
+        node.name, node.op = name, "Const"
         node.attr["dtype"].type = dtype
-        node.attr["value"].tensor.CopyFrom(tensor_proto(value, dtype))
+        fill_tensor_proto(node.attr["value"].tensor, value, dtype)
         self.add(node)
         return node.name
 
     def to_graph_def(self) -> graph_pb2.GraphDef:
+        """The edited graph: original order, replaced nodes in place, new nodes at the end.
+
+        In place, the source GraphDef itself is edited into this result (same node
+        order as a copy would have) and returned; otherwise a new GraphDef is built.
+        """
+        if self._source is not None:
+            return self._finish_in_place()
         out = graph_pb2.GraphDef()
-        out.CopyFrom(self._template)
+        source = self._template_source
+        for field in ("versions", "library"):  # only fields the source has: an empty library is not written
+            if source.HasField(field):
+                getattr(out, field).CopyFrom(getattr(source, field))
         out.node.extend(self.nodes.values())
         return out
 
+    def _finish_in_place(self) -> graph_pb2.GraphDef:
+        graph = self._source
+        assert graph is not None
+        nodes, container = self.nodes, graph.node
+        rank = {name: i for i, name in enumerate(nodes)}
+        placed: set[str] = set()
+        stale: list[int] = []
+        slots = list(self._original.items()) + [(n.name, n) for n in self._appended]
+        for position, (name, node) in enumerate(slots):
+            current = nodes.get(name)
+            if current is node and name not in placed and (name not in self._readded or position >= len(self._original)):
+                placed.add(name)
+            else:
+                stale.append(position)
+        for position in reversed(stale):
+            del container[position]
+        for name, node in nodes.items():
+            if name not in placed:
+                container.add().CopyFrom(node)  # replaced or new nodes that live outside the graph: small ones
+        container.sort(key=lambda n: rank[n.name])
+        self._source = None  # the index no longer mirrors the graph's node list
+        return graph
+
 
 def tensor_proto(value: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
-    """A TensorProto for ``value``, whose dtype already matches ``dtype``.
+    """A TensorProto for ``value``, whose dtype already matches ``dtype``."""
+    proto = tensor_pb2.TensorProto()
+    fill_tensor_proto(proto, value, dtype)
+    return proto
+
+
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, dtype: int) -> None:
+    """Write ``value`` into an empty ``proto`` (possibly one inside a graph).
 
     Writes the bytes directly: ``make_tensor_proto`` makes an extra converted
     copy of every array, which is a large share of folding a 100 MB model.
     """
     if value.dtype.kind == "O" or value.dtype != dtypes.as_dtype(dtype).as_numpy_dtype:
-        return tensor_util.make_tensor_proto(value, dtype=dtype)
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in value.shape])
-    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, tensor_content=np.ascontiguousarray(value).tobytes())
+        proto.CopyFrom(tensor_util.make_tensor_proto(value, dtype=dtype))
+        return
+    proto.dtype = dtype
+    for d in value.shape:
+        proto.tensor_shape.dim.add().size = d
+    if value.size:
+        proto.tensor_content = np.ascontiguousarray(value).tobytes()
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """A Const's value; a read-only view of ``tensor_content`` when it holds the values.
+
+    ``MakeNdarray`` copies the bytes once more than reading the field does, which
+    for the kernels of a 100 MB model is a large share of a fold. Callers must not
+    write into the result.
+    """
+    content = tensor.tensor_content
+    if content and _LITTLE_ENDIAN:
+        try:
+            np_dtype = np.dtype(dtypes.as_dtype(tensor.dtype).as_numpy_dtype)
+        except TypeError:
+            np_dtype = None
+        if np_dtype is not None and (np_dtype.kind in "fiub" or np_dtype.name == "bfloat16"):
+            shape = [d.size for d in tensor.tensor_shape.dim]
+            if all(d >= 0 for d in shape) and int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize == len(content):
+                return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    return tensor_util.MakeNdarray(tensor)
 
 
 def make_node(

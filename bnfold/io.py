@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
@@ -197,5 +198,47 @@ def graph_def_bytes(graph_def: graph_pb2.GraphDef, text: bool) -> bytes:
 
 def write_graph_def(graph_def: graph_pb2.GraphDef, dst: str | os.PathLike[str]) -> None:
     dst = Path(dst)
-    data = graph_def_bytes(graph_def, dst.suffix.lower() in TEXT_SUFFIXES)
-    atomic_write(dst, lambda tmp: tmp.write_bytes(data))
+    if dst.suffix.lower() in TEXT_SUFFIXES:
+        data = graph_def_bytes(graph_def, True)
+        atomic_write(dst, lambda tmp: tmp.write_bytes(data))
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            stream_graph_def(graph_def, f)
+
+    atomic_write(dst, write)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO) -> None:
+    """Write exactly ``graph_def.SerializeToString(deterministic=True)``, one node at a time.
+
+    A GraphDef is its nodes (field 1, length-delimited) followed by its other
+    fields (library, versions), so the serialized model never has to sit in
+    memory whole: the largest piece held is one node.
+    """
+    for node in graph_def.node:
+        data = node.SerializeToString(deterministic=True)
+        f.write(b"\n" + _varint(len(data)))  # field 1, wire type 2
+        f.write(data)
+        del data
+    rest = graph_pb2.GraphDef()
+    for descriptor, value in graph_def.ListFields():
+        if descriptor.name == "node":
+            continue
+        if descriptor.message_type is not None:
+            getattr(rest, descriptor.name).CopyFrom(value)
+        else:
+            setattr(rest, descriptor.name, value)
+    f.write(rest.SerializeToString(deterministic=True))

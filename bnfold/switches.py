@@ -127,9 +127,21 @@ def flag_value(index: GraphIndex, flag: Flag, set_flags: dict[str, bool], assume
     return None, "fed at run time"
 
 
-def find_conds(graph_def: graph_pb2.GraphDef, set_flags: dict[str, bool] | None = None, assume_inference: bool = False) -> list[CondSite]:
+def has_conds(graph_def: graph_pb2.GraphDef) -> bool:
+    """Whether any node is a Switch/If/StatelessIf: one pass over op names, no index."""
+    return any(node.op == "Switch" or node.op in IF_OPS for node in graph_def.node)
+
+
+def find_conds(
+    graph_def: graph_pb2.GraphDef,
+    set_flags: dict[str, bool] | None = None,
+    assume_inference: bool = False,
+    index: GraphIndex | None = None,
+) -> list[CondSite]:
     """Every Switch/If/StatelessIf whose predicate is a flag; loop switches are not listed."""
-    index = GraphIndex(graph_def)
+    if not has_conds(graph_def):
+        return []
+    index = index or GraphIndex(graph_def)
     flags = _normalize_flags(set_flags)
     sites = []
     for node in index:
@@ -171,8 +183,10 @@ def resolve_switches(
     resolutions: dict[tuple[str, bool], Resolution] = {}
     current = graph_def
     for _ in range(64):
+        if not has_conds(current):
+            break  # most graphs: no index is built at all
         index = GraphIndex(current)
-        sites = [s for s in find_conds(current, flags, assume_inference) if s.value is not None]
+        sites = [s for s in find_conds(current, flags, assume_inference, index) if s.value is not None]
         if not sites:
             break
         for site in sites:

@@ -87,3 +87,35 @@ def test_folding_twice_changes_nothing(spec: Spec) -> None:
     twice = fold(once, verify_outputs=False)
     assert twice.sites == []
     assert twice.graph_def.SerializeToString(deterministic=True) == once.SerializeToString(deterministic=True)
+
+
+@SETTINGS
+@given(spec=specs())
+def test_in_place_fold_writes_the_same_bytes(spec: Spec) -> None:
+    """fold_graph(in_place=True) edits the parsed graph into exactly what the copying fold builds."""
+    from tensorflow.core.framework import graph_pb2
+
+    from bnfold.folding import fold_graph
+
+    data = build(spec).SerializeToString(deterministic=True)
+    original = graph_pb2.GraphDef.FromString(data)
+    copied, copied_sites = fold_graph(original, {"x", "output"})
+    assert original.SerializeToString(deterministic=True) == data  # the copying fold leaves its input alone
+    owned = graph_pb2.GraphDef.FromString(data)
+    edited, edited_sites = fold_graph(owned, {"x", "output"}, in_place=True)
+    assert edited is owned
+    assert edited_sites == copied_sites
+    assert edited.SerializeToString(deterministic=True) == copied.SerializeToString(deterministic=True)
+
+
+@SETTINGS
+@given(spec=specs())
+def test_streamed_graph_def_is_the_serialized_graph_def(spec: Spec) -> None:
+    import io as stdio
+
+    from bnfold.io import stream_graph_def
+
+    graph_def = fold(build(spec), verify_outputs=False).graph_def
+    buffer = stdio.BytesIO()
+    stream_graph_def(graph_def, buffer)
+    assert buffer.getvalue() == graph_def.SerializeToString(deterministic=True)
