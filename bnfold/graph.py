@@ -255,12 +255,17 @@ class GraphIndex:
                 placed.add(name)
             else:
                 stale.append(position)
-        for position in reversed(stale):
-            del container[position]
         for name, node in nodes.items():
             if name not in placed:
                 container.add().CopyFrom(node)  # replaced or new nodes that live outside the graph: small ones
-        container.sort(key=lambda n: rank[n.name])
+        # Stale nodes are emptied and renamed, one sort moves them to the end, and one cut drops them
+        # (deleting each where it stands would be quadratic in graph size).
+        for position in stale:
+            container[position].Clear()
+            container[position].name = _STALE
+        end = len(rank)
+        container.sort(key=lambda n: rank.get(n.name, end))
+        del container[end:]
         self._source = None  # the index no longer mirrors the graph's node list
         return graph
 
@@ -289,6 +294,7 @@ def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, dtype: i
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+_STALE = "\x00bnfold/stale"  # not a valid node name: marks nodes an in-place fold drops
 
 
 def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
