@@ -67,6 +67,11 @@ class GraphIndex:
             self._link(node)
 
     # -- reading -------------------------------------------------------------
+    @property
+    def library(self):  # type: ignore[no-untyped-def]
+        """The graph's function library (kept as it is in the result)."""
+        return self._template_source.library
+
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
 

@@ -305,7 +305,7 @@ def _drop_flag_controls(index: GraphIndex, flags: set[str], keep: set[str]) -> N
 
 # -- TF2 If/StatelessIf ------------------------------------------------------
 def _function(index: GraphIndex, name: str) -> object:
-    for fdef in index._template.library.function:
+    for fdef in index.library.function:
         if fdef.signature.name == name:
             return fdef
     raise UsageError(f"function {name!r} of a conditional is missing from the graph's library")
