@@ -33,10 +33,13 @@ def randomized(name: str, size: int = 224) -> keras.Model:
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            g, b, m, v = layer.get_weights()
-            layer.set_weights(
-                [rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.3, b.shape), rng.normal(0, 0.3, m.shape), rng.uniform(0.5, 2, v.shape)]
-            )
+            values = []  # gamma and beta are optional (scale=False / center=False, e.g. InceptionV3)
+            if layer.scale:
+                values.append(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            if layer.center:
+                values.append(rng.normal(0, 0.3, layer.beta.shape))
+            values += [rng.normal(0, 0.3, layer.moving_mean.shape), rng.uniform(0.5, 2, layer.moving_variance.shape)]
+            layer.set_weights(values)
     return model
 
 

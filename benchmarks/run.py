@@ -1,0 +1,539 @@
+"""bnfold against the tools users would pick instead: one command, five keras.applications models.
+
+Run: ``pip install -e '.[bench]' && python benchmarks/run.py`` (about 10-14 minutes on 2 cores;
+``--models ResNet50`` for one model, ``--reps N`` for fewer latency runs). Writes
+``benchmarks/RESULTS.md`` and ``benchmarks/results.png``; frozen graphs are cached in
+``benchmarks/_work/`` (git-ignored). Every definition used is printed in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+from tensorflow.core.framework import graph_pb2  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from keras_apps import WORK, randomized  # noqa: E402
+
+from bnfold import io as bio  # noqa: E402
+from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS  # noqa: E402
+from bnfold.folding import LINEAR_OPS, fold_graph  # noqa: E402
+from bnfold.verification import GraphRunner, find_inputs, find_outputs  # noqa: E402
+
+MODELS = ["ResNet50", "MobileNetV2", "EfficientNetB0", "DenseNet121", "InceptionV3"]
+STATIC_OPS = {"Const", "Identity", "NoOp", "Placeholder", "PlaceholderWithDefault"}
+PY = sys.executable
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def without_bn(model):  # type: ignore[no-untyped-def]
+    """The same architecture with every BatchNormalization layer replaced by an identity (no bias added)."""
+    import keras
+
+    class PassThrough(keras.layers.Layer):  # BN's call arguments (training, mask), nothing computed
+        def call(self, inputs, training=None, mask=None):  # type: ignore[no-untyped-def]
+            return inputs
+
+    def clone(layer):  # type: ignore[no-untyped-def]
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return PassThrough(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def frozen(name: str) -> tuple[Path, Path]:
+    """Cached frozen graphs of the model and of its BN-free twin."""
+    from bnfold.freeze import freeze_keras
+
+    WORK.mkdir(exist_ok=True)
+    path, nobn = WORK / f"{name}.pb", WORK / f"{name}_nobn.pb"
+    if not path.exists() or not nobn.exists():
+        model = randomized(name, 224)
+        if not path.exists():
+            path.write_bytes(freeze_keras(model).graph_def.SerializeToString(deterministic=True))
+        if not nobn.exists():
+            nobn.write_bytes(freeze_keras(without_bn(model)).graph_def.SerializeToString(deterministic=True))
+    return path, nobn
+
+
+def parse(path: Path) -> graph_pb2.GraphDef:
+    g = graph_pb2.GraphDef()
+    g.ParseFromString(path.read_bytes())
+    return g
+
+
+# -- counting -------------------------------------------------------------------------------------
+
+
+def _const_like(nodes: dict, ref: str, depth: int = 0) -> bool:  # type: ignore[type-arg]
+    node = nodes.get(ref.lstrip("^").split(":")[0])
+    if node is None or depth > 8:
+        return False
+    if node.op == "Const":
+        return True
+    return node.op in ("Identity", "Reshape", "Rsqrt", "Mul", "Sub", "AddV2", "Add") and all(
+        _const_like(nodes, r, depth + 1) for r in node.input if not r.startswith("^")
+    )
+
+
+def tf_sites_left(g: graph_pb2.GraphDef) -> int:
+    """BN sites still computed at run time (definition in RESULTS.md)."""
+    nodes = {n.name: n for n in g.node}
+    count = sum(1 for n in g.node if n.op in FUSED_BN_OPS | GLOBAL_BN_OPS)
+    for n in g.node:
+        if n.op != "Mul" or len(n.input) != 2:
+            continue
+        a, b = (r.split(":")[0] for r in n.input)
+        data, const = (a, b) if _const_like(nodes, b) else (b, a) if _const_like(nodes, a) else (None, None)
+        if data is None or _const_like(nodes, data):
+            continue
+        src = nodes.get(data)
+        while src is not None and src.op in ("BiasAdd", "Add", "AddV2") and len(src.input) == 2:
+            src = nodes.get(src.input[0].split(":")[0])
+        via_rsqrt = _has_rsqrt(nodes, const)
+        if via_rsqrt or (src is not None and src.op in LINEAR_OPS):
+            count += 1
+    return count
+
+
+def _has_rsqrt(nodes: dict, name: str, depth: int = 0) -> bool:  # type: ignore[type-arg]
+    node = nodes.get(name)
+    if node is None or depth > 8:
+        return False
+    return node.op == "Rsqrt" or any(_has_rsqrt(nodes, r.split(":")[0], depth + 1) for r in node.input if not r.startswith("^"))
+
+
+def runtime_ops(g: graph_pb2.GraphDef) -> int:
+    return sum(1 for n in g.node if n.op not in STATIC_OPS)
+
+
+def onnx_runtime_ops(model) -> int:  # type: ignore[no-untyped-def]
+    return sum(1 for n in model.graph.node if n.op_type not in ("Constant", "Identity"))
+
+
+# -- timing helpers -------------------------------------------------------------------------------
+
+
+def median_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return elapsed, proc
+
+
+def max_rss_mb(cmd: list[str]) -> float:
+    """Maximum resident set size of ``cmd`` (GNU time -v), in MB."""
+    _, proc = run_timed(["/usr/bin/time", "-v", *cmd])
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def tf_latency(paths: dict[str, Path], batch: int, reps: int) -> dict[str, float]:
+    """Median seconds per run of each graph, the graphs interleaved run by run."""
+    runners, names = {}, {}
+    for k, p in paths.items():
+        g = parse(p)
+        names[k] = ([s.name for s in find_inputs(g)][0], find_outputs(g)[0])
+        runners[k] = GraphRunner(g)
+    x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for k, r in runners.items():  # warm-up (graph optimization, allocation)
+        r.run([names[k][1]], {names[k][0]: x})
+    for _ in range(reps):
+        for k, r in runners.items():
+            start = time.perf_counter()
+            r.run([names[k][1]], {names[k][0]: x})
+            times[k].append(time.perf_counter() - start)
+    for r in runners.values():
+        r.close()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ort_latency(models: dict[str, bytes], batch: int, reps: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    out: dict[str, float] = {}
+    x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
+    sessions = {}
+    for key, data in models.items():
+        for level, name in ((ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "off"), (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "on")):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = level
+            opts.log_severity_level = 3
+            sessions[f"{key}/{name}"] = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    for _ in range(reps):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - start)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
+# -- one model ------------------------------------------------------------------------------------
+
+
+def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
+    import onnx
+    from tensorflow.python.tools import optimize_for_inference_lib
+
+    from bnfold.onnx_export import DEFAULT_OPSET, convert, to_onnx
+    from bnfold.onnx_fold import leftover_sites
+
+    print(f"[{name}] freezing (cached)", flush=True)
+    path, nobn_path = frozen(name)
+    original = parse(path)
+    (tf_in,) = [s.name for s in find_inputs(original)]
+    (tf_out,) = find_outputs(original)
+    size_mb = path.stat().st_size / 1e6
+    row: dict[str, object] = {"model": name, "size_mb": round(size_mb, 1), "nodes": len(original.node)}
+
+    # Fold time: floor (read + parse + write) vs bnfold (read + parse + fold + write), in process, median of 3.
+    print(f"[{name}] fold time", flush=True)
+    out_pb = tmp / f"{name}_folded.pb"
+
+    def floor() -> None:
+        g = graph_pb2.GraphDef()
+        g.ParseFromString(path.read_bytes())
+        bio.write_graph_def(g, tmp / "floor.pb")
+
+    def bnfold_fold() -> None:
+        from bnfold import api
+
+        api.fold_file(path, out_pb, verify_outputs=False)
+
+    floor(), bnfold_fold()  # warm caches (page cache, imports)
+    row["floor_s"] = median_time(floor, 3)
+    row["fold_s"] = median_time(bnfold_fold, 3)
+    folded = parse(out_pb)
+    protected = {tf_in, tf_out}
+
+    def copy_fold() -> None:  # the Python API on a caller's GraphDef: the input is left alone, so the result is a new graph
+        fold_graph(original, protected)
+
+    row["fold_graph_copy_s"] = median_time(copy_fold, 3)
+
+    def opt() -> graph_pb2.GraphDef:
+        g = graph_pb2.GraphDef()
+        g.ParseFromString(path.read_bytes())
+        o = optimize_for_inference_lib.optimize_for_inference(g, [tf_in], [tf_out], 1)  # DT_FLOAT
+        (tmp / "opt.pb").write_bytes(o.SerializeToString(deterministic=True))
+        return o
+
+    row["opt_s"] = median_time(opt, 1)
+    optimized = parse(tmp / "opt.pb")
+
+    # BN removal and runtime ops in TF graphs.
+    nobn = parse(nobn_path)
+    row["sites_original"] = tf_sites_left(original)
+    row["sites_bnfold"] = tf_sites_left(folded)
+    row["sites_opt"] = tf_sites_left(optimized)
+    row["ops_original"], row["ops_bnfold"], row["ops_opt"], row["ops_nobn"] = (runtime_ops(g) for g in (original, folded, optimized, nobn))
+
+    # CLI end to end (verification on), and peak memory of the --no-verify fold.
+    print(f"[{name}] CLI", flush=True)
+    report = tmp / f"{name}.json"
+    row["cli_pb_s"], _ = run_timed([PY, "-m", "bnfold.cli", str(path), str(out_pb), "-q", "--report", str(report)])
+    data = json.loads(report.read_text())
+    row["err_pb"] = max(o["max_abs_error"] for o in data["verification"]["outputs"])
+    row["rss_fold_mb"] = max_rss_mb([PY, "-m", "bnfold.cli", str(path), str(tmp / "m.pb"), "-q", "--no-verify"])
+
+    # ONNX: conversion stage in process (tf2onnx on the unfolded graph vs bnfold's TF fold + tf2onnx + ONNX fold,
+    # no verification in either), and end to end as subprocesses (tf2onnx's CLI vs bnfold's CLI with its check).
+    print(f"[{name}] ONNX", flush=True)
+    start = time.perf_counter()
+    plain = convert(parse(path), [tf_in], [tf_out], DEFAULT_OPSET)
+    row["onnx_tf2onnx_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ours, _ = to_onnx(path, verify_outputs=False)
+    row["onnx_bnfold_s"] = time.perf_counter() - start
+    plain_path, ours_path = tmp / f"{name}_tf2onnx.onnx", tmp / f"{name}_bnfold.onnx"
+    row["cli_tf2onnx_s"], _ = run_timed(
+        [PY, "-m", "tf2onnx.convert", "--graphdef", str(path), "--inputs", f"{tf_in}:0", "--outputs", f"{tf_out}:0",
+         "--opset", str(DEFAULT_OPSET), "--output", str(plain_path)]
+    )  # fmt: skip
+    row["cli_onnx_s"], _ = run_timed([PY, "-m", "bnfold.cli", str(path), str(ours_path), "-q", "--report", str(report)])
+    data = json.loads(report.read_text())
+    row["err_onnx"] = max(o["max_abs_error"] for o in data["verification"]["outputs"])
+    left_plain, left_ours = leftover_sites(plain), leftover_sites(onnx.load(str(ours_path)))
+    row["onnx_sites_tf2onnx"], row["onnx_sites_bnfold"] = sum(left_plain.values()), sum(left_ours.values())
+    row["onnx_ops_tf2onnx"], row["onnx_ops_bnfold"] = onnx_runtime_ops(plain), onnx_runtime_ops(ours)
+
+    # Latency.
+    print(f"[{name}] latency", flush=True)
+    graphs = {"original": path, "bnfold": out_pb, "nobn": nobn_path}
+    for batch, n in ((1, 4 * reps), (32, reps)):
+        lat = tf_latency(graphs, batch, n)
+        for k, v in lat.items():
+            row[f"tf_b{batch}_{k}"] = v
+    lat = ort_latency({"tf2onnx": plain.SerializeToString(), "bnfold": ours_path.read_bytes()}, 1, 4 * reps)
+    for k, v in lat.items():
+        row[f"ort_b1_{k}"] = v
+    return row
+
+
+# -- scaling --------------------------------------------------------------------------------------
+
+
+def synthetic(blocks: int) -> graph_pb2.GraphDef:
+    """``blocks`` x (3x3 conv 32->32 + FusedBatchNormV3 + Relu), built as a GraphDef directly."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 16, 16, 32], name="x")
+        for _ in range(blocks):
+            w = tf.constant(rng.standard_normal((3, 3, 32, 32)).astype(np.float32))
+            x = tf.nn.conv2d(x, w, 1, "SAME")
+            stats = [tf.constant(rng.uniform(0.5, 1.5, 32).astype(np.float32)) for _ in range(4)]
+            x, *_ = tf.raw_ops.FusedBatchNormV3(x=x, scale=stats[0], offset=stats[1], mean=stats[2], variance=stats[3], is_training=False)
+            x = tf.nn.relu(x)
+        tf.identity(x, name="y")
+    return graph.as_graph_def()
+
+
+def scaling() -> list[dict[str, float]]:
+    rows = []
+    for blocks in (100, 400, 1600):
+        data = synthetic(blocks).SerializeToString()
+
+        def floor(data: bytes = data) -> None:
+            g = graph_pb2.GraphDef()
+            g.ParseFromString(data)
+            g.SerializeToString(deterministic=True)
+
+        def fold(data: bytes = data) -> None:
+            g = graph_pb2.GraphDef()
+            g.ParseFromString(data)
+            out, _ = fold_graph(g, {"x", "y"}, in_place=True)
+            out.SerializeToString(deterministic=True)
+
+        rows.append({"blocks": blocks, "mb": len(data) / 1e6, "floor_s": median_time(floor, 3), "fold_s": median_time(fold, 3)})
+    return rows
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def ms(v: object) -> str:
+    return f"{float(v) * 1000:.1f}"  # type: ignore[arg-type]
+
+
+def write_results(rows: list[dict], scale: list[dict], baseline_mb: float, total_s: float) -> str:  # type: ignore[type-arg]
+    import platform
+
+    lines = [
+        "# bnfold benchmark results",
+        "",
+        f"Generated by `python benchmarks/run.py` in {total_s / 60:.1f} min on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}. "
+        "Absolute times vary between machines and runs; quote the ratios.",
+        "",
+        "Models: keras.applications, weights=None, BN statistics randomized (gamma U(0.5,1.5), beta N(0,0.3), "
+        "mean N(0,0.3), var U(0.5,2)), 224x224x3 input (InceptionV3 too), frozen once with `bnfold.freeze.freeze_keras`.",
+        "",
+        "## BN removal and runtime ops",
+        "",
+        "| model | MB | BN sites | left: bnfold | left: optimize_for_inference | left: tf2onnx ONNX | left: bnfold ONNX | "
+        "runtime ops: original / bnfold / optimize_for_inference / no-BN | ONNX ops: tf2onnx / bnfold |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['size_mb']} | {r['sites_original']} | {r['sites_bnfold']} | {r['sites_opt']} | "
+            f"{r['onnx_sites_tf2onnx']} | {r['onnx_sites_bnfold']} | {r['ops_original']} / {r['ops_bnfold']} / {r['ops_opt']} / {r['ops_nobn']} | "
+            f"{r['onnx_ops_tf2onnx']} / {r['onnx_ops_bnfold']} |"
+        )
+    lines += [
+        "",
+        "## Fold time, memory, error",
+        "",
+        "| model | floor ms | bnfold fold ms | fold / floor | fold_graph (copy) ms | optimize_for_inference ms | "
+        "CLI .pb s (with check) | fold RSS above baseline MB | / model size | max abs error .pb | max abs error .onnx |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        extra = r["rss_fold_mb"] - baseline_mb
+        lines.append(
+            f"| {r['model']} | {ms(r['floor_s'])} | {ms(r['fold_s'])} | **{r['fold_s'] / r['floor_s']:.2f}x** | {ms(r['fold_graph_copy_s'])} | "
+            f"{ms(r['opt_s'])} | {r['cli_pb_s']:.1f} | {extra:.0f} | **{extra / r['size_mb']:.2f}x** | {r['err_pb']:.1e} | {r['err_onnx']:.1e} |"
+        )
+    lines += [
+        "",
+        "## ONNX export time",
+        "",
+        "| model | conversion stage: tf2onnx s | bnfold (fold + tf2onnx + ONNX fold) s | ratio | end to end: tf2onnx CLI s | `bnfold in.pb out.onnx` s (with onnxruntime check) | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['onnx_tf2onnx_s']:.1f} | {r['onnx_bnfold_s']:.1f} | **{r['onnx_bnfold_s'] / r['onnx_tf2onnx_s']:.2f}x** | "
+            f"{r['cli_tf2onnx_s']:.1f} | {r['cli_onnx_s']:.1f} | **{r['cli_onnx_s'] / r['cli_tf2onnx_s']:.2f}x** |"
+        )
+    lines += [
+        "",
+        "## Latency (median ms; ratios against the original graph / tf2onnx's file)",
+        "",
+        "| model | TF b1: original / bnfold / no-BN | bnfold / original | no-BN / original | TF b32: original / bnfold / no-BN | bnfold / original | no-BN / original | "
+        "ORT b1 opt off: tf2onnx / bnfold | ORT b1 opt on: tf2onnx / bnfold |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b1 = [r[f"tf_b1_{k}"] for k in ("original", "bnfold", "nobn")]
+        b32 = [r[f"tf_b32_{k}"] for k in ("original", "bnfold", "nobn")]
+        lines.append(
+            f"| {r['model']} | {' / '.join(ms(v) for v in b1)} | **{b1[1] / b1[0]:.2f}** | {b1[2] / b1[0]:.2f} | "
+            f"{' / '.join(ms(v) for v in b32)} | **{b32[1] / b32[0]:.2f}** | {b32[2] / b32[0]:.2f} | "
+            f"{ms(r['ort_b1_tf2onnx/off'])} / {ms(r['ort_b1_bnfold/off'])} | {ms(r['ort_b1_tf2onnx/on'])} / {ms(r['ort_b1_bnfold/on'])} |"
+        )
+    lines += [
+        "",
+        "## Fold cost against graph size (synthetic: N x conv 3x3 32->32 + FusedBatchNormV3 + Relu)",
+        "",
+        "| blocks | MB | floor ms | fold ms | fold / floor | fold us per block |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in scale:
+        lines.append(
+            f"| {s['blocks']} | {s['mb']:.1f} | {ms(s['floor_s'])} | {ms(s['fold_s'])} | {s['fold_s'] / s['floor_s']:.2f}x | "
+            f"{s['fold_s'] / s['blocks'] * 1e6:.0f} |"
+        )
+    lines += ["", DEFINITIONS]
+    return "\n".join(lines) + "\n"
+
+
+DEFINITIONS = """## Definitions
+
+- **BN sites** (TF graphs): `FusedBatchNorm*` and `BatchNormWithGlobalNormalization` nodes, plus every `Mul`
+  whose other operand is constant and that either comes from an `Rsqrt` of constants (a decomposed
+  `tf.nn.batch_normalization` / Keras 3 BN) or sits right behind a conv/dense op (through an optional
+  `BiasAdd`/`Add`): a per-channel scale still computed per inference. Run on the original it counts each BN
+  once. **left** = the same count on each tool's output.
+- **BN sites left in ONNX**: `bnfold.onnx_fold.leftover_sites`: `BatchNormalization` nodes plus per-channel
+  `Mul`/`Add` right after a `Conv`/`ConvTranspose`/`Gemm`/`MatMul` (a conv's own bias input is not counted).
+- **Runtime ops**: nodes that run per inference: all but `Const`, `Identity`, `NoOp`, `Placeholder`,
+  `PlaceholderWithDefault` (ONNX: all but `Constant`/`Identity`).
+- **floor**: read the `.pb`, parse it, write it back with the same writer bnfold uses (no fold), in process,
+  median of 3. **bnfold fold**: `bnfold.fold_file(in, out, verify_outputs=False)` in process (load with
+  validation, canonicalize, fold, write), median of 3: the work of `bnfold in.pb out.pb --no-verify` without
+  Python/TF start-up. **fold_graph (copy)**: `fold_graph` on a caller's GraphDef (not modified, so the result is
+  a new graph), without parse or write. **optimize_for_inference**:
+  `tensorflow.python.tools.optimize_for_inference_lib.optimize_for_inference` (its BN folding passes
+  `fuse_decomposed_batch_norm` and `fold_batch_norms` always run), parse + optimize + serialize, one run.
+- **CLI .pb**: `bnfold in.pb out.pb` as a subprocess, verification on (TF start-up, fold, both graphs run in TF).
+- **Fold RSS**: maximum resident set size (GNU `time -v`) of `bnfold in.pb out.pb --no-verify` minus that of
+  `python -c "import tensorflow, bnfold.cli, bnfold.api"` (the baseline, printed below the tables).
+- **ONNX conversion stage**: in process, no verification in either: `tf2onnx.convert.from_graph_def` of the
+  unfolded graph vs `bnfold.to_onnx(path, verify_outputs=False)` (load, TF fold, tf2onnx on the folded graph,
+  ONNX-side fold, `onnx.checker`). **End to end**: subprocesses, `python -m tf2onnx.convert --graphdef` vs
+  `bnfold in.pb out.onnx` (which also runs the file in onnxruntime against TF).
+- **Latency**: `session.run` of the whole graph on random input, one warm-up run, then the graphs run
+  interleaved (original, bnfold, no-BN, repeated), median. Batch 1: 4 x reps runs, batch 32: reps runs.
+  ONNX files in onnxruntime (CPU) with graph optimizations off and on (ORT folds BN itself when on).
+- **No-BN reference**: the Keras model cloned with every `BatchNormalization` replaced by `Identity`, frozen the
+  same way. keras.applications convs before BN have `use_bias=False`, so this graph has neither BN nor bias:
+  it is a lower bound the folded graph (which keeps one `BiasAdd` per folded BN) can approach but not pass.
+- **Max abs error**: from bnfold's own verification (batch of 2 random inputs; the ONNX file in onnxruntime,
+  optimizations off, against the original graph in TF).
+"""
+
+
+def chart(rows: list[dict], path: Path) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    x = np.arange(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    series = [
+        ("bnfold fold / floor", [r["fold_s"] / r["floor_s"] for r in rows]),
+        ("optimize_for_inference / floor", [r["opt_s"] / r["floor_s"] for r in rows]),
+        ("bnfold ONNX / tf2onnx (conversion)", [r["onnx_bnfold_s"] / r["onnx_tf2onnx_s"] for r in rows]),
+    ]
+    w = 0.27
+    for i, (label, values) in enumerate(series):
+        a.bar(x + (i - 1) * w, values, w, label=label)
+    a.axhline(1.5, color="k", ls="--", lw=0.8, label="target 1.5x floor")
+    a.set_xticks(x, names, rotation=20, fontsize=8)
+    a.set_yscale("log")
+    a.set_title("Time ratios (lower is better)", fontsize=10)
+    a.legend(fontsize=7)
+    series = [
+        ("TF b1 bnfold / original", [r["tf_b1_bnfold"] / r["tf_b1_original"] for r in rows]),
+        ("TF b1 no-BN / original", [r["tf_b1_nobn"] / r["tf_b1_original"] for r in rows]),
+        ("TF b32 bnfold / original", [r["tf_b32_bnfold"] / r["tf_b32_original"] for r in rows]),
+        ("TF b32 no-BN / original", [r["tf_b32_nobn"] / r["tf_b32_original"] for r in rows]),
+    ]
+    w = 0.2
+    for i, (label, values) in enumerate(series):
+        b.bar(x + (i - 1.5) * w, values, w, label=label)
+    b.axhline(1.0, color="k", ls="--", lw=0.8)
+    b.set_xticks(x, names, rotation=20, fontsize=8)
+    b.set_title("TF latency ratios (below 1: faster than original)", fontsize=10)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--reps", type=int, default=5, help="batch-32 latency runs (batch 1: 4x as many)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    baseline = max_rss_mb([PY, "-c", "import tensorflow, bnfold.cli, bnfold.api"])
+    rows = []
+    WORK.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        for name in args.models:
+            rows.append(measure(name, args.reps, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    print("[scaling]", flush=True)
+    scale = scaling()
+    total = time.perf_counter() - start
+    text = write_results(rows, scale, baseline, total)
+    text += f"\nBaseline RSS (`import tensorflow, bnfold`): {baseline:.0f} MB.\n"
+    args.out.write_text(text)
+    chart(rows, args.out.with_name("results.png"))
+    (args.out.with_name("results.json")).write_text(json.dumps({"rows": rows, "scaling": scale, "baseline_mb": baseline}, indent=1))
+    print(text)
+    print(f"total {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
