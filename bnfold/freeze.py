@@ -117,7 +117,9 @@ def load_keras_file(path: Path) -> Loaded:
         try:
             import tf_keras
         except ImportError:
-            raise InputError(f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files") from None
+            raise InputError(
+                f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files"
+            ) from None
         try:
             model = tf_keras.models.load_model(str(path), compile=False)
         except Exception as exc:  # noqa: BLE001
@@ -138,7 +140,9 @@ def load(source: Any, signature: str = DEFAULT_SIGNATURE) -> Loaded:
         path = Path(source)
         if path.is_dir():
             if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
-                raise InputError(f"{path}: directory is not a SavedModel (no saved_model.pb); pass a SavedModel, .keras, .h5, .pb or .pbtxt")
+                raise InputError(
+                    f"{path}: directory is not a SavedModel (no saved_model.pb); pass a SavedModel, .keras, .h5, .pb or .pbtxt"
+                )
             return load_saved_model(path, signature)
         if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
             if not path.exists():

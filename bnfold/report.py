@@ -62,7 +62,9 @@ def verification_table(result: FoldResult) -> Table | None:
 
 def print_result(result: FoldResult, console: Console) -> None:
     for switch in result.switches:
-        console.print(f"training switch {switch.flag} = {str(switch.value).lower()} ({switch.how}): kept one branch of {len(switch.nodes)} conditional(s)")
+        console.print(
+            f"training switch {switch.flag} = {str(switch.value).lower()} ({switch.how}): kept one branch of {len(switch.nodes)} conditional(s)"
+        )
     for rewrite in result.training_bn:
         console.print(f"training-mode BN {rewrite.node}: {rewrite.detail}")
     console.print(sites_table(result))
