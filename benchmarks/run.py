@@ -1,6 +1,6 @@
 """bnfold against the tools users would pick instead: one command, five keras.applications models.
 
-Run: ``pip install -e '.[bench]' && python benchmarks/run.py`` (about 10-14 minutes on 2 cores;
+Run: ``pip install -e '.[bench]' && python benchmarks/run.py`` (about 8 minutes on 2 cores from an empty cache;
 ``--models ResNet50`` for one model, ``--reps N`` for fewer latency runs). Writes
 ``benchmarks/RESULTS.md`` and ``benchmarks/results.png``; frozen graphs are cached in
 ``benchmarks/_work/`` (git-ignored). Every definition used is printed in RESULTS.md.
