@@ -209,7 +209,7 @@ def test_same_input_gives_byte_identical_output(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_graph_of_several_hundred_megabytes(tmp_path: Path) -> None:
-    """~300 MB of weights in 24 conv+BN layers: folded, verified, written, with no 2 GB protobuf trouble."""
+    """~0.9 GB of weights in 24 conv+BN layers: folded, verified, written, with no 2 GB protobuf trouble."""
     graph = tf.Graph()
     rng = np.random.default_rng(0)
     with graph.as_default():
