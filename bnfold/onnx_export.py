@@ -142,6 +142,9 @@ def check_opset(opset: int) -> None:
 class OrtRunner:
     """One onnxruntime session with graph optimizations off, fed and fetched by caller-side names."""
 
+    # onnxruntime's errors (InvalidArgument, Fail, ...) derive from Exception directly.
+    errors: tuple[type[BaseException], ...] = (Exception,)
+
     def __init__(self, model: onnx.ModelProto, names: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
@@ -179,70 +182,6 @@ def onnx_input_specs(model: onnx.ModelProto) -> list[Any]:
         shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else None
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
-
-
-def verify_runners(
-    reference: Any,
-    candidate: Any,
-    specs: list[Any],
-    outputs: list[str],
-    *,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> Any:
-    """Compare two runners (TF or onnxruntime) output by output, as :func:`bnfold.verify` does for two graphs."""
-    import tensorflow as tf
-    from tensorflow.core.framework import types_pb2
-
-    from bnfold import verification as V
-
-    feeds = dict(feeds or {})
-    input_shapes = input_shapes or {}
-    result = V.Verification(samples=samples)
-    rng = np.random.default_rng(seed)
-    spec_map = {s.name: s for s in specs}
-    per_sample = []
-    for _ in range(max(1, samples)):
-        batch = dict(feeds)
-        for name, spec in spec_map.items():
-            if name not in feeds:
-                batch[name], result.inputs[name] = V._synthesize(spec, input_shapes.get(name), V.DEFAULT_BATCH, rng)
-        per_sample.append(batch)
-    for name in feeds:
-        result.inputs[name] = "user feed"
-    checks: dict[str, Any] = {}
-    total = len(per_sample) + 1
-    for done, batch in enumerate(per_sample):
-        if on_batch is not None:
-            on_batch(done, total)
-        try:
-            expected = reference.run(outputs, batch)
-            actual = candidate.run(outputs, batch)
-        except Exception as exc:  # noqa: BLE001 - TF and onnxruntime raise different types for a bad feed
-            raise VerificationError(f"could not run the model for verification: {_first_line(exc)}") from None
-        for name, a, b in zip(outputs, expected, actual, strict=True):
-            a = np.asarray(a)
-            dtype = tf.as_dtype(a.dtype).as_datatype_enum if a.dtype != object else types_pb2.DT_FLOAT
-            d_rtol, d_atol = V.TOLERANCES.get(dtype, V.TOLERANCES[types_pb2.DT_FLOAT])
-            check = V.compare(name, a, b, d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
-            prev = checks.get(name)
-            if prev is None or check.max_abs_error > prev.max_abs_error:
-                check.passed = check.passed and (prev is None or prev.passed)
-                checks[name] = check
-            elif not check.passed:
-                prev.passed = False
-    result.outputs = list(checks.values())
-    if on_batch is not None:
-        on_batch(total - 1, total)
-    V._check_batch_independence(candidate, outputs, per_sample[0], spec_map, result)
-    if on_batch is not None:
-        on_batch(total, total)
-    return result
 
 
 def _check_feeds(feeds: dict[str, np.ndarray] | None, allowed: set[str]) -> None:
@@ -288,7 +227,7 @@ def to_onnx(
         return _onnx_to_onnx(source, inputs, outputs, verify_outputs, feeds, input_shapes, rtol, atol, samples, seed, force, on_batch)
     check_opset(opset)
     from bnfold import api
-    from bnfold.verification import GraphRunner, find_inputs, needed_inputs
+    from bnfold.verification import compare_runners, find_inputs, needed_inputs, open_graph_runner
 
     graph_def, name = api._load(source)
     _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
@@ -316,23 +255,19 @@ def to_onnx(
         needed = needed_inputs(graph_def, out_names, set())
         specs = [s for s in find_inputs(graph_def) if s.name in in_names]
         specs = [s for s in specs if s.name in needed]
-        reference, candidate = GraphRunner(graph_def), OrtRunner(model, names)
-        try:
-            result.verification = verify_runners(
-                reference,
-                candidate,
-                specs,
-                out_names,
-                feeds=feeds,
-                input_shapes=input_shapes,
-                rtol=rtol,
-                atol=atol,
-                samples=samples,
-                seed=seed,
-                on_batch=on_batch,
-            )
-        finally:
-            reference.close()
+        result.verification = compare_runners(
+            lambda: open_graph_runner(graph_def, "the input graph"),
+            lambda: OrtRunner(model, names),
+            {s.name: s for s in specs},
+            out_names,
+            feeds=feeds,
+            input_shapes=input_shapes,
+            rtol=rtol,
+            atol=atol,
+            samples=samples,
+            seed=seed,
+            on_batch=on_batch,
+        )
         _raise_if_failed(result, name, force)
     return model, result
 
@@ -390,11 +325,12 @@ def _onnx_to_onnx(
     result.onnx = stage
     _check_output_model(model, name, result)
     if verify_outputs:
-        reference, candidate = OrtRunner(original), OrtRunner(model)
-        result.verification = verify_runners(
-            reference,
-            candidate,
-            [s for s in specs if s.name in in_names],
+        from bnfold.verification import compare_runners
+
+        result.verification = compare_runners(
+            lambda: OrtRunner(original),
+            lambda: OrtRunner(model),
+            {s.name: s for s in specs if s.name in in_names},
             out_names,
             feeds=feeds,
             input_shapes=input_shapes,

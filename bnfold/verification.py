@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -115,6 +116,16 @@ def parse_feed_value(text: str) -> np.ndarray:
         raise UsageError(f"--feed: {text!r} is not a .npy path, true/false or a number") from None
 
 
+class Runner(Protocol):
+    """What verification needs of a runtime: run outputs on feeds, and the errors meaning "cannot run this"."""
+
+    errors: tuple[type[BaseException], ...]
+
+    def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
 class GraphRunner:
     """One imported graph and session, reused across batches.
 
@@ -123,6 +134,8 @@ class GraphRunner:
     than the run itself on large models (0.9 GB graph: 11 GB and 58 s with it,
     5.9 GB and 10 s without).
     """
+
+    errors: tuple[type[BaseException], ...] = (tf.errors.OpError, ValueError, TypeError, KeyError)
 
     def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
         self.graph = tf.Graph()
@@ -140,7 +153,7 @@ class GraphRunner:
         del self.session, self.graph
 
 
-def _runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
+def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
     """Import a graph for checking; a graph TF cannot load is reported, not a crash."""
     try:
         return GraphRunner(graph_def)
@@ -148,22 +161,12 @@ def _runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
         raise VerificationError(f"TensorFlow cannot load {which} to verify it ({_first_line(exc)}); --no-verify skips the check") from None
 
 
-def _run_batch(runner: GraphRunner, outputs: list[str], feeds: dict[str, np.ndarray], tick: Callable[[], None]) -> list[np.ndarray]:
+def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray], tick: Callable[[], None]) -> list[np.ndarray]:
     tick()
     try:
         return runner.run(outputs, feeds)
-    except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
-        raise VerificationError(f"could not run the graph for verification: {_first_line(exc)}") from None
-
-
-def _run_batches(
-    graph_def: graph_pb2.GraphDef, which: str, outputs: list[str], batches: list[dict[str, np.ndarray]], tick: Callable[[], None]
-) -> list[list[np.ndarray]]:
-    runner = _runner(graph_def, which)
-    try:
-        return [_run_batch(runner, outputs, batch, tick) for batch in batches]
-    finally:
-        runner.close()
+    except runner.errors as exc:
+        raise VerificationError(f"could not run the model for verification: {_first_line(exc)}") from None
 
 
 def _tensor_name(ref: str) -> str:
@@ -288,13 +291,52 @@ def verify(
         raise UsageError(f"--feed: no node named {unknown[0]!r} in the graph")
     needed = needed_inputs(original, outputs, fed_names)
     specs = {n: s for n, s in specs.items() if n in needed}
+    return compare_runners(
+        lambda: open_graph_runner(original, "the input graph"),
+        lambda: open_graph_runner(folded, "the folded graph"),
+        specs,
+        outputs,
+        feeds=feeds,
+        input_shapes=input_shapes,
+        rtol=rtol,
+        atol=atol,
+        samples=samples,
+        seed=seed,
+        batch_check=batch_check,
+        on_batch=on_batch,
+    )
+
+
+def compare_runners(
+    open_reference: Callable[[], Runner],
+    open_candidate: Callable[[], Runner],
+    specs: dict[str, InputSpec],
+    outputs: list[str],
+    *,
+    feeds: dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    batch_check: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Verification:
+    """The comparison both paths share (TF vs TF, TF vs onnxruntime, onnxruntime vs onnxruntime).
+
+    Runners are opened one after the other, so only one model is loaded at a
+    time: a TF session holds its own copies of every weight.
+    """
+    feeds = dict(feeds or {})
+    input_shapes = input_shapes or {}
+    fed_names = {parse_input(k)[0] for k in feeds}
     result = Verification(samples=samples)
     rng = np.random.default_rng(seed)
     per_sample: list[dict[str, np.ndarray]] = []
     for _ in range(max(1, samples)):
         batch_feeds = dict(feeds)
         for name, spec in specs.items():
-            if name in fed_names:
+            if name in fed_names or name in feeds:
                 continue
             batch_feeds[name], how = _synthesize(spec, input_shapes.get(name), DEFAULT_BATCH, rng)
             result.inputs[name] = how
@@ -308,14 +350,18 @@ def verify(
         if on_batch is not None:
             on_batch(next(steps), total)
 
-    # One graph in TF at a time: a session holds its own copies of every weight.
-    expected_all = _run_batches(original, "the input graph", outputs, per_sample, tick)
-    runner = _runner(folded, "the folded graph")
+    reference = open_reference()
     try:
-        actual_all = [_run_batch(runner, outputs, batch, tick) for batch in per_sample]
+        expected_all = [_run_batch(reference, outputs, batch, tick) for batch in per_sample]
+    finally:
+        reference.close()
+    candidate = open_candidate()
+    try:
+        actual_all = [_run_batch(candidate, outputs, batch, tick) for batch in per_sample]
         checks: dict[str, OutputCheck] = {}
         for expected, actual in zip(expected_all, actual_all, strict=True):
             for name, a, b in zip(outputs, expected, actual, strict=False):
+                a = np.asarray(a)
                 dtype = tf.dtypes.as_dtype(a.dtype).as_datatype_enum if a.dtype != object else types_pb2.DT_FLOAT
                 d_rtol, d_atol = TOLERANCES.get(dtype, TOLERANCES[types_pb2.DT_FLOAT])
                 check = compare(name, a, b, d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
@@ -328,16 +374,16 @@ def verify(
         result.outputs = list(checks.values())
         if batch_check:
             tick()
-            _check_batch_independence(runner, outputs, per_sample[0], specs, result)
+            _check_batch_independence(candidate, outputs, per_sample[0], specs, result)
         if on_batch is not None:
             on_batch(total, total)
     finally:
-        runner.close()
+        candidate.close()
     return result
 
 
 def _check_batch_independence(
-    runner: GraphRunner,
+    runner: Runner,
     outputs: list[str],
     batch_feeds: dict[str, np.ndarray],
     specs: dict[str, InputSpec],
@@ -352,7 +398,7 @@ def _check_batch_independence(
     try:
         alone = runner.run(outputs, single)
         together = runner.run(outputs, batch_feeds)
-    except (tf.errors.OpError, ValueError) as exc:
+    except runner.errors as exc:
         result.notes.append(f"batch-independence check skipped: {_first_line(exc)}")
         return
     worst = 0.0
