@@ -156,10 +156,7 @@ class Folder:
         readers = self.index.consumers(linear.name)
         if len(readers) != 1 or self.index.control_consumers(linear.name) or linear.name in self.protected:
             return f"{linear.name} output also feeds other ops"
-        why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
-        if why:
-            return why
-        weights = self._weights(linear, spec)
+        weights = self._usable_weights(site, linear, spec)
         if isinstance(weights, str):
             return weights
         out_axis, _ = _weight_axes(linear, spec)
@@ -198,10 +195,7 @@ class Folder:
         padding = attr(linear, "padding").s.decode() if "padding" in linear.attr else "VALID"
         if linear.op != "MatMul" and has_shift and padding != "VALID":
             return f"{linear.name} pads with zeros ({padding}), which would meet the BN shift"
-        why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
-        if why:
-            return why
-        weights = self._weights(linear, spec)
+        weights = self._usable_weights(site, linear, spec)
         if isinstance(weights, str):
             return weights
         out_axis, in_axis = _weight_axes(linear, spec)
@@ -247,8 +241,11 @@ class Folder:
         return None
 
     # -- shared pieces -------------------------------------------------------
-    def _weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec) -> np.ndarray | str:
-        """The linear op's constant weights, or why they cannot be folded into."""
+    def _usable_weights(self, site: Affine, linear: node_def_pb2.NodeDef, spec: LinearSpec) -> np.ndarray | str:
+        """The linear op's constant weights when the site can fold into them, else why not."""
+        why = self._check_linear(site, linear, spec, _data_axis(linear, spec))
+        if why:
+            return why
         if len(linear.input) <= spec.weight_slot:
             return f"{linear.name} has no weights input"
         weights = self.ev.raw(linear.input[spec.weight_slot])
