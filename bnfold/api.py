@@ -69,12 +69,6 @@ class FoldResult:
         }
 
 
-def _load(source: GraphSource) -> tuple[graph_pb2.GraphDef, str]:
-    """Frozen GraphDef and a display name for any source (used by the ONNX path)."""
-    loaded = load(source)
-    return loaded.graph_def, loaded.source
-
-
 GRAPH_SUFFIXES = {".pb", ".pbtxt", ".pbtext", ".txt"}
 
 

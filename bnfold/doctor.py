@@ -24,7 +24,7 @@ from tensorflow.core.framework import graph_pb2
 from bnfold import io
 from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator
-from bnfold.errors import EXIT_FINDINGS, EXIT_OK, UsageError, VerificationError
+from bnfold.errors import EXIT_FINDINGS, EXIT_OK, UsageError, VerificationError, first_line
 from bnfold.folding import fold_graph
 from bnfold.graph import GraphIndex, attr, parse_input
 from bnfold.switches import (
@@ -361,18 +361,15 @@ def drift_metrics(stat: BnStats, data_mean: np.ndarray, data_var: np.ndarray) ->
 
 def check_drift(graph_def: graph_pb2.GraphDef, stats: list[BnStats], feeds: dict[str, np.ndarray]) -> list[Finding]:
     """BN_STATS_DRIFT: each BN's input statistics on the user's data against its moving statistics."""
-    import tensorflow as tf
-
-    from bnfold.verification import GraphRunner
+    from bnfold.verification import open_graph_runner
 
     if not stats:
         return []
-    runner = GraphRunner(graph_def)
+    runner = open_graph_runner(graph_def, "the graph", hint="")
     try:
         values = runner.run([s.input_ref for s in stats], feeds)
-    except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"--data: could not run the graph on the data: {first}") from None
+    except runner.errors as exc:
+        raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
     finally:
         runner.close()
     findings = []

@@ -47,3 +47,9 @@ class OutputError(BnfoldError):
     """The output cannot be written where asked (or would overwrite the input)."""
 
     exit_code = EXIT_OUTPUT
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what fits bnfold's one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
-from bnfold.errors import InputError
+from bnfold.errors import InputError, first_line
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -93,7 +93,7 @@ def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE) -> Loaded:
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:
-        raise InputError(f"{path}: cannot load SavedModel ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
     signatures = getattr(model, "signatures", {})
     if signature not in signatures:
         known = ", ".join(sorted(signatures)) or "none"
@@ -111,7 +111,7 @@ def load_keras_file(path: Path) -> Loaded:
 
         model = keras.saving.load_model(str(path), compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
-        errors.append(f"keras: {_first_line(exc)}")
+        errors.append(f"keras: {first_line(exc)[:200]}")
         model = None
     if model is None and path.suffix.lower() in (".h5", ".hdf5"):
         try:
@@ -123,7 +123,7 @@ def load_keras_file(path: Path) -> Loaded:
         try:
             model = tf_keras.models.load_model(str(path), compile=False)
         except Exception as exc:  # noqa: BLE001
-            errors.append(f"tf_keras: {_first_line(exc)}")
+            errors.append(f"tf_keras: {first_line(exc)[:200]}")
     if model is None:
         raise InputError(f"{path}: not a loadable Keras model ({'; '.join(errors)})")
     loaded = freeze_keras(model)
@@ -160,8 +160,3 @@ def load(source: Any, signature: str = DEFAULT_SIGNATURE) -> Loaded:
     if hasattr(source, "inputs") and callable(source):
         return freeze_keras(source)
     raise InputError(f"cannot fold a {type(source).__name__}: pass a GraphDef, a path, a Keras model or a tf.function")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

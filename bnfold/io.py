@@ -16,7 +16,7 @@ from typing import BinaryIO
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from bnfold.errors import InputError, OutputError
+from bnfold.errors import InputError, OutputError, first_line
 from bnfold.graph import parse_input
 
 TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
@@ -50,8 +50,7 @@ def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
             graph_def.ParseFromString(data)
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as exc:
         kind = "text" if path.suffix.lower() in TEXT_SUFFIXES else "binary"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: not a {kind} GraphDef ({first}); pass a frozen .pb or .pbtxt") from None
+        raise InputError(f"{path}: not a {kind} GraphDef ({first_line(exc)}); pass a frozen .pb or .pbtxt") from None
     if not graph_def.HasField("versions") and path.suffix.lower() not in TEXT_SUFFIXES:
         # TensorFlow writes `versions` after the nodes, so its absence means the file was cut short.
         raise InputError(f"{path}: truncated GraphDef (no versions record after the nodes); export the graph again")

@@ -28,10 +28,20 @@ from google.protobuf import message
 from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
-from bnfold.errors import InputError, UsageError, VerificationError
+from bnfold.errors import InputError, UsageError, VerificationError, first_line
 from bnfold.folding import SiteRecord
+from bnfold.freeze import load
 from bnfold.graph import parse_input
 from bnfold.onnx_fold import fold_model, op_counts
+from bnfold.verification import (
+    CheckOptions,
+    InputSpec,
+    compare_runners,
+    failure_message,
+    find_inputs,
+    needed_inputs,
+    open_graph_runner,
+)
 
 # tf2onnx 1.17 prefers opset 15 and converts up to 18; 17 is the newest that every
 # onnxruntime >= 1.14 and most edge runtimes (TensorRT 8.6, OpenVINO, TFLite converters) load.
@@ -83,7 +93,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (message.DecodeError, RuntimeWarning) as exc:
-        raise InputError(f"{path}: not an ONNX model ({_first_line(exc)}); pass a .onnx file written by an ONNX exporter") from None
+        raise InputError(f"{path}: not an ONNX model ({first_line(exc)}); pass a .onnx file written by an ONNX exporter") from None
     _check_input_model(model, str(path))
     return model
 
@@ -94,7 +104,7 @@ def _check_input_model(model: onnx.ModelProto, source: str) -> None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise InputError(f"{source}: invalid ONNX model: {_first_line(exc)}") from None
+        raise InputError(f"{source}: invalid ONNX model: {first_line(exc)}") from None
 
 
 @contextmanager
@@ -121,7 +131,7 @@ def convert(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str]
                 graph_def, input_names=[tensor_name(n) for n in inputs], output_names=[tensor_name(n) for n in outputs], opset=opset
             )
         except Exception as exc:  # noqa: BLE001 - tf2onnx raises bare ValueError/RuntimeError/AssertionError for graphs it cannot convert
-            raise InputError(f"tf2onnx cannot convert the graph at opset {opset}: {_first_line(exc)}; try another --opset") from None
+            raise InputError(f"tf2onnx cannot convert the graph at opset {opset}: {first_line(exc)}; try another --opset") from None
     return model
 
 
@@ -154,7 +164,7 @@ class OrtRunner:
         try:
             self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise VerificationError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         self.names = names or {}
         self.inputs = {i.name for i in self.session.get_inputs()}
 
@@ -169,8 +179,6 @@ class OrtRunner:
 def onnx_input_specs(model: onnx.ModelProto) -> list[Any]:
     """Graph inputs that are not initializers, as :class:`~bnfold.verification.InputSpec` (TF dtype enums)."""
     import tensorflow as tf
-
-    from bnfold.verification import InputSpec
 
     inits = {t.name for t in model.graph.initializer}
     specs = []
@@ -188,14 +196,6 @@ def _check_feeds(feeds: dict[str, np.ndarray] | None, allowed: set[str]) -> None
     for name in feeds or {}:
         if name not in allowed and parse_input(name)[0] not in allowed:
             raise UsageError(f"--feed: {name!r} is not an input of the model; ONNX output can only be fed at its inputs")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# -- the pipeline ----------------------------------------------------------------------------
 
 
 def to_onnx(
@@ -223,13 +223,14 @@ def to_onnx(
     differs, unless ``force``. ``result.onnx`` holds the ONNX stage's sites,
     op counts and name mapping.
     """
+    check = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, on_batch=on_batch)
     if isinstance(source, onnx.ModelProto) or (not isinstance(source, graph_pb2.GraphDef) and is_onnx_path(source)):
-        return _onnx_to_onnx(source, inputs, outputs, verify_outputs, feeds, input_shapes, rtol, atol, samples, seed, force, on_batch)
+        return _onnx_to_onnx(source, inputs, outputs, verify_outputs, check, force)
     check_opset(opset)
     from bnfold import api
-    from bnfold.verification import compare_runners, find_inputs, needed_inputs, open_graph_runner
 
-    graph_def, name = api._load(source)
+    loaded = load(source)
+    graph_def, name = loaded.graph_def, loaded.source
     _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
     # The TF stage is exactly the .pb fold (same canonicalization, same records); the
     # check that matters is the one below, of the ONNX file against the original graph.
@@ -260,13 +261,7 @@ def to_onnx(
             lambda: OrtRunner(model, names),
             {s.name: s for s in specs},
             out_names,
-            feeds=feeds,
-            input_shapes=input_shapes,
-            rtol=rtol,
-            atol=atol,
-            samples=samples,
-            seed=seed,
-            on_batch=on_batch,
+            check,
         )
         _raise_if_failed(result, name, force)
     return model, result
@@ -277,14 +272,8 @@ def _onnx_to_onnx(
     inputs: list[str] | None,
     outputs: list[str] | None,
     verify_outputs: bool,
-    feeds: dict[str, np.ndarray] | None,
-    input_shapes: dict[str, list[int]] | None,
-    rtol: float | None,
-    atol: float | None,
-    samples: int,
-    seed: int,
+    check: CheckOptions,
     force: bool,
-    on_batch: Callable[[int, int], None] | None,
 ) -> tuple[onnx.ModelProto, Any]:
     from bnfold import api
 
@@ -301,7 +290,7 @@ def _onnx_to_onnx(
                 raise UsageError(f"{option}: {n!r} is not a graph {option[2:-1]} of the ONNX model (it has {', '.join(known)})")
     in_names = inputs or [s.name for s in specs]
     out_names = outputs or graph_outputs
-    _check_feeds(feeds, {s.name for s in specs})
+    _check_feeds(check.feeds, {s.name for s in specs})
     model, sites = fold_model(original)
     opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), 0)
     stage = OnnxStage(
@@ -325,20 +314,12 @@ def _onnx_to_onnx(
     result.onnx = stage
     _check_output_model(model, name, result)
     if verify_outputs:
-        from bnfold.verification import compare_runners
-
         result.verification = compare_runners(
             lambda: OrtRunner(original),
             lambda: OrtRunner(model),
             {s.name: s for s in specs if s.name in in_names},
             out_names,
-            feeds=feeds,
-            input_shapes=input_shapes,
-            rtol=rtol,
-            atol=atol,
-            samples=samples,
-            seed=seed,
-            on_batch=on_batch,
+            check,
         )
         _raise_if_failed(result, name, force)
     return model, result
@@ -348,11 +329,10 @@ def _check_output_model(model: onnx.ModelProto, name: str, result: Any) -> None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise VerificationError(f"{name}: the folded ONNX model fails onnx.checker: {_first_line(exc)}", result) from None
+        raise VerificationError(f"{name}: the folded ONNX model fails onnx.checker: {first_line(exc)}", result) from None
 
 
 def _raise_if_failed(result: Any, name: str, force: bool) -> None:
-    from bnfold.verification import failure_message
 
     if not result.verification.passed and not force:
         raise VerificationError(f"{name}: onnxruntime verification failed: {failure_message(result.verification)}", result)

@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, types_pb2
 from tensorflow.core.protobuf import config_pb2
 
-from bnfold.errors import UsageError, VerificationError
+from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.graph import attr, parse_input
 
 # Default tolerances per output dtype, chosen from measured fold errors (README: "Tolerances").
@@ -31,6 +31,25 @@ TOLERANCES: dict[int, tuple[float, float]] = {
 }
 DEFAULT_BATCH = 2
 NON_OUTPUT_OPS = {"Const", "NoOp", "Placeholder", "PlaceholderWithDefault", "Assert", "SaveV2", "RestoreV2"}
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How a check is run (``--feed``, ``--input-shape``, ``--rtol/--atol``, ``--samples``, ``--seed``), as one value.
+
+    ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value
+    used in every batch; other inputs are drawn at random, anew for each of the
+    ``samples`` batches. ``on_batch(done, total)`` reports progress.
+    """
+
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    rtol: float | None = None
+    atol: float | None = None
+    samples: int = 1
+    seed: int = 0
+    batch_check: bool = True
+    on_batch: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -153,12 +172,12 @@ class GraphRunner:
         del self.session, self.graph
 
 
-def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str) -> GraphRunner:
+def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; --no-verify skips the check") -> GraphRunner:
     """Import a graph for checking; a graph TF cannot load is reported, not a crash."""
     try:
         return GraphRunner(graph_def)
-    except (tf.errors.OpError, ValueError, TypeError, KeyError) as exc:
-        raise VerificationError(f"TensorFlow cannot load {which} to verify it ({_first_line(exc)}); --no-verify skips the check") from None
+    except GraphRunner.errors as exc:
+        raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
 
 def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray], tick: Callable[[], None]) -> list[np.ndarray]:
@@ -166,7 +185,7 @@ def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray],
     try:
         return runner.run(outputs, feeds)
     except runner.errors as exc:
-        raise VerificationError(f"could not run the model for verification: {_first_line(exc)}") from None
+        raise VerificationError(f"could not run the model for verification: {first_line(exc)}") from None
 
 
 def _tensor_name(ref: str) -> str:
@@ -268,14 +287,10 @@ def verify(
 ) -> Verification:
     """Run both graphs (GraphDefs or paths) on the same inputs and compare every output.
 
-    ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value,
-    used in every batch; other inputs are drawn at random from their dtype and
-    shape, anew for each of the ``samples`` batches. ``on_batch(done, total)``
-    reports progress.
+    The keyword arguments are those of :class:`CheckOptions`.
     """
     original, folded = _as_graph_def(original), _as_graph_def(folded)
     feeds = dict(feeds or {})
-    input_shapes = input_shapes or {}
     specs = {s.name: s for s in find_inputs(original)}
     if inputs:
         missing = [n for n in inputs if n not in specs]
@@ -291,19 +306,13 @@ def verify(
         raise UsageError(f"--feed: no node named {unknown[0]!r} in the graph")
     needed = needed_inputs(original, outputs, fed_names)
     specs = {n: s for n, s in specs.items() if n in needed}
+    options = CheckOptions(feeds, input_shapes or {}, rtol, atol, samples, seed, batch_check, on_batch)
     return compare_runners(
         lambda: open_graph_runner(original, "the input graph"),
         lambda: open_graph_runner(folded, "the folded graph"),
         specs,
         outputs,
-        feeds=feeds,
-        input_shapes=input_shapes,
-        rtol=rtol,
-        atol=atol,
-        samples=samples,
-        seed=seed,
-        batch_check=batch_check,
-        on_batch=on_batch,
+        options,
     )
 
 
@@ -312,38 +321,29 @@ def compare_runners(
     open_candidate: Callable[[], Runner],
     specs: dict[str, InputSpec],
     outputs: list[str],
-    *,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    batch_check: bool = True,
-    on_batch: Callable[[int, int], None] | None = None,
+    options: CheckOptions,
 ) -> Verification:
     """The comparison both paths share (TF vs TF, TF vs onnxruntime, onnxruntime vs onnxruntime).
 
     Runners are opened one after the other, so only one model is loaded at a
     time: a TF session holds its own copies of every weight.
     """
-    feeds = dict(feeds or {})
-    input_shapes = input_shapes or {}
+    feeds, on_batch = options.feeds, options.on_batch
     fed_names = {parse_input(k)[0] for k in feeds}
-    result = Verification(samples=samples)
-    rng = np.random.default_rng(seed)
+    result = Verification(samples=options.samples)
+    rng = np.random.default_rng(options.seed)
     per_sample: list[dict[str, np.ndarray]] = []
-    for _ in range(max(1, samples)):
+    for _ in range(max(1, options.samples)):
         batch_feeds = dict(feeds)
         for name, spec in specs.items():
             if name in fed_names or name in feeds:
                 continue
-            batch_feeds[name], how = _synthesize(spec, input_shapes.get(name), DEFAULT_BATCH, rng)
+            batch_feeds[name], how = _synthesize(spec, options.input_shapes.get(name), DEFAULT_BATCH, rng)
             result.inputs[name] = how
         per_sample.append(batch_feeds)
     for name in feeds:
         result.inputs[name] = "user feed"
-    total = 2 * len(per_sample) + (1 if batch_check else 0)
+    total = 2 * len(per_sample) + (1 if options.batch_check else 0)
     steps = iter(range(total + 1))
 
     def tick() -> None:
@@ -364,7 +364,8 @@ def compare_runners(
                 a = np.asarray(a)
                 dtype = tf.dtypes.as_dtype(a.dtype).as_datatype_enum if a.dtype != object else types_pb2.DT_FLOAT
                 d_rtol, d_atol = TOLERANCES.get(dtype, TOLERANCES[types_pb2.DT_FLOAT])
-                check = compare(name, a, b, d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+                rtol = d_rtol if options.rtol is None else options.rtol
+                check = compare(name, a, b, rtol, d_atol if options.atol is None else options.atol)
                 prev = checks.get(name)
                 if prev is None or check.max_abs_error > prev.max_abs_error:
                     check.passed = check.passed and (prev is None or prev.passed)
@@ -372,7 +373,7 @@ def compare_runners(
                 elif not check.passed:
                     prev.passed = False
         result.outputs = list(checks.values())
-        if batch_check:
+        if options.batch_check:
             tick()
             _check_batch_independence(candidate, outputs, per_sample[0], specs, result)
         if on_batch is not None:
@@ -399,7 +400,7 @@ def _check_batch_independence(
         alone = runner.run(outputs, single)
         together = runner.run(outputs, batch_feeds)
     except runner.errors as exc:
-        result.notes.append(f"batch-independence check skipped: {_first_line(exc)}")
+        result.notes.append(f"batch-independence check skipped: {first_line(exc)}")
         return
     worst = 0.0
     independent = True
@@ -411,11 +412,6 @@ def _check_batch_independence(
         independent &= cmp.passed
     result.batch_independent = independent
     result.batch_error = worst
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def failure_message(result: Verification) -> str:
