@@ -8,8 +8,7 @@ weights; the data channel axis comes from ``data_format``.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
@@ -17,9 +16,10 @@ from tensorflow.python.framework import dtypes
 
 from bnfold.affine import Affine, Unfoldable, as_step, data_format_axis, recognize
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator
+from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
 
-Action = Literal["folded", "standalone", "skipped"]
+__all__ = ["LINEAR_OPS", "Action", "Folder", "LinearSpec", "SiteRecord", "fold_graph"]
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,6 @@ LINEAR_OPS: dict[str, LinearSpec] = {
 }
 
 
-@dataclass
-class SiteRecord:
-    """What happened to one BN site: the unit of the report."""
-
-    name: str
-    form: str
-    action: Action
-    folded_into: str | None = None
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
 def _weight_axes(node: node_def_pb2.NodeDef, spec: LinearSpec) -> tuple[int, int]:
     """Out/in axes of the weights; MatMul's depend on ``transpose_b``."""
     if node.op == "MatMul" and attr(node, "transpose_b").b:
@@ -72,39 +58,14 @@ def _data_axis(node: node_def_pb2.NodeDef, spec: LinearSpec) -> int | None:
     return data_format_axis(fmt, spec.rank)
 
 
-def _scaled(weights: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """``weights * factor`` computed in float64, written straight into the weights' dtype.
-
-    Buffered casting avoids a full float64 copy of large kernels.
-    """
-    out = np.empty(weights.shape, dtype=weights.dtype)
-    np.multiply(weights, factor, out=out, dtype=np.float64, casting="unsafe")
-    return out
-
-
-def _overflow(linear: node_def_pb2.NodeDef, weights: np.ndarray, bias: np.ndarray) -> str | None:
+def _overflow(linear: node_def_pb2.NodeDef, folded: Folded) -> str | None:
     """Why folded values cannot be stored in the op's dtype (fp16 overflow after scaling), else None."""
-    np_dtype = dtypes.as_dtype(attr(linear, "T").type).as_numpy_dtype
-    with np.errstate(over="ignore", invalid="ignore"):
-        if not _all_finite(weights) or not np.all(np.isfinite(bias.astype(np_dtype))):
-            return f"folded weights or bias of {linear.name} overflow {np.dtype(np_dtype).name}"
-    return None
+    return storable(folded, dtypes.as_dtype(attr(linear, "T").type).as_numpy_dtype, linear.name)
 
 
-def _all_finite(values: np.ndarray) -> bool:
-    """Whether every value is finite, without a whole-kernel boolean temporary: min and max carry NaN and inf."""
-    if values.size == 0:
-        return True
-    try:
-        return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
-    except TypeError:  # a dtype without min/max
-        return bool(np.all(np.isfinite(values)))
-
-
-def _broadcast(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return vector.reshape(shape)
+def _out_axes(linear: node_def_pb2.NodeDef, weights: np.ndarray, out_axis: int) -> tuple[int, ...]:
+    """A depthwise kernel (H, W, I, M) numbers its I*M output channels over two axes."""
+    return (2, 3) if linear.op == "DepthwiseConv2dNative" else (out_axis,)
 
 
 class Folder:
@@ -160,20 +121,17 @@ class Folder:
         if isinstance(weights, str):
             return weights
         out_axis, _ = _weight_axes(linear, spec)
-        out_channels = weights.shape[2] * weights.shape[3] if linear.op == "DepthwiseConv2dNative" else weights.shape[out_axis]
+        out_axes = _out_axes(linear, weights, out_axis)
+        out_channels = int(np.prod([weights.shape[a] for a in out_axes]))
         scale, shift = self._expand(site, out_channels)
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} has {out_channels}"
-        if linear.op == "DepthwiseConv2dNative":
-            factor = scale.reshape(1, 1, weights.shape[2], weights.shape[3])
-        else:
-            factor = _broadcast(scale, weights.ndim, out_axis)
-        folded = _scaled(weights, factor)
-        overflow = _overflow(linear, folded, shift)
+        folded = fold_after(weights, scale, shift, out_axes)
+        overflow = _overflow(linear, folded)
         if overflow:
             return overflow
-        self._set_weights(linear, spec, folded, site.name)
-        self._end_with_bias(site, linear.name, shift, _data_axis(linear, spec), spec.rank)
+        self._set_weights(linear, spec, folded.weights, site.name)
+        self._end_with_bias(site, linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
 
@@ -202,21 +160,15 @@ class Folder:
         scale, shift = self._expand(site, weights.shape[in_axis])
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} reads {weights.shape[in_axis]}"
-        w64 = weights.astype(np.float64)
-        folded = _scaled(weights, _broadcast(scale, w64.ndim, in_axis))
-        if linear.op == "DepthwiseConv2dNative":
-            bias = (w64 * _broadcast(shift, w64.ndim, in_axis)).sum(axis=(0, 1)).reshape(-1)
-        else:
-            moved = np.moveaxis(w64 * _broadcast(shift, w64.ndim, in_axis), out_axis, -1)
-            bias = moved.reshape(-1, moved.shape[-1]).sum(axis=0)
-        overflow = _overflow(linear, folded, bias)
+        folded = fold_before(weights, scale, shift, in_axis, _out_axes(linear, weights, out_axis))
+        overflow = _overflow(linear, folded)
         if overflow:
             return overflow
         self.index.set_input(linear.name, spec.data_slot, site.input_ref)
-        self._set_weights(self.index.node(linear.name), spec, folded, site.name)
+        self._set_weights(self.index.node(linear.name), spec, folded.weights, site.name)
         self._remove_site(site, keep=None)
         if has_shift:
-            self._add_bias_after(linear.name, bias, _data_axis(linear, spec), spec.rank)
+            self._add_bias_after(linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
 
@@ -266,12 +218,7 @@ class Folder:
 
     @staticmethod
     def _expand(site: Affine, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        def fit(v: np.ndarray) -> np.ndarray | None:
-            if v.size == channels:
-                return v
-            return np.full(channels, v.item()) if v.size == 1 else None
-
-        return fit(site.scale), fit(site.shift)
+        return fit_channels(site.scale, channels), fit_channels(site.shift, channels)
 
     def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: np.ndarray, site: str) -> None:
         """Point the linear op at new weights; the old constant is never edited (others may read it)."""

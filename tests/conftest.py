@@ -14,15 +14,24 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2  # noqa: E402
 
 BN_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization", "Rsqrt"}
+
+
+def session_config() -> config_pb2.ConfigProto:
+    """NCHW convolutions run on the CPU only through oneDNN, which TF turns off on CPUs without
+    AVX-512: let grappler's layout pass convert them (exact), as on a user's laptop."""
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.cpu_layout_conversion = rewriter_config_pb2.RewriterConfig.NCHW_TO_NHWC
+    return config
 
 
 def run_graph(graph_def: graph_pb2.GraphDef, feeds: dict[str, np.ndarray], fetches: list[str]) -> list[np.ndarray]:
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph) as session:
+    with tf.compat.v1.Session(graph=graph, config=session_config()) as session:
         names = [f if ":" in f else f"{f}:0" for f in fetches]
         return session.run(names, {(k if ":" in k else f"{k}:0"): v for k, v in feeds.items()})
 
