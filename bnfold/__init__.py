@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
-    from bnfold.api import FoldResult, fold, fold_file
+    from bnfold.api import fold, fold_file
+    from bnfold.comparison import Verification
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
-    from bnfold.folding import SiteRecord
+    from bnfold.foldmath import SiteRecord
     from bnfold.onnx_export import to_onnx
-    from bnfold.verification import Verification, verify
+    from bnfold.result import FoldResult
+    from bnfold.verification import verify
 
 _EXPORTS = {
-    "FoldResult": "bnfold.api",
+    "FoldResult": "bnfold.result",
     "fold": "bnfold.api",
     "fold_file": "bnfold.api",
     "BnfoldError": "bnfold.errors",
@@ -29,9 +31,9 @@ _EXPORTS = {
     "OutputError": "bnfold.errors",
     "UsageError": "bnfold.errors",
     "VerificationError": "bnfold.errors",
-    "SiteRecord": "bnfold.folding",
+    "SiteRecord": "bnfold.foldmath",
     "to_onnx": "bnfold.onnx_export",
-    "Verification": "bnfold.verification",
+    "Verification": "bnfold.comparison",
     "verify": "bnfold.verification",
 }
 __all__ = [

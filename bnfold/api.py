@@ -9,64 +9,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
 from bnfold.errors import UsageError, VerificationError
-from bnfold.folding import SiteRecord, fold_graph
+from bnfold.folding import fold_graph
 from bnfold.freeze import DEFAULT_SIGNATURE, Signature, load
 from bnfold.graph import op_counts, parse_input
-from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
-from bnfold.verification import Verification, failure_message, find_inputs, find_outputs, verify
-
-if TYPE_CHECKING:
-    from bnfold.onnx_export import OnnxStage
+from bnfold.result import FoldResult
+from bnfold.switches import canonicalize, without_cond_plumbing
+from bnfold.verification import failure_message, find_inputs, find_outputs, verify
 
 # A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.
 GraphSource = Any
-
-
-@dataclass
-class FoldResult:
-    """The folded graph, one record per BN site, op counts, and the verification."""
-
-    graph_def: graph_pb2.GraphDef | None  # None when the input was ONNX (bnfold in.onnx out.onnx)
-    sites: list[SiteRecord]
-    inputs: list[str]
-    outputs: list[str]
-    ops_before: dict[str, int] = field(default_factory=dict)
-    ops_after: dict[str, int] = field(default_factory=dict)
-    verification: Verification | None = None
-    source: str = "<GraphDef>"
-    onnx: OnnxStage | None = None  # ONNX output: tf2onnx conversion, ONNX-side fold, name mapping
-    switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
-    training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
-    signature: Signature | None = None  # the source's serving signature (SavedModel/Keras/tf.function input)
-
-    def count(self, action: str) -> int:
-        return sum(1 for s in self.sites if s.action == action)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "source": self.source,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "summary": {a: self.count(a) for a in ("folded", "standalone", "skipped")},
-            "sites": [s.to_json() for s in self.sites],
-            "ops_before": self.ops_before,
-            "ops_after": self.ops_after,
-            "nodes_before": sum(self.ops_before.values()),
-            "nodes_after": sum(self.ops_after.values()),
-            "verification": self.verification.to_json() if self.verification else None,
-            "onnx": self.onnx.to_json() if self.onnx else None,
-            "switches": [r.to_json() for r in self.switches],
-            "training_bn": [vars(r) for r in self.training_bn],
-        }
 
 
 GRAPH_SUFFIXES = {".pb", ".pbtxt", ".pbtext", ".txt"}

@@ -413,7 +413,7 @@ def _data_feeds(graph_def: graph_pb2.GraphDef, data: dict[str, np.ndarray] | lis
         return {}
     if isinstance(data, dict):
         return dict(data)
-    inputs = [s for s in find_inputs(graph_def) if s.dtype != 10]  # DT_BOOL flags are not data
+    inputs = [s for s in find_inputs(graph_def) if s.dtype != np.bool_]  # bool flags are not data
     if len(data) > len(inputs):
         raise UsageError(f"--data: {len(data)} arrays for {len(inputs)} input(s); name them with --data NAME=x.npy")
     return {spec.name: value for spec, value in zip(inputs, data, strict=False)}

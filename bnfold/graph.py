@@ -15,15 +15,9 @@ import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
+from bnfold.comparison import parse_input
 
-def parse_input(ref: str) -> tuple[str, int, bool]:
-    """Split a NodeDef input string into (node name, output index, is control)."""
-    if ref.startswith("^"):
-        return ref[1:], -1, True
-    name, sep, port = ref.rpartition(":")
-    if sep and port.isdigit():
-        return name, int(port), False
-    return ref, 0, False
+__all__ = ["GraphIndex", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
 
 
 def tensor_ref(node: str, index: int = 0) -> str:

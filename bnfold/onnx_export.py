@@ -177,16 +177,14 @@ class OrtRunner:
 
 
 def onnx_input_specs(model: onnx.ModelProto) -> list[Any]:
-    """Graph inputs that are not initializers, as :class:`~bnfold.verification.InputSpec` (TF dtype enums)."""
-    import tensorflow as tf
-
+    """Graph inputs that are not initializers, as :class:`~bnfold.comparison.InputSpec`."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
         if value.name in inits:
             continue
         tensor = value.type.tensor_type
-        dtype = tf.as_dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).as_datatype_enum
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
         shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else None
         specs.append(InputSpec(value.name, dtype, shape))
     return specs

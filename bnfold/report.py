@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.api import FoldResult
 from bnfold.io import atomic_write
+from bnfold.result import FoldResult
 
 # Ops that carry BN work at inference, counted before and after.
 BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization", "Rsqrt")

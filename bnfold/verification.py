@@ -1,100 +1,57 @@
-"""Prove the folded graph computes what the original did, before anything is written.
+"""Run frozen TensorFlow graphs for the check: the TF side of :mod:`bnfold.comparison`.
 
-Both graphs run in TensorFlow on the same inputs; every output passes when
-``max|a - b| <= atol + rtol * max|a|``. A batch-independence check then runs
-one sample alone and inside its batch: a graph whose result depends on the
-batch still normalizes with batch statistics (BN left in training mode).
+Both graphs run in TensorFlow on the same inputs and :func:`compare_runners`
+compares them; the numpy-only comparison lives in :mod:`bnfold.comparison` so
+that ONNX and Keras checks share it without importing TensorFlow.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
+from bnfold.comparison import (
+    DEFAULT_BATCH,
+    TOLERANCES,
+    CheckOptions,
+    InputSpec,
+    OutputCheck,
+    Runner,
+    Verification,
+    compare,
+    compare_runners,
+    failure_message,
+    parse_feed_value,
+)
 from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.graph import attr, parse_input
 
-# Default tolerances per output dtype, chosen from measured fold errors (README: "Tolerances").
-TOLERANCES: dict[int, tuple[float, float]] = {
-    types_pb2.DT_DOUBLE: (1e-9, 1e-12),
-    types_pb2.DT_FLOAT: (1e-4, 1e-6),
-    types_pb2.DT_HALF: (1e-2, 1e-3),
-    types_pb2.DT_BFLOAT16: (5e-2, 1e-2),
-}
-DEFAULT_BATCH = 2
+__all__ = [
+    "DEFAULT_BATCH",
+    "TOLERANCES",
+    "CheckOptions",
+    "GraphRunner",
+    "InputSpec",
+    "OutputCheck",
+    "Runner",
+    "Verification",
+    "compare",
+    "compare_runners",
+    "failure_message",
+    "find_inputs",
+    "find_outputs",
+    "needed_inputs",
+    "open_graph_runner",
+    "parse_feed_value",
+    "verify",
+]
+
 NON_OUTPUT_OPS = {"Const", "NoOp", "Placeholder", "PlaceholderWithDefault", "Assert", "SaveV2", "RestoreV2"}
-
-
-@dataclass(frozen=True)
-class CheckOptions:
-    """How a check is run (``--feed``, ``--input-shape``, ``--rtol/--atol``, ``--samples``, ``--seed``), as one value.
-
-    ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value
-    used in every batch; other inputs are drawn at random, anew for each of the
-    ``samples`` batches. ``on_batch(done, total)`` reports progress.
-    """
-
-    feeds: dict[str, np.ndarray] = field(default_factory=dict)
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    rtol: float | None = None
-    atol: float | None = None
-    samples: int = 1
-    seed: int = 0
-    batch_check: bool = True
-    on_batch: Callable[[int, int], None] | None = None
-
-
-@dataclass
-class InputSpec:
-    name: str
-    dtype: int
-    shape: list[int | None] | None
-
-
-@dataclass
-class OutputCheck:
-    """The comparison of one output."""
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    max_abs_value: float
-    rtol: float
-    atol: float
-    passed: bool
-
-
-@dataclass
-class Verification:
-    """The whole check: per-output results, batch independence, and how inputs were made."""
-
-    outputs: list[OutputCheck] = field(default_factory=list)
-    inputs: dict[str, str] = field(default_factory=dict)
-    samples: int = 1
-    batch_independent: bool | None = None
-    batch_error: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and self.batch_independent is not False
-
-    def worst(self) -> OutputCheck | None:
-        failing = [o for o in self.outputs if not o.passed] or self.outputs
-        return max(failing, key=lambda o: o.max_abs_error - (o.atol + o.rtol * o.max_abs_value), default=None)
-
-    def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["passed"] = self.passed
-        return data
 
 
 def find_inputs(graph_def: graph_pb2.GraphDef) -> list[InputSpec]:
@@ -106,43 +63,22 @@ def find_inputs(graph_def: graph_pb2.GraphDef) -> list[InputSpec]:
             shape = (
                 None if shape_proto.unknown_rank or "shape" not in node.attr else [d.size if d.size >= 0 else None for d in shape_proto.dim]
             )
-            specs.append(InputSpec(node.name, attr(node, "dtype").type, shape))
+            specs.append(InputSpec(node.name, numpy_dtype(attr(node, "dtype").type), shape))
     return specs
+
+
+def numpy_dtype(dtype: int) -> np.dtype:
+    """A TF dtype enum as numpy's dtype (strings and resources as ``object``)."""
+    try:
+        return np.dtype(tf.dtypes.as_dtype(dtype).as_numpy_dtype)
+    except TypeError:
+        return np.dtype(object)
 
 
 def find_outputs(graph_def: graph_pb2.GraphDef) -> list[str]:
     """Sinks: nodes no other node reads data from, that compute something."""
     read = {parse_input(ref)[0] for node in graph_def.node for ref in node.input if not ref.startswith("^")}
     return [n.name for n in graph_def.node if n.name not in read and n.op not in NON_OUTPUT_OPS]
-
-
-def parse_feed_value(text: str) -> np.ndarray:
-    """A feed from the command line: a ``.npy`` path, ``true``/``false``, or a number."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return np.array(lowered == "true")
-    if text.endswith(".npy"):
-        path = Path(text)
-        if not path.is_file():
-            raise UsageError(f"--feed: {text}: no such .npy file")
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"--feed: {text}: not a readable .npy file ({exc})") from None
-    try:
-        return np.array(float(text))
-    except ValueError:
-        raise UsageError(f"--feed: {text!r} is not a .npy path, true/false or a number") from None
-
-
-class Runner(Protocol):
-    """What verification needs of a runtime: run outputs on feeds, and the errors meaning "cannot run this"."""
-
-    errors: tuple[type[BaseException], ...]
-
-    def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-    def close(self) -> None: ...
 
 
 def runner_config() -> config_pb2.ConfigProto:
@@ -194,63 +130,9 @@ def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; 
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
 
-def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray], tick: Callable[[], None]) -> list[np.ndarray]:
-    tick()
-    try:
-        return runner.run(outputs, feeds)
-    except runner.errors as exc:
-        raise VerificationError(f"could not run the model for verification: {first_line(exc)}") from None
-
-
 def _tensor_name(ref: str) -> str:
     name, index, _ = parse_input(ref)
     return f"{name}:{index}"
-
-
-def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    np_dtype = tf.dtypes.as_dtype(spec.dtype).as_numpy_dtype
-    if shape_override is not None:
-        shape, how = shape_override, "--input-shape"
-    elif spec.shape is None:
-        raise VerificationError(f"input {spec.name!r} has unknown rank; give --input-shape {spec.name}=D0,D1,... or --no-verify")
-    else:
-        shape = list(spec.shape)
-        how = "declared shape"
-        if shape and shape[0] is None:
-            shape[0] = batch
-            how = f"declared shape, batch {batch} (default)"
-        if any(d is None for d in shape):
-            raise VerificationError(
-                f"input {spec.name!r} has unknown dimensions {spec.shape}; give --input-shape {spec.name}=D0,D1,... or --no-verify"
-            )
-    kind = tf.dtypes.as_dtype(spec.dtype)
-    if kind.is_floating:
-        value = rng.standard_normal(shape).astype(np_dtype)
-    elif kind.is_bool:
-        value = np.zeros(shape, dtype=bool)
-        how += ", all false"
-    elif kind.is_integer:
-        value = rng.integers(0, 8, size=shape).astype(np_dtype)
-    else:
-        raise VerificationError(
-            f"input {spec.name!r} is {kind.name}; bnfold cannot make such data: pass --feed {spec.name}=... or --no-verify"
-        )
-    return value, f"random {kind.name} {list(shape)} ({how})"
-
-
-def compare(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> OutputCheck:
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a64.shape != b64.shape:
-        return OutputCheck(name, float("inf"), float("inf"), 0.0, rtol, atol, False)
-    with np.errstate(all="ignore"):
-        diff = np.abs(a64 - b64)
-        same_nonfinite = (~np.isfinite(a64)) & (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
-        diff = np.where(same_nonfinite, 0.0, diff)
-        finite = np.abs(a64[np.isfinite(a64)])
-        max_abs_value = float(finite.max()) if finite.size else 0.0
-        max_abs = float(np.nan_to_num(diff, nan=np.inf).max()) if diff.size else 0.0
-        max_rel = max_abs / max_abs_value if max_abs_value else (0.0 if max_abs == 0 else float("inf"))
-    return OutputCheck(name, max_abs, max_rel, max_abs_value, rtol, atol, max_abs <= atol + rtol * max_abs_value)
 
 
 def needed_inputs(graph_def: graph_pb2.GraphDef, outputs: list[str], fed: set[str]) -> set[str]:
@@ -327,118 +209,4 @@ def verify(
         specs,
         outputs,
         options,
-    )
-
-
-def compare_runners(
-    open_reference: Callable[[], Runner],
-    open_candidate: Callable[[], Runner],
-    specs: dict[str, InputSpec],
-    outputs: list[str],
-    options: CheckOptions,
-) -> Verification:
-    """The comparison both paths share (TF vs TF, TF vs onnxruntime, onnxruntime vs onnxruntime).
-
-    Runners are opened one after the other, so only one model is loaded at a
-    time: a TF session holds its own copies of every weight.
-    """
-    feeds, on_batch = options.feeds, options.on_batch
-    fed_names = {parse_input(k)[0] for k in feeds}
-    result = Verification(samples=options.samples)
-    rng = np.random.default_rng(options.seed)
-    per_sample: list[dict[str, np.ndarray]] = []
-    for _ in range(max(1, options.samples)):
-        batch_feeds = dict(feeds)
-        for name, spec in specs.items():
-            if name in fed_names or name in feeds:
-                continue
-            batch_feeds[name], how = _synthesize(spec, options.input_shapes.get(name), DEFAULT_BATCH, rng)
-            result.inputs[name] = how
-        per_sample.append(batch_feeds)
-    for name in feeds:
-        result.inputs[name] = "user feed"
-    total = 2 * len(per_sample) + (1 if options.batch_check else 0)
-    steps = iter(range(total + 1))
-
-    def tick() -> None:
-        if on_batch is not None:
-            on_batch(next(steps), total)
-
-    reference = open_reference()
-    try:
-        expected_all = [_run_batch(reference, outputs, batch, tick) for batch in per_sample]
-    finally:
-        reference.close()
-    candidate = open_candidate()
-    try:
-        actual_all = [_run_batch(candidate, outputs, batch, tick) for batch in per_sample]
-        checks: dict[str, OutputCheck] = {}
-        for expected, actual in zip(expected_all, actual_all, strict=True):
-            for name, a, b in zip(outputs, expected, actual, strict=False):
-                a = np.asarray(a)
-                dtype = tf.dtypes.as_dtype(a.dtype).as_datatype_enum if a.dtype != object else types_pb2.DT_FLOAT
-                d_rtol, d_atol = TOLERANCES.get(dtype, TOLERANCES[types_pb2.DT_FLOAT])
-                rtol = d_rtol if options.rtol is None else options.rtol
-                check = compare(name, a, b, rtol, d_atol if options.atol is None else options.atol)
-                prev = checks.get(name)
-                if prev is None or check.max_abs_error > prev.max_abs_error:
-                    check.passed = check.passed and (prev is None or prev.passed)
-                    checks[name] = check
-                elif not check.passed:
-                    prev.passed = False
-        result.outputs = list(checks.values())
-        if options.batch_check:
-            tick()
-            _check_batch_independence(candidate, outputs, per_sample[0], specs, result)
-        if on_batch is not None:
-            on_batch(total, total)
-    finally:
-        candidate.close()
-    return result
-
-
-def _check_batch_independence(
-    runner: Runner,
-    outputs: list[str],
-    batch_feeds: dict[str, np.ndarray],
-    specs: dict[str, InputSpec],
-    result: Verification,
-) -> None:
-    """Sample 0 run alone must equal sample 0 run in its batch."""
-    batched = [n for n, s in specs.items() if s.shape and s.shape[0] is None and n in batch_feeds]
-    if not batched or any(batch_feeds[n].shape[0] < 2 for n in batched):
-        result.notes.append("batch-independence check skipped: no input with a free batch dimension and >1 sample")
-        return
-    single = {k: (v[:1] if k in batched else v) for k, v in batch_feeds.items()}
-    try:
-        alone = runner.run(outputs, single)
-        together = runner.run(outputs, batch_feeds)
-    except runner.errors as exc:
-        result.notes.append(f"batch-independence check skipped: {first_line(exc)}")
-        return
-    worst = 0.0
-    independent = True
-    for name, a, b, check in zip(outputs, alone, together, result.outputs, strict=False):
-        if a.ndim == 0 or b.ndim == 0 or a.shape[0] != 1:
-            continue
-        cmp = compare(name, b[:1], a, check.rtol, check.atol)
-        worst = max(worst, cmp.max_abs_error)
-        independent &= cmp.passed
-    result.batch_independent = independent
-    result.batch_error = worst
-
-
-def failure_message(result: Verification) -> str:
-    """One line naming what failed, for the CLI and for exceptions."""
-    if result.batch_independent is False:
-        return (
-            f"output depends on the batch: sample 0 alone differs from sample 0 in a batch by {result.batch_error:.3g}; "
-            "a BN still uses batch statistics (training mode) - see `bnfold doctor`"
-        )
-    worst = result.worst()
-    if worst is None:
-        return "nothing was compared"
-    return (
-        f"output {worst.name!r} differs by {worst.max_abs_error:.3g} (max |value| {worst.max_abs_value:.3g}), "
-        f"over the tolerance atol={worst.atol:g} + rtol={worst.rtol:g} * max|value|"
     )

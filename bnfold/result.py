@@ -1,0 +1,56 @@
+"""The result of a fold, in every format: what each stage did, for the report and the API.
+
+Imports no framework at run time, so an ONNX-only or Keras-only run builds it
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bnfold.comparison import Verification
+from bnfold.foldmath import SiteRecord
+
+if TYPE_CHECKING:
+    from bnfold.freeze import Signature
+    from bnfold.onnx_export import OnnxStage
+    from bnfold.switches import Resolution, TrainingBnRewrite
+
+
+@dataclass
+class FoldResult:
+    """The folded graph, one record per BN site, op counts, and the verification."""
+
+    graph_def: Any | None  # a tensorflow GraphDef  # None when the input was ONNX (bnfold in.onnx out.onnx)
+    sites: list[SiteRecord]
+    inputs: list[str]
+    outputs: list[str]
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    verification: Verification | None = None
+    source: str = "<GraphDef>"
+    onnx: OnnxStage | None = None  # ONNX output: tf2onnx conversion, ONNX-side fold, name mapping
+    switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
+    training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
+    signature: Signature | None = None  # the source's serving signature (SavedModel/Keras/tf.function input)
+
+    def count(self, action: str) -> int:
+        return sum(1 for s in self.sites if s.action == action)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "summary": {a: self.count(a) for a in ("folded", "standalone", "skipped")},
+            "sites": [s.to_json() for s in self.sites],
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(self.ops_after.values()),
+            "verification": self.verification.to_json() if self.verification else None,
+            "onnx": self.onnx.to_json() if self.onnx else None,
+            "switches": [r.to_json() for r in self.switches],
+            "training_bn": [vars(r) for r in self.training_bn],
+        }
