@@ -13,18 +13,27 @@ says "training" is assumed false) so the other checks see the inference path.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold import io
 from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator
-from bnfold.errors import EXIT_FINDINGS, EXIT_OK, UsageError, VerificationError, first_line
+from bnfold.errors import UsageError, VerificationError, first_line
+from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_doctor; re-exported)
+    DRIFT_MEAN_Z,
+    DRIFT_VAR_RATIO,
+    SEVERITY_ORDER,
+    BnStats,
+    DoctorReport,
+    Finding,
+    Severity,
+    channel_moments,
+    drift_metrics,
+    print_report,
+    write_json,
+)
 from bnfold.folding import fold_graph
 from bnfold.graph import GraphIndex, attr, parse_input
 from bnfold.switches import (
@@ -38,69 +47,8 @@ from bnfold.switches import (
     without_cond_plumbing,
 )
 
-Severity = Literal["error", "warning", "info"]
-SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-
-# BN_STATS_DRIFT thresholds (README: "bnfold doctor"). A channel drifts when its
-# data mean is more than half a stored standard deviation from the moving mean,
-# or its data variance is under half or over twice the moving variance.
-DRIFT_MEAN_Z = 0.5
-DRIFT_VAR_RATIO = (0.5, 2.0)
-
 # Ops whose presence marks a conditional's branch as normalization code.
 _BN_MARKERS = FUSED_BN_OPS | GLOBAL_BN_OPS | {"Rsqrt", "Mean", "SquaredDifference"}
-
-
-@dataclass
-class Finding:
-    """One problem (or note): stable code, severity, the BN nodes, why it matters, and the fix."""
-
-    code: str
-    severity: Severity
-    nodes: list[str]
-    message: str
-    fix: str
-    details: dict[str, object] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass
-class DoctorReport:
-    """All findings for one graph, sorted by severity."""
-
-    source: str
-    findings: list[Finding]
-    bn_count: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        """1 (findings) when anything is at warning level or above, else 0."""
-        return EXIT_FINDINGS if any(f.severity in ("error", "warning") for f in self.findings) else EXIT_OK
-
-    def codes(self) -> list[str]:
-        return [f.code for f in self.findings]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "source": self.source,
-            "bn_count": self.bn_count,
-            "exit_code": self.exit_code,
-            "findings": [f.to_json() for f in self.findings],
-        }
-
-
-@dataclass
-class BnStats:
-    """A BN with stored statistics: what drift and at-init checks compare against."""
-
-    name: str
-    input_ref: str
-    mean: np.ndarray
-    var: np.ndarray
-    eps: float
-    channel_axis: int | None
 
 
 # -- statistics of each BN form ----------------------------------------------------
@@ -340,25 +288,6 @@ def check_unfoldable(graph_def: graph_pb2.GraphDef, protected: set[str]) -> list
     ]
 
 
-def channel_moments(value: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and variance over every axis but ``axis`` (all axes when None)."""
-    x = np.asarray(value, dtype=np.float64)
-    if axis is None:
-        return np.array([x.mean()]), np.array([x.var()])
-    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    return moved.mean(axis=0), moved.var(axis=0)
-
-
-def drift_metrics(stat: BnStats, data_mean: np.ndarray, data_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel: |data mean - moving mean| / sqrt(moving var + eps), and data var / moving var."""
-    mean = np.broadcast_to(stat.mean, data_mean.shape)
-    var = np.broadcast_to(stat.var, data_var.shape)
-    with np.errstate(all="ignore"):
-        z = np.abs(data_mean - mean) / np.sqrt(var + stat.eps)
-        ratio = data_var / np.maximum(var, 1e-12)
-    return z, ratio
-
-
 def check_drift(graph_def: graph_pb2.GraphDef, stats: list[BnStats], feeds: dict[str, np.ndarray]) -> list[Finding]:
     """BN_STATS_DRIFT: each BN's input statistics on the user's data against its moving statistics."""
     from bnfold.verification import open_graph_runner
@@ -450,27 +379,3 @@ def diagnose(
         findings += check_drift(inference, stats, feeds)
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.nodes))
     return DoctorReport(name, findings, count)
-
-
-def print_report(report: DoctorReport, console: object) -> None:
-    """A rich table sorted by severity; a healthy model gets one line saying so."""
-    from rich.table import Table
-
-    if not report.findings:
-        console.print(f"[green]no BN problems found[/] in {report.source} ({report.bn_count} BN layer(s) checked)")  # type: ignore[attr-defined]
-        return
-    style = {"error": "red", "warning": "yellow", "info": "cyan"}
-    table = Table(title=f"bnfold doctor: {report.source}", show_lines=True)
-    for column in ("severity", "code", "nodes", "explanation", "fix"):
-        table.add_column(column, overflow="fold")
-    for f in report.findings:
-        nodes = ", ".join(f.nodes[:4]) + (f" (+{len(f.nodes) - 4})" if len(f.nodes) > 4 else "")
-        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, nodes, f.message, f.fix)
-    console.print(table)  # type: ignore[attr-defined]
-    counts = {s: sum(1 for f in report.findings if f.severity == s) for s in SEVERITY_ORDER}
-    console.print(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} note(s)")  # type: ignore[attr-defined]
-
-
-def write_json(report: DoctorReport, path: Path) -> None:
-    text = json.dumps(report.to_json(), indent=2, default=float)
-    io.atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

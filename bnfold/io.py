@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,23 +16,11 @@ from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.errors import InputError, OutputError, first_line
+from bnfold.files import _umask, atomic_write, check_output_path, read_bytes  # noqa: F401  (TF-free; re-exported)
 from bnfold.graph import parse_input
 
 TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
 VARIABLE_OPS = {"VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "ResourceGather", "AssignVariableOp"}
-
-
-def read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a frozen graph (.pb/.pbtxt)")
-    try:
-        return path.read_bytes()
-    except PermissionError:
-        raise InputError(f"{path}: permission denied; make the file readable") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
@@ -100,24 +87,6 @@ def _missing_attr(node: node_def_pb2.NodeDef) -> str | None:
     return None
 
 
-def check_output_path(src: Path | None, dst: Path, in_place: bool = False, directory: bool = False) -> None:
-    """Fail before any work when the result could not be written or would replace the input."""
-    if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:
-        raise OutputError(f"{dst}: is the input; choose another output path or pass --in-place")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{dst}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{dst}: directory {parent} is not writable")
-    if directory:
-        if dst.exists() and not dst.is_dir():
-            raise OutputError(f"{dst}: exists and is not a directory; a SavedModel output is a directory")
-        if dst.is_dir() and any(dst.iterdir()) and not (dst / "saved_model.pb").exists():
-            raise OutputError(f"{dst}: is a non-empty directory that is not a SavedModel; bnfold will not replace it")
-    elif dst.is_dir():
-        raise OutputError(f"{dst}: is a directory; give a file name ending in .pb, .pbtxt or .onnx")
-
-
 def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dict[str, str], outputs: dict[str, str], dst: Path) -> None:
     """Write a frozen graph as a SavedModel with one signature, built in a temporary directory and renamed in.
 
@@ -162,31 +131,6 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``dst``, then rename it over ``dst``."""
-    parent = dst.parent if str(dst.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        mode = 0o644 & ~_umask()
-        os.chmod(tmp_path, mode)
-        os.replace(tmp_path, dst)
-    except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def graph_def_bytes(graph_def: graph_pb2.GraphDef, text: bool) -> bytes:

@@ -1,0 +1,100 @@
+"""File reads and atomic writes shared by every format, without TensorFlow.
+
+Writes go to a temporary file in the destination directory and are renamed into
+place, so an interrupted run never leaves a half-written model behind and the
+input is never touched. ONNX-only runs use this module so that they need no
+TensorFlow; :mod:`bnfold.io` re-exports it for the TF side.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bnfold.errors import InputError, OutputError
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a frozen graph (.pb/.pbtxt)")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; make the file readable") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def check_output_path(src: Path | None, dst: Path, in_place: bool = False, directory: bool = False) -> None:
+    """Fail before any work when the result could not be written or would replace the input."""
+    if src is not None and src.exists() and dst.exists() and os.path.samefile(src, dst) and not in_place:
+        raise OutputError(f"{dst}: is the input; choose another output path or pass --in-place")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{dst}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{dst}: directory {parent} is not writable")
+    if directory:
+        if dst.exists() and not dst.is_dir():
+            raise OutputError(f"{dst}: exists and is not a directory; a SavedModel output is a directory")
+        if dst.is_dir() and any(dst.iterdir()) and not (dst / "saved_model.pb").exists():
+            raise OutputError(f"{dst}: is a non-empty directory that is not a SavedModel; bnfold will not replace it")
+    elif dst.is_dir():
+        raise OutputError(f"{dst}: is a directory; give a file name ending in .pb, .pbtxt or .onnx")
+
+
+def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary file beside ``dst``, then rename it over ``dst``."""
+    parent = dst.parent if str(dst.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        mode = 0o644 & ~_umask()
+        os.chmod(tmp_path, mode)
+        os.replace(tmp_path, dst)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
+    """Write several files that belong together (a model and its data file) all-or-nothing.
+
+    Every file is filled in a temporary beside its destination first; only when
+    all writes succeeded are they renamed into place, data files before the model
+    that names them, so a reader never sees a model whose data is missing.
+    """
+    temps: dict[Path, Path] = {}
+    try:
+        for dst, write in writes.items():
+            parent = dst.parent if str(dst.parent) else Path(".")
+            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+            temps[dst] = Path(tmp)
+            write(temps[dst])
+            os.chmod(temps[dst], 0o644 & ~_umask())
+        for dst in reversed(list(writes)):
+            os.replace(temps[dst], dst)
+    except OSError as exc:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"{next(iter(writes))}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
