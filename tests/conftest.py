@@ -9,6 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Reference runs of channels_first Keras models execute eagerly, and TF's CPU kernels run NCHW
+# convolutions only through oneDNN, which TF turns off by default on CPUs without AVX-512 (CI's).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
