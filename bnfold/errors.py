@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_VERIFY = 4
 EXIT_OUTPUT = 5
+EXIT_UNSAFE = 6
 EXIT_INTERNAL = 70
 
 
@@ -47,6 +48,16 @@ class OutputError(BnfoldError):
     """The output cannot be written where asked (or would overwrite the input)."""
 
     exit_code = EXIT_OUTPUT
+
+
+class UnsafeModelError(BnfoldError):
+    """The model carries code, or its graph would reach outside the process if run (README "Security").
+
+    Its own exit code, so that scripts tell "refused to run untrusted content"
+    from a broken input; ``--trust-model`` / ``trust_model=True`` lifts it.
+    """
+
+    exit_code = EXIT_UNSAFE
 
 
 def first_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ so a folded SavedModel can be written back with the same interface.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
-from bnfold.errors import InputError, first_line
+from bnfold.errors import InputError, UnsafeModelError, first_line
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -103,13 +104,120 @@ def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE) -> Loaded:
     return loaded
 
 
-def load_keras_file(path: Path) -> Loaded:
-    """A ``.keras`` file with Keras 3; an ``.h5`` with Keras 3, else legacy tf_keras."""
+# Keras layer classes whose config is Python code (marshalled bytecode, or a function to call by name).
+CODE_LAYERS = {"Lambda", "TFOpLambda", "SlicingOpLambda"}
+# Packages a Keras config may name in "module" without bnfold importing foreign code (bnfold: its own ChannelAffine).
+KERAS_MODULES = ("keras", "tf_keras", "bnfold")
+
+
+def keras_config(path: Path) -> Any:
+    """The model config of a .keras (zip: config.json) or .h5 (HDF5 attribute ``model_config``), read without Keras.
+
+    Reading the JSON runs nothing; it lets bnfold see what the file would make
+    Keras execute before Keras deserializes anything.
+    """
+    try:
+        if path.suffix.lower() == ".keras":
+            import zipfile
+
+            with zipfile.ZipFile(path) as archive:
+                text: Any = archive.read("config.json")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                text = handle.attrs.get("model_config")
+    except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile, KeyError (no config.json), h5py's OSError
+        raise InputError(f"{path}: not a Keras model file ({first_line(exc)[:200]})") from None
+    if text is None:
+        raise InputError(f"{path}: no model config in the file (a weights-only .h5?); save the whole model (model.save)")
+    try:
+        return json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: the model config is not JSON ({first_line(exc)[:200]})") from None
+
+
+def code_in_config(config: Any, layer: str = "<model>") -> tuple[str, str] | None:
+    """(layer name, why) for the first object in a Keras config that carries or names Python code, else None.
+
+    Walks every nested dict and list, so layers inside nested models and
+    wrappers (Bidirectional, TimeDistributed) are seen; an object is code when it
+    is a code layer, a serialized lambda (``__lambda__``, ``function_type:
+    lambda``), a function or class from a module outside Keras (loading would
+    import and call it), or a ``TFOpLambda`` that calls something that is not a
+    TensorFlow op.
+    """
+    if isinstance(config, list):
+        for item in config:
+            found = code_in_config(item, layer)
+            if found:
+                return found
+        return None
+    if not isinstance(config, dict):
+        return None
+    inner = config.get("config")
+    name = config.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
+    if "class_name" in config and isinstance(name, str):
+        layer = name
+    class_name = config.get("class_name")
+    if class_name in ("TFOpLambda", "SlicingOpLambda") and isinstance(inner, dict):
+        target = inner.get("function")
+        if not _is_tf_op(target):
+            return layer, f"{class_name} calls tf.{target}, which is not a TensorFlow op"
+    elif class_name in CODE_LAYERS:
+        return layer, f"is a {class_name} layer: its config is Python code"
+    if class_name == "__lambda__" or config.get("function_type") == "lambda" or config.get("output_shape_type") == "lambda":
+        return layer, "carries a serialized Python lambda"
+    module = config.get("module")
+    if isinstance(module, str) and "class_name" in config and module.split(".")[0] not in KERAS_MODULES:
+        return layer, f"names {module}.{class_name}: loading it would import and run code from outside Keras"
+    for key, value in config.items():
+        if key != "module":
+            found = code_in_config(value, layer)
+            if found:
+                return found
+    return None
+
+
+def _is_tf_op(name: object) -> bool:
+    """``nn.relu`` -> True: a TFOpLambda target that builds TensorFlow graph ops (checked again before any run)."""
+    import functools
+
+    if not isinstance(name, str):
+        return False
+    try:
+        symbol = functools.reduce(getattr, name.split("."), tf)
+    except AttributeError:
+        return False
+    module = getattr(symbol, "__module__", "") or ""
+    return module.startswith("tensorflow.python.ops.") and module != "tensorflow.python.ops.script_ops"
+
+
+def check_keras_file(path: Path) -> None:
+    """Refuse a Keras file whose config carries code, before Keras reads it (``trust_model`` skips this)."""
+    found = code_in_config(keras_config(path))
+    if found:
+        layer, why = found
+        raise UnsafeModelError(
+            f"{path}: layer {layer!r} {why}; bnfold does not run code from model files: "
+            "rebuild the model without it, or pass --trust-model (trust_model=True) if you trust this file"
+        )
+
+
+def load_keras_file(path: Path, trust_model: bool = False) -> Loaded:
+    """A ``.keras`` file with Keras 3; an ``.h5`` with Keras 3, else legacy tf_keras.
+
+    Unless ``trust_model``, the config is checked for code first and Keras 3
+    loads in safe mode (no lambdas); legacy tf_keras has no safe mode for .h5,
+    which is why the config check comes before either.
+    """
+    if not trust_model:
+        check_keras_file(path)
     errors = []
     try:
         import keras
 
-        model = keras.saving.load_model(str(path), compile=False)
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=not trust_model)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
         errors.append(f"keras: {first_line(exc)[:200]}")
         model = None
@@ -121,7 +229,7 @@ def load_keras_file(path: Path) -> Loaded:
                 f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files"
             ) from None
         try:
-            model = tf_keras.models.load_model(str(path), compile=False)
+            model = tf_keras.models.load_model(str(path), compile=False, safe_mode=not trust_model)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"tf_keras: {first_line(exc)[:200]}")
     if model is None:
@@ -131,8 +239,8 @@ def load_keras_file(path: Path) -> Loaded:
     return loaded
 
 
-def load(source: Any, signature: str = DEFAULT_SIGNATURE) -> Loaded:
-    """Any supported source -> frozen GraphDef (never modifying the source)."""
+def load(source: Any, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:
+    """Any supported source -> frozen GraphDef (never modifying the source); ``trust_model`` lets Keras files run their code."""
     if isinstance(source, graph_pb2.GraphDef):
         io.check_graph(source, "<GraphDef>")
         return Loaded(source, "<GraphDef>")
@@ -147,7 +255,7 @@ def load(source: Any, signature: str = DEFAULT_SIGNATURE) -> Loaded:
         if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
             if not path.exists():
                 raise InputError(f"{path}: no such file")
-            return load_keras_file(path)
+            return load_keras_file(path, trust_model)
         return Loaded(io.load_graph_def(path), str(path))
     if hasattr(source, "structured_outputs") and hasattr(source, "graph"):
         return freeze_concrete_function(source)

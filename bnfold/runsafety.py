@@ -1,0 +1,234 @@
+"""Which graphs bnfold may run: none that reach outside the process.
+
+bnfold runs a model's graph for the equivalence check, for ``doctor --data`` and
+(through tf2onnx's constant folding) for ONNX conversion. A downloaded graph is
+untrusted input, and TensorFlow ops can read and write files, talk to the
+network, run Python, or touch session resources. The decision is made from
+TensorFlow's op registry, op by op, so that it covers every registered op rather
+than a short list of names an attacker can step around.
+
+The rule (README "Security"), for every node that would run -- the fetched
+tensors and everything they depend on, data and control edges, plus every node
+of every library function those nodes call, transitively:
+
+1. Session resources are off limits: an op with a ``resource`` or reference-typed
+   input or output (variables, queues, tables, readers, iterators, stacks,
+   accumulators, mutexes, summary writers, ...) is refused.
+2. Places are off limits: an op with a string input whose name names a place
+   (``filename``, ``path``, ``prefix``, ``*_file``,
+   ``*_dir``, ``logdir``, ``address``, ``protocol``, ``target``...) is refused, and
+   so is a node whose string attribute named like a place (``memory_region_name``,
+   ``descriptor_source``, ``*_prefix``, ``*_url*``, ``output_stream``) holds a value
+   other than an in-process one (``""``, ``local://``, ``stderr``, ``log(info)``...).
+3. Stateful ops (``op_def.is_stateful``) are refused unless they are in
+   :data:`HARMLESS_STATEFUL`: random number generators whose state lives in
+   the kernel, assertions and numeric checks, printing to the process's own
+   streams, function arguments/results, and calls and control flow, whose
+   bodies are checked by this same rule.
+4. Stateless ops whose documented effect reaches outside and that the registry
+   cannot show (:data:`DOCUMENTED_EFFECTS`: ``ImmutableConst`` memory-maps a
+   file, ``MatchingFiles`` globs the file system, ``PyFuncStateless`` runs
+   Python, ``DatasetFromGraph`` runs a graph the check cannot see) are refused.
+
+An op TensorFlow does not know is not refused here: TensorFlow cannot import it,
+so it cannot run either. Rule 1 also refuses what a frozen graph should not
+have anyway (variables), which is why it holds for every graph bnfold runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
+from tensorflow.python.framework import op_def_registry
+
+from bnfold.errors import UnsafeModelError
+from bnfold.graph import parse_input
+
+# Rule 3: stateful ops whose state never leaves the process, each with why.
+HARMLESS_STATEFUL: dict[str, str] = {
+    **{
+        op: "random numbers from the kernel's own generator"
+        for op in (
+            "RandomUniform",
+            "RandomUniformInt",
+            "RandomStandardNormal",
+            "TruncatedNormal",
+            "ParameterizedTruncatedNormal",
+            "RandomGamma",
+            "RandomPoisson",
+            "RandomPoissonV2",
+            "RandomShuffle",
+            "RandomCrop",
+            "Multinomial",
+            "NonDeterministicInts",
+            "SampleDistortedBoundingBox",
+            "SampleDistortedBoundingBoxV2",
+            "StatelessRandomGetAlg",
+        )
+    },
+    "Assert": "fails the run or does nothing",
+    "CheckNumerics": "fails the run or passes its input through",
+    "CheckNumericsV2": "fails the run or passes its input through",
+    "Print": "logs to the process's stderr",
+    "PrintV2": "prints to the process's own streams (a file output_stream is refused by rule 2)",
+    "_Arg": "a function's argument",
+    "_Retval": "a function's result",
+    "If": "control flow: both branches are checked",
+    "While": "control flow: condition and body are checked",
+    "Case": "control flow: every branch is checked",
+    "For": "control flow: the body is checked",
+    "StatefulPartitionedCall": "a function call: the function is checked",
+}
+
+# Rule 4: stateless in the registry, documented to reach outside the process.
+DOCUMENTED_EFFECTS: dict[str, str] = {
+    "ImmutableConst": "memory-maps the file its memory_region_name names",
+    "MatchingFiles": "lists files matching a pattern on the file system",
+    "PyFuncStateless": "runs a Python function registered in the process",
+    "DatasetFromGraph": "builds a dataset from a serialized graph bnfold cannot check",
+}
+
+# Rule 2: string inputs and string attributes that name a place.
+PLACE_INPUT = re.compile(
+    r"(^|_)(files?|filenames?|file_pattern|path|prefix|dir|logdir|address|protocol|target|ckpt_path)$"
+)
+PLACE_ATTR = re.compile(r"file|path|prefix|_dir$|url|memory_region|descriptor_source|output_stream|address")
+IN_PROCESS_VALUES = {"", "local://", "global://", "stderr", "stdout", "log(info)", "log(warning)", "log(error)"}
+
+RESOURCE_TYPES = {types_pb2.DT_RESOURCE}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One node bnfold will not run, and why."""
+
+    node: str
+    op: str
+    reason: str
+    function: str | None = None  # the library function holding the node, None in the graph itself
+
+    @property
+    def where(self) -> str:
+        return f"{self.function}/{self.node}" if self.function else self.node
+
+    def to_json(self) -> dict[str, str]:
+        return {"node": self.where, "op": self.op, "reason": self.reason}
+
+
+@functools.cache
+def op_refusal(op: str) -> str | None:
+    """Why an op type may never run (rules 1, 3, 4, and the input part of 2), or None."""
+    op_def = op_def_registry.get(op)
+    if op_def is None:
+        return None
+    return _op_def_refusal(op_def)
+
+
+def _op_def_refusal(op_def: op_def_pb2.OpDef) -> str | None:
+    if op_def.name in DOCUMENTED_EFFECTS:
+        return DOCUMENTED_EFFECTS[op_def.name]
+    args = [*op_def.input_arg, *op_def.output_arg]
+    if any(a.type in RESOURCE_TYPES or a.is_ref for a in args):
+        return "uses session resources (variables, queues, tables, readers, iterators...)"
+    for arg in op_def.input_arg:
+        if arg.type == types_pb2.DT_STRING and PLACE_INPUT.search(arg.name):
+            return f"takes a place to read or write (input {arg.name!r})"
+    if op_def.is_stateful and op_def.name not in HARMLESS_STATEFUL:
+        return "is stateful (its effects reach outside the graph)"
+    return None
+
+
+def node_refusal(node: node_def_pb2.NodeDef) -> str | None:
+    """Why this node may not run: its op type, or a place held in one of its attributes."""
+    reason = op_refusal(node.op)
+    if reason is not None:
+        return reason
+    for key, value in node.attr.items():
+        if not PLACE_ATTR.search(key):
+            continue
+        texts = [value.s] if value.HasField("s") else list(value.list.s)
+        for text in texts:
+            decoded = text.decode("utf-8", "replace")
+            if decoded not in IN_PROCESS_VALUES:
+                return f"names a place in attribute {key!r} ({decoded[:80]!r})"
+    return None
+
+
+def _called(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:
+    """Library functions a node runs: its op (a function call by name) and its function attributes."""
+    called = [node.op] if node.op in functions else []
+    for value in node.attr.values():
+        called += _attr_functions(value)
+    return [f for f in called if f in functions]
+
+
+def _attr_functions(value: attr_value_pb2.AttrValue) -> list[str]:
+    if value.HasField("func"):
+        return [value.func.name]
+    return [f.name for f in value.list.func]
+
+
+def refused_nodes(graph_def: graph_pb2.GraphDef, fetches: list[str] | None = None) -> list[Refusal]:
+    """Every node that would run for ``fetches`` (all nodes when None) that the rule refuses."""
+    nodes = {n.name: n for n in graph_def.node}
+    library = {f.signature.name: f for f in graph_def.library.function}
+    if fetches is None:
+        running = list(nodes)
+    else:
+        running, seen = [], set()
+        stack = [parse_input(f)[0] for f in fetches]
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in nodes:
+                continue
+            seen.add(name)
+            running.append(name)
+            stack.extend(parse_input(ref)[0] for ref in nodes[name].input)
+    refusals = []
+    pending: list[str] = []
+    for name in running:
+        node = nodes[name]
+        reason = node_refusal(node)
+        if reason is not None:
+            refusals.append(Refusal(node.name, node.op, reason))
+        pending += _called(node, set(library))
+    checked: set[str] = set()
+    while pending:
+        fname = pending.pop()
+        if fname in checked:
+            continue
+        checked.add(fname)
+        for node in library[fname].node_def:
+            reason = node_refusal(node)
+            if reason is not None:
+                refusals.append(Refusal(node.name, node.op, reason, fname))
+            pending += _called(node, set(library))
+    return refusals
+
+
+def check_runnable(
+    graph_def: graph_pb2.GraphDef,
+    fetches: list[str] | None,
+    what: str,
+    hint: str = "--no-verify folds without running anything, --trust-model runs it anyway",
+) -> None:
+    """Raise :class:`UnsafeModelError` naming the first node the rule refuses, before anything runs."""
+    refusals = refused_nodes(graph_def, fetches)
+    if refusals:
+        first = refusals[0]
+        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+        raise UnsafeModelError(
+            f"{what}: node {first.where!r} ({first.op}) {first.reason}{more}; bnfold does not run such graphs: {hint}"
+        )
+
+
+def registry_decisions() -> dict[str, str | None]:
+    """Every registered op -> why it is refused, or None: the rule applied to the whole registry (for tests and the note)."""
+    from tensorflow.python.client import pywrap_tf_session
+
+    ops = op_def_pb2.OpList()
+    ops.ParseFromString(pywrap_tf_session.TF_GetBuffer(pywrap_tf_session.TF_GetAllOpList()))
+    return {op.name: _op_def_refusal(op) for op in ops.op}
