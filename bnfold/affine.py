@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.framework import node_def_pb2, types_pb2
 
-from bnfold.canonical import FLOAT_TYPES, NORMALIZATION_EVIDENCE, ConstEvaluator, input_dtype
+from bnfold.canonical import FLOAT_TYPES, NORMALIZATION_EVIDENCE, ConstEvaluator, input_dtype, output_dtype
+from bnfold.foldmath import bn_affine
 from bnfold.graph import GraphIndex, attr
 
 FUSED_BN_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
@@ -48,6 +49,9 @@ class Affine:
     output_node: str
     dtype: int
     replaces: list[str] = field(default_factory=list)
+    const_refs: list[str] = field(default_factory=list)  # the constants it was computed from (a --feed may override one)
+    const_rank: int = 0  # highest rank of those constants: a broadcast may raise the input's rank
+    out_dtype: int | None = None  # the dtype readers of output_node expect (differs from dtype after a widening Cast)
 
     @property
     def channels(self) -> int:
@@ -73,6 +77,8 @@ class Step:
     shift: np.ndarray
     axis: int | None
     evidence: bool
+    const_refs: tuple[str, ...] = ()
+    const_rank: int = 0  # rank of the constant side (BiasAdd and fused BN never broadcast: 0)
 
 
 def per_channel(value: np.ndarray, rank_hint: int | None = None) -> tuple[np.ndarray, int | None] | None:
@@ -112,7 +118,17 @@ def rank_of(index: GraphIndex, ref: str) -> int | None:
 
 
 def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Step | None:
-    """Read ``node`` as a per-channel affine step, if it is one."""
+    """Read ``node`` as a per-channel affine step, if it is one.
+
+    A widening float ``Cast`` (Keras 3 mixed precision casts an fp16 conv's output
+    to float32 for its BN) is the identity step: it loses nothing, and the fold
+    restores the dtype at the end.
+    """
+    if node.op == "Cast":
+        src, dst = (attr(node, k).type for k in ("SrcT", "DstT"))
+        if src in FLOAT_TYPES and dst in FLOAT_TYPES and _width(dst) >= _width(src) and len(index.data_inputs(node)) == 1:
+            return Step(node.name, index.data_inputs(node)[0], np.ones(1), np.zeros(1), None, False)
+        return None
     if node.op not in STEP_OPS or attr(node, "T").type not in FLOAT_TYPES:
         return None
     inputs = index.data_inputs(node)
@@ -135,7 +151,7 @@ def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -
         if axis is None:
             return None
         vec, shift = np.ones(1), c.reshape(-1)
-        return Step(node.name, x_ref, vec, shift, axis if shift.size > 1 else None, False)
+        return Step(node.name, x_ref, vec, shift, axis if shift.size > 1 else None, False, (c_ref,))
     channel = per_channel(c)
     if channel is None:
         return None
@@ -152,7 +168,12 @@ def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -
             scale, shift = 1.0 / vec, zero
     else:
         return None
-    return Step(node.name, x_ref, scale, shift, axis, ev.contains_op(c_ref, NORMALIZATION_EVIDENCE))
+    return Step(node.name, x_ref, scale, shift, axis, ev.contains_op(c_ref, NORMALIZATION_EVIDENCE), (c_ref,), c.ndim)
+
+
+def _width(dtype: int) -> int:
+    """Mantissa bits of a float dtype: a Cast to at least as many loses nothing."""
+    return {types_pb2.DT_BFLOAT16: 8, types_pb2.DT_HALF: 11, types_pb2.DT_FLOAT: 24, types_pb2.DT_DOUBLE: 53}.get(dtype, 0)
 
 
 def _sole_reader(index: GraphIndex, name: str) -> str | None:
@@ -215,6 +236,15 @@ def _finish(index: GraphIndex, ev: ConstEvaluator, name: str, form: str, own: li
     kept = steps[dropped:]
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return Unfoldable(name, form, "non-finite scale or shift (NaN/inf statistics, or var + eps <= 0)")
+    const_rank = max(s.const_rank for s in kept)
+    in_rank = rank_of(index, kept[0].input_ref)
+    if in_rank is not None and const_rank > in_rank:
+        return Unfoldable(
+            name,
+            form,
+            f"a rank-{const_rank} constant broadcasts the rank-{in_rank} {kept[0].input_ref} to rank {const_rank}: "
+            "the shape changes, so it is not a per-channel affine",
+        )
     end = own[-1].node
     dtype = input_dtype(index, kept[0].input_ref) or attr(index.node(end), "T").type
     if dtype not in FLOAT_TYPES:
@@ -229,6 +259,9 @@ def _finish(index: GraphIndex, ev: ConstEvaluator, name: str, form: str, own: li
         output_node=end,
         dtype=dtype,
         replaces=[s.node for s in kept],
+        const_refs=[r for s in kept for r in s.const_refs],
+        const_rank=const_rank,
+        out_dtype=output_dtype(index.node(end)),
     )
 
 
@@ -248,7 +281,7 @@ def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.No
         return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants")
     gamma, beta, mean, var = params  # type: ignore[misc]
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
-    return _from_statistics(index, ev, node, form, x_ref, gamma, beta, mean, var, eps)
+    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
 
 
 def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable:
@@ -263,7 +296,7 @@ def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.N
     if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)
     eps = attr(node, "variance_epsilon").f
-    return _from_statistics(index, ev, node, form, x_ref, gamma, beta, mean, var, eps)
+    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
 
 
 def _from_statistics(
@@ -272,21 +305,18 @@ def _from_statistics(
     node: node_def_pb2.NodeDef,
     form: str,
     x_ref: str,
-    gamma: np.ndarray,
-    beta: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
+    stats: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     eps: float,
+    refs: list[str],
 ) -> Affine | Unfoldable:
-    with np.errstate(all="ignore"):
-        denom = var + eps
-        if not (np.all(np.isfinite(denom)) and np.all(denom > 0)):
-            return Unfoldable(node.name, form, "variance + epsilon is not positive and finite")
-        scale = gamma / np.sqrt(denom)
-        shift = beta - mean * scale
+    """A fused BN's statistics as a step, through the fold math every format shares."""
+    affine = bn_affine(*stats, eps)
+    if isinstance(affine, str):
+        return Unfoldable(node.name, form, affine)
+    scale, shift = affine
     fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
     axis = data_format_axis(fmt, rank_of(index, node.name))
-    own = Step(node.name, x_ref, scale.reshape(-1), shift.reshape(-1), axis, True)
+    own = Step(node.name, x_ref, scale, shift, axis, True, tuple(refs))
     return _finish(index, ev, node.name, form, [own])
 
 
@@ -294,6 +324,8 @@ def is_chain_end(index: GraphIndex, ev: ConstEvaluator, step: Step) -> bool:
     reader = _sole_reader(index, step.node)
     if reader is None:
         return True
+    if index.node(reader).op not in STEP_OPS:
+        return True  # a Cast after the chain ends it (a chain never ends at a Cast)
     nxt = as_step(index, ev, index.node(reader))
     return nxt is None or nxt.input_ref.split(":")[0] != step.node
 
@@ -309,18 +341,46 @@ def recognize_decomposed(index: GraphIndex, ev: ConstEvaluator, node: node_def_p
     return _finish(index, ev, node.name, "decomposed", chain)
 
 
-def recognize_runtime_statistics(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Unfoldable | None:
+@dataclass
+class OtherNormalization:
+    """A layer or instance norm: statistics computed per sample at run time. Not a BN, so not a BN site."""
+
+    name: str
+    reason: str
+
+
+def _reduces_over_batch(index: GraphIndex, ev: ConstEvaluator, rsqrt: str) -> bool:
+    """Whether a ``Mean`` feeding the run-time ``Rsqrt`` averages over axis 0: batch statistics (training-mode BN).
+
+    Layer norm averages over features and instance norm over space, per sample.
+    """
+    for node in index.walk(rsqrt, limit=64):
+        if node.op != "Mean" or len(node.input) < 2:
+            continue
+        axes = ev.value(node.input[1])
+        if axes is not None and 0 in {int(a) for a in np.ravel(axes)}:
+            return True
+    return False
+
+
+def recognize_runtime_statistics(
+    index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef
+) -> Unfoldable | OtherNormalization | None:
     """An ``Rsqrt`` of statistics computed at run time: a normalization that cannot be folded."""
     if node.op != "Rsqrt" or ev.is_const(node.name):
         return None
+    if not _reduces_over_batch(index, ev, node.name):
+        return OtherNormalization(node.name, "per-sample statistics computed at run time (layer or instance norm); nothing to fold")
     return Unfoldable(
         node.name,
         "decomposed",
-        "mean/variance are computed at run time (training-mode BN, instance or layer norm), not constants",
+        "mean/variance are computed at run time over the batch (training-mode BN), not constants",
     )
 
 
-def recognize(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable | None:
+def recognize(
+    index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef
+) -> Affine | Unfoldable | OtherNormalization | None:
     """The BN site that ends at ``node``, if any."""
     if node.op in FUSED_BN_OPS:
         return recognize_fused(index, ev, node)

@@ -17,10 +17,12 @@ from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
 from bnfold.errors import UsageError, VerificationError
-from bnfold.folding import fold_graph
+from bnfold.folding import fold_graph_outcome
+from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
 from bnfold.freeze import DEFAULT_SIGNATURE, Signature, load
 from bnfold.graph import op_counts, parse_input
 from bnfold.result import FoldResult
+from bnfold.runsafety import check_runnable, refused_nodes
 from bnfold.switches import canonicalize, without_cond_plumbing
 from bnfold.verification import failure_message, find_inputs, find_outputs, verify
 
@@ -29,11 +31,6 @@ GraphSource = Any
 
 
 GRAPH_SUFFIXES = {".pb", ".pbtxt", ".pbtext", ".txt"}
-
-
-def is_saved_model_destination(dst: Path) -> bool:
-    """OUT without a model-file suffix (.pb, .pbtxt, .onnx) names a SavedModel directory."""
-    return dst.suffix.lower() not in GRAPH_SUFFIXES | {".onnx"}
 
 
 def _check_names(graph_def: graph_pb2.GraphDef, names: list[str] | None, option: str) -> None:
@@ -60,6 +57,7 @@ def fold(
     set_flags: dict[str, bool] | None = None,
     training_bn: str = "keep",
     signature: str = DEFAULT_SIGNATURE,
+    trust_model: bool = False,
 ) -> FoldResult:
     """Fold every BN of a frozen graph into the conv/dense ops around it.
 
@@ -77,8 +75,14 @@ def fold(
     rewrites ``is_training=True`` fused BN to use the moving statistics; that
     changes the result on purpose, so verification then compares against the
     rewritten graph.
+
+    Untrusted models (README "Security"): Keras files whose config carries code
+    and graphs whose check would reach outside the process (files, network,
+    session resources) raise :class:`~bnfold.errors.UnsafeModelError` unless
+    ``trust_model``; with ``verify_outputs=False`` nothing runs, and such nodes
+    pass through untouched, listed in ``result.foreign_ops``.
     """
-    loaded = load(source, signature)
+    loaded = load(source, signature, trust_model=trust_model)
     graph_def, name = loaded.graph_def, loaded.source
     _check_names(graph_def, inputs, "--inputs")
     _check_names(graph_def, outputs, "--outputs")
@@ -97,7 +101,10 @@ def fold(
     # A graph bnfold loaded itself and will not verify against is folded in place:
     # no copy of the model is made (bnfold IN OUT --no-verify, the fastest path).
     owned = loaded.graph_def is not source or canonical is not graph_def
-    folded, sites = fold_graph(canonical, protected, in_place=owned and not verify_outputs)
+    outcome = fold_graph_outcome(
+        canonical, protected, in_place=owned and not verify_outputs, fed={parse_input(k)[0] for k in feeds or {}}
+    )
+    folded, sites = outcome.graph_def, outcome.sites
     reference = canonical if any(r.rewritten for r in rewrites) else graph_def
     fed = {parse_input(k)[0] for k in feeds or {}}
     feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **(feeds or {})}
@@ -112,7 +119,11 @@ def fold(
         switches=resolutions,
         training_bn=rewrites,
         signature=loaded.signature,
+        other_normalizations=outcome.others,
+        foreign_ops=[r.to_json() for r in refused_nodes(graph_def)],
     )
+    if verify_outputs and not trust_model:
+        check_runnable(reference, out_names, f"{name}: the check")
     if verify_outputs:
         result.verification = verify(
             reference,
@@ -126,6 +137,7 @@ def fold(
             samples=samples,
             seed=seed,
             on_batch=on_batch,
+            trust_model=trust_model,
         )
         if not result.verification.passed and not force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
@@ -145,25 +157,27 @@ def fold_file(
     may not be ``src`` unless ``in_place=True``. An ``.onnx`` source or destination
     goes through :func:`bnfold.onnx_export.to_onnx` (options such as ``opset`` too).
     """
+    check_output_format(dst)
     src_path, dst_path = Path(src), Path(dst)
     if dst_path.suffix.lower() == ".onnx" or src_path.suffix.lower() == ".onnx":
         from bnfold.onnx_export import fold_file_onnx
 
         return fold_file_onnx(src_path, dst_path, in_place=in_place, **options)
-    io.check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst_path))
+    io.check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst))
     result = fold(src_path, **options)  # type: ignore[arg-type]
-    write_result(result, dst_path)
+    write_result(result, dst)
     return result
 
 
-def write_result(result: FoldResult, dst: Path) -> None:
+def write_result(result: FoldResult, dst: str | os.PathLike[str]) -> None:
     """Write a folded TF graph as .pb/.pbtxt, or as a SavedModel directory with the source's signature."""
     assert result.graph_def is not None
+    check_output_format(dst)
     if is_saved_model_destination(dst):
         signature = result.signature or Signature(
             inputs={n: f"{n}:0" for n in result.inputs},
             outputs={parse_input(n)[0]: f"{parse_input(n)[0]}:{parse_input(n)[1]}" for n in result.outputs},
         )
-        io.write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, dst)
+        io.write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, Path(dst))
     else:
         io.write_graph_def(result.graph_def, dst)

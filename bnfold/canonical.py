@@ -9,11 +9,11 @@ sees plain numbers and the graph is only touched where a site is folded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from tensorflow.core.framework import types_pb2
-from tensorflow.python.framework import tensor_util
+from tensorflow.core.framework import node_def_pb2, op_def_pb2, types_pb2
+from tensorflow.python.framework import op_def_registry, tensor_util
 
 from bnfold.graph import GraphIndex, attr, const_array, parse_input
 
@@ -79,9 +79,9 @@ class ConstEvaluator:
             if node.op in PASS_THROUGH:
                 return self.raw(node.input[index if node.op == "IdentityN" else 0])
             value = self.value(ref)
-            if value is None:
+            dtype = output_dtype(node, index)
+            if value is None or dtype is None:
                 return None
-            dtype = attr(node, "T").type if "T" in node.attr else types_pb2.DT_FLOAT
             return value.astype(tensor_util.dtypes.as_dtype(dtype).as_numpy_dtype)
         except (ValueError, TypeError, IndexError):
             return None  # a corrupt constant is not a constant bnfold can fold
@@ -157,12 +157,45 @@ class ConstEvaluator:
         return None
 
 
+def _arg_dtype(node: node_def_pb2.NodeDef, args: Sequence[op_def_pb2.OpDef.ArgDef], position: int) -> int | None:
+    """The dtype of the ``position``-th tensor of an op's argument list (inputs or outputs)."""
+    for arg in args:
+        if arg.type_list_attr:
+            types = list(node.attr[arg.type_list_attr].list.type) if arg.type_list_attr in node.attr else []
+            count = len(types)
+        else:
+            count = node.attr[arg.number_attr].i if arg.number_attr and arg.number_attr in node.attr else 1
+        if position < count:
+            if arg.type_list_attr:
+                return types[position]
+            if arg.type:
+                return arg.type
+            return node.attr[arg.type_attr].type if arg.type_attr in node.attr else None
+        position -= count
+    return None
+
+
+def output_dtype(node: node_def_pb2.NodeDef, port: int = 0) -> int | None:
+    """The dtype of output ``port`` of ``node``, read from TensorFlow's op registry.
+
+    Which attribute names an output's dtype differs per op (``T``, ``DstT`` of
+    ``Cast``, ``U`` of a fused BN's statistics, ``dtype`` of ``Const``, a type
+    list of ``IdentityN``); guessing ``T`` wrote float32 weights on float16
+    convs of mixed-precision models. ``None`` for ops the registry lacks.
+    """
+    op_def = op_def_registry.get(node.op)
+    return None if op_def is None or port < 0 else _arg_dtype(node, op_def.output_arg, port)
+
+
+def consumer_dtype(node: node_def_pb2.NodeDef, slot: int) -> int | None:
+    """The dtype that input ``slot`` of ``node`` must have (the registry's ``input_arg``), or None."""
+    op_def = op_def_registry.get(node.op)
+    return None if op_def is None or slot < 0 else _arg_dtype(node, op_def.input_arg, slot)
+
+
 def input_dtype(index: GraphIndex, ref: str) -> int | None:
-    """The dtype of a tensor, read from its producer's ``T``/``dtype`` attribute."""
-    node, _ = index.producer(ref)
+    """The dtype of a tensor, read per op from TensorFlow's op registry."""
+    node, port = index.producer(ref)
     if node is None:
         return None
-    for key in ("T", "dtype", "DstT"):
-        if key in node.attr:
-            return node.attr[key].type
-    return None
+    return output_dtype(node, port)

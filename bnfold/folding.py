@@ -14,8 +14,8 @@ import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 from tensorflow.python.framework import dtypes
 
-from bnfold.affine import Affine, Unfoldable, as_step, data_format_axis, recognize
-from bnfold.canonical import FLOAT_TYPES, ConstEvaluator
+from bnfold.affine import Affine, OtherNormalization, Unfoldable, as_step, data_format_axis, recognize
+from bnfold.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
 from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
 
@@ -71,11 +71,15 @@ def _out_axes(linear: node_def_pb2.NodeDef, weights: np.ndarray, out_axis: int) 
 class Folder:
     """One fold of one graph: holds the index, the evaluator and the records."""
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, protected: set[str], in_place: bool = False) -> None:
+    def __init__(
+        self, graph_def: graph_pb2.GraphDef, protected: set[str], in_place: bool = False, fed: set[str] | None = None
+    ) -> None:
         self.index = GraphIndex(graph_def, in_place=in_place)
         self.ev = ConstEvaluator(self.index)
         self.protected = protected
+        self.fed = fed or set()
         self.records: list[SiteRecord] = []
+        self.others: list[SiteRecord] = []  # layer/instance norms: reported apart, never as BN sites
         self._last_linear: str | None = None
 
     # -- driver --------------------------------------------------------------
@@ -87,13 +91,39 @@ class Folder:
                 if name not in self.index:
                     continue
                 site = recognize(self.index, self.ev, self.index.node(name))
-                if isinstance(site, Unfoldable):
+                if isinstance(site, OtherNormalization):
+                    self.others.append(SiteRecord(site.name, "normalization", "skipped", reason=site.reason))
+                elif isinstance(site, Unfoldable):
                     self.records.append(SiteRecord(site.name, site.form, "skipped", reason=site.reason))
                 elif site is not None:
-                    self.records.append(self.fold_site(site))
+                    why = self._guard(site)
+                    if why:
+                        self.records.append(SiteRecord(site.name, site.form, "skipped", reason=why))
+                    else:
+                        self.records.append(self.fold_site(site))
         finally:
             sys.setrecursionlimit(limit)
         return self.records
+
+    def _guard(self, site: Affine) -> str | None:
+        """Why folding ``site`` would lose a tensor the user named, or use a constant the user overrides."""
+        named = [n for n in site.replaces if n != site.output_node and n in self.protected]
+        if named:
+            return f"{named[0]} is a requested input/output/fed tensor, and folding would remove it"
+        fed = self._fed_in(site.const_refs)
+        if fed:
+            return f"{fed} is fed (--feed), so the BN parameters computed from it are not constants"
+        return None
+
+    def _fed_in(self, refs: list[str]) -> str | None:
+        """A fed node that the constant subgraphs behind ``refs`` read, if any."""
+        if not self.fed:
+            return None
+        for ref in refs:
+            for node in self.index.walk(parse_input(ref)[0]):
+                if node.name in self.fed:
+                    return node.name
+        return None
 
     def fold_site(self, site: Affine) -> SiteRecord:
         forward = self.fold_forward(site)
@@ -115,8 +145,12 @@ class Folder:
             return f"not after a conv/dense op (input is {linear.op if linear else 'missing'})"
         spec = LINEAR_OPS[linear.op]
         readers = self.index.consumers(linear.name)
-        if len(readers) != 1 or self.index.control_consumers(linear.name) or linear.name in self.protected:
+        if linear.name in self.protected:
+            return f"{linear.name} is a requested output/fed tensor, and folding would change its value"
+        if len(readers) != 1 or self.index.control_consumers(linear.name):
             return f"{linear.name} output also feeds other ops"
+        if site.const_rank > spec.rank:
+            return f"a rank-{site.const_rank} constant would broadcast {linear.name}'s rank-{spec.rank} output to a higher rank"
         weights = self._usable_weights(site, linear, spec)
         if isinstance(weights, str):
             return weights
@@ -139,7 +173,11 @@ class Folder:
     def fold_backward(self, site: Affine) -> str | None:
         """Fold into the linear op after the site where exact; the reason it cannot, else None."""
         readers = self.index.consumers(site.output_node)
-        if len(readers) != 1 or self.index.control_consumers(site.output_node) or site.output_node in self.protected:
+        if site.output_node in self.protected:
+            return f"{site.output_node} is a requested output/fed tensor"
+        if site.out_dtype is not None and site.out_dtype != site.dtype:
+            return "a Cast inside the BN changes the dtype the next op reads"
+        if len(readers) != 1 or self.index.control_consumers(site.output_node):
             return "not read by a single conv/dense op"
         linear = self.index.node(readers[0].node)
         spec = LINEAR_OPS.get(linear.op)
@@ -147,6 +185,8 @@ class Folder:
             return f"not read by a conv/dense op (read by {linear.op})"
         if linear.op == "Conv2DBackpropInput":
             return "before a transposed conv: overlapping windows make the shift non-uniform"
+        if site.const_rank > spec.rank:
+            return f"a rank-{site.const_rank} constant changes the rank of {linear.name}'s input"
         if linear.op == "MatMul" and attr(linear, "transpose_a").b:
             return f"{linear.name} transposes its input"
         has_shift = bool(np.any(site.shift != 0))
@@ -181,7 +221,8 @@ class Folder:
             if not (np.all(np.isfinite(site.scale.astype(np_dtype))) and np.all(np.isfinite(site.shift.astype(np_dtype)))):
                 return f"scale or shift overflows {np.dtype(np_dtype).name}"
         k = -site.channel_axis if site.channel_axis is not None else 1
-        shape = (-1,) + (1,) * (k - 1)
+        # Keep the rank of the constants replaced: a (1, 1, C) Add broadcasts its input to rank 3.
+        shape = (1,) * max(0, site.const_rank - k) + (-1,) + (1,) * (k - 1)
         scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", site.scale.reshape(shape).astype(np_dtype), site.dtype)
         shift_c = self.index.add_const(f"{site.name}/bnfold_shift/value", site.shift.reshape(shape).astype(np_dtype), site.dtype)
         mul = make_node(
@@ -200,6 +241,9 @@ class Folder:
             return why
         if len(linear.input) <= spec.weight_slot:
             return f"{linear.name} has no weights input"
+        fed = self._fed_in([linear.input[spec.weight_slot]])
+        if fed:
+            return f"{linear.name} weights depend on {fed}, which is fed (--feed)"
         weights = self.ev.raw(linear.input[spec.weight_slot])
         if weights is None:
             return f"{linear.name} weights are not constants"
@@ -223,7 +267,9 @@ class Folder:
     def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: np.ndarray, site: str) -> None:
         """Point the linear op at new weights; the old constant is never edited (others may read it)."""
         old = linear.input[spec.weight_slot]
-        const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtypes.as_dtype(value.dtype).as_datatype_enum)
+        dtype = consumer_dtype(linear, spec.weight_slot) or dtypes.as_dtype(value.dtype).as_datatype_enum
+        value = value.astype(dtypes.as_dtype(dtype).as_numpy_dtype, copy=False)
+        const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtype)
         self.index.set_input(linear.name, spec.weight_slot, const)
         self.prune([parse_input(old)[0]])
 
@@ -248,7 +294,14 @@ class Folder:
         readers = self.index.consumers(linear)
         if len(readers) == 1 and not self.index.control_consumers(linear) and linear not in self.protected:
             step = as_step(self.index, self.ev, self.index.node(readers[0].node))
-            if step is not None and step.input_ref == linear and np.all(step.scale == 1) and step.axis in (data_axis, None):
+            if (
+                step is not None
+                and step.input_ref == linear
+                and np.all(step.scale == 1)
+                and step.axis in (data_axis, None)
+                and step.const_rank <= rank
+                and not self._fed_in(list(step.const_refs))
+            ):
                 old = self.index.node(step.node)
                 total = step.shift + bias
                 self._replace_node_keep_name(
@@ -269,6 +322,13 @@ class Folder:
         self.prune(inputs)
 
     def _replace_end(self, site: Affine, new_end: node_def_pb2.NodeDef) -> None:
+        """``new_end`` takes the site's place; a Cast back restores the dtype readers expect (mixed precision)."""
+        made = output_dtype(new_end)
+        if site.out_dtype is not None and made is not None and made != site.out_dtype:
+            new_end.name = self.index.unique_name(f"{site.output_node}/bnfold_{new_end.op.lower()}")
+            self.index.add(new_end)
+            attrs = {"SrcT": _type_attr(made), "DstT": _type_attr(site.out_dtype)}
+            new_end = make_node(site.output_node, "Cast", [new_end.name], attrs, new_end.device)
         self._remove_site(site, keep=new_end)
 
     def _remove_site(self, site: Affine, keep: node_def_pb2.NodeDef | None) -> None:
@@ -320,17 +380,34 @@ def _type_attr(dtype: int) -> attr_value_pb2.AttrValue:
     return attr_value_pb2.AttrValue(type=dtype)
 
 
+@dataclass
+class FoldOutcome:
+    """A fold's graph, its BN sites, and the other normalizations (layer/instance norm) seen but not BN."""
+
+    graph_def: graph_pb2.GraphDef
+    sites: list[SiteRecord]
+    others: list[SiteRecord]
+
+
+def fold_graph_outcome(
+    graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False, fed: set[str] | None = None
+) -> FoldOutcome:
+    """:func:`fold_graph`, also returning the other normalizations; ``fed`` names nodes a feed overrides."""
+    folder = Folder(graph_def, protected or set(), in_place=in_place, fed=fed)
+    records = folder.run()
+    if not any(r.action != "skipped" for r in records):
+        return FoldOutcome(graph_def, records, folder.others)
+    return FoldOutcome(folder.index.to_graph_def(), records, folder.others)
+
+
 def fold_graph(
-    graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False
+    graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False, fed: set[str] | None = None
 ) -> tuple[graph_pb2.GraphDef, list[SiteRecord]]:
-    """Fold every BN site of ``graph_def``; ``protected`` names nodes that must survive (inputs/outputs).
+    """Fold every BN site of ``graph_def``; ``protected`` names nodes that must survive (inputs/outputs/feeds).
 
     ``graph_def`` is not modified, unless ``in_place``: then it is edited into the
     result (and returned), so unchanged nodes and new weights are never copied.
     Use that only for a graph nothing else will read, such as one just parsed.
     """
-    folder = Folder(graph_def, protected or set(), in_place=in_place)
-    records = folder.run()
-    if not any(r.action != "skipped" for r in records):
-        return graph_def, records
-    return folder.index.to_graph_def(), records
+    outcome = fold_graph_outcome(graph_def, protected, in_place=in_place, fed=fed)
+    return outcome.graph_def, outcome.sites

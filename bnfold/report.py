@@ -48,10 +48,10 @@ def verification_table(result: FoldResult) -> Table | None:
     if check is None:
         return None
     table = Table(title=f"verification ({check.samples} batch(es); inputs: {'; '.join(f'{k}: {v}' for k, v in check.inputs.items())})")
-    for column in ("output", "max abs err", "max rel err", "tolerance", "result"):
+    for column in ("output", "max abs err", "max rel err", "tolerance (abs)", "result"):
         table.add_column(column)
     for out in check.outputs:
-        tolerance = f"{out.atol:g} + {out.rtol:g}*{out.max_abs_value:.3g}"
+        tolerance = f"{out.tolerance:.3g}"  # atol + rtol * max|a| (the formula and its terms are in --report's JSON)
         verdict = "[green]pass[/]" if out.passed else "[red]FAIL[/]"
         table.add_row(out.name, f"{out.max_abs_error:.3g}", f"{out.max_rel_error:.3g}", tolerance, verdict)
     if check.batch_independent is not None:
@@ -68,6 +68,9 @@ def print_result(result: FoldResult, console: Console) -> None:
     for rewrite in result.training_bn:
         console.print(f"training-mode BN {rewrite.node}: {rewrite.detail}")
     console.print(sites_table(result))
+    others = getattr(result, "other_normalizations", [])
+    if others:
+        console.print(f"other normalizations (not BN, nothing to fold): {len(others)} ({', '.join(s.name for s in others[:3])}{', ...' if len(others) > 3 else ''})")
     console.print(ops_table(result))
     table = verification_table(result)
     if table is not None:

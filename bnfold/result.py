@@ -14,7 +14,7 @@ from bnfold.foldmath import SiteRecord
 
 if TYPE_CHECKING:
     from bnfold.freeze import Signature
-    from bnfold.onnx_export import OnnxStage
+    from bnfold.onnx_io import OnnxStage
     from bnfold.switches import Resolution, TrainingBnRewrite
 
 
@@ -34,6 +34,8 @@ class FoldResult:
     switches: list[Resolution] = field(default_factory=list)  # training switches resolved before the fold
     training_bn: list[TrainingBnRewrite] = field(default_factory=list)  # --training-bn=moving-stats rewrites
     signature: Signature | None = None  # the source's serving signature (SavedModel/Keras/tf.function input)
+    other_normalizations: list[SiteRecord] = field(default_factory=list)  # layer/instance norms: not BN, not counted
+    foreign_ops: list[dict[str, str]] = field(default_factory=list)  # nodes bnfold would not run (runsafety): passed through untouched
 
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
@@ -53,4 +55,6 @@ class FoldResult:
             "onnx": self.onnx.to_json() if self.onnx else None,
             "switches": [r.to_json() for r in self.switches],
             "training_bn": [vars(r) for r in self.training_bn],
+            "other_normalizations": [s.to_json() for s in self.other_normalizations],
+            "foreign_ops": self.foreign_ops,
         }

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
 from bnfold.comparison import (
@@ -76,9 +76,33 @@ def numpy_dtype(dtype: int) -> np.dtype:
 
 
 def find_outputs(graph_def: graph_pb2.GraphDef) -> list[str]:
-    """Sinks: nodes no other node reads data from, that compute something."""
+    """Sinks: nodes no other node reads data from, that compute something (an op without outputs, like WriteFile, is no output)."""
     read = {parse_input(ref)[0] for node in graph_def.node for ref in node.input if not ref.startswith("^")}
-    return [n.name for n in graph_def.node if n.name not in read and n.op not in NON_OUTPUT_OPS]
+    return [n.name for n in graph_def.node if n.name not in read and n.op not in NON_OUTPUT_OPS and has_outputs(n, graph_def)]
+
+
+def has_outputs(node: node_def_pb2.NodeDef, graph_def: graph_pb2.GraphDef) -> bool:
+    """Whether a node produces a tensor, from the op registry (or the library function it calls).
+
+    An output arg is empty when its list length attribute is 0 or its type list is
+    empty (an ``If`` returning nothing); an op TF does not know is assumed to have outputs.
+    """
+    from tensorflow.python.framework import op_def_registry
+
+    op_def = op_def_registry.get(node.op)
+    if op_def is None:
+        functions = {f.signature.name: f for f in graph_def.library.function}
+        return node.op not in functions or len(functions[node.op].signature.output_arg) > 0
+    for arg in op_def.output_arg:
+        if arg.number_attr:
+            if attr(node, arg.number_attr).i > 0 or arg.number_attr not in node.attr:
+                return True
+        elif arg.type_list_attr:
+            if len(attr(node, arg.type_list_attr).list.type) > 0 or arg.type_list_attr not in node.attr:
+                return True
+        else:
+            return True
+    return False
 
 
 def runner_config() -> config_pb2.ConfigProto:
@@ -109,12 +133,19 @@ class GraphRunner:
     errors: tuple[type[BaseException], ...] = (tf.errors.OpError, ValueError, TypeError, KeyError)
 
     def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+        self.graph_def = graph_def  # kept (not copied) for the run gate
+        self.checked: set[tuple[str, ...]] = set()
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.graph_util.import_graph_def(graph_def, name="")
         self.session = tf.compat.v1.Session(graph=self.graph, config=runner_config())
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from bnfold.runsafety import check_runnable, is_trusted
+
+        if not is_trusted() and tuple(fetches) not in self.checked:  # the last line: callers check first, with their own hint
+            check_runnable(self.graph_def, fetches, "running the graph")
+            self.checked.add(tuple(fetches))
         return self.session.run([_tensor_name(f) for f in fetches], {_tensor_name(k): v for k, v in feeds.items()})
 
     def close(self) -> None:
@@ -159,6 +190,16 @@ def needed_inputs(graph_def: graph_pb2.GraphDef, outputs: list[str], fed: set[st
     return found
 
 
+def lowest_compute_precision(graph_def: graph_pb2.GraphDef) -> str | None:
+    """``"bfloat16"``/``"float16"`` when some op of the graph computes in it (mixed precision), else None."""
+    from tensorflow.core.framework import types_pb2
+
+    seen = {n.attr["T"].type for n in graph_def.node if "T" in n.attr}
+    if types_pb2.DT_BFLOAT16 in seen:
+        return "bfloat16"
+    return "float16" if types_pb2.DT_HALF in seen else None
+
+
 def _as_graph_def(graph: graph_pb2.GraphDef | str | os.PathLike[str]) -> graph_pb2.GraphDef:
     if isinstance(graph, graph_pb2.GraphDef):
         return graph
@@ -180,10 +221,13 @@ def verify(
     seed: int = 0,
     batch_check: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    trust_model: bool = False,
 ) -> Verification:
     """Run both graphs (GraphDefs or paths) on the same inputs and compare every output.
 
-    The keyword arguments are those of :class:`CheckOptions`.
+    The keyword arguments are those of :class:`CheckOptions`. Unless
+    ``trust_model``, a graph that would reach outside the process is refused
+    before anything runs (:mod:`bnfold.runsafety`).
     """
     original, folded = _as_graph_def(original), _as_graph_def(folded)
     feeds = dict(feeds or {})
@@ -200,13 +244,24 @@ def verify(
     unknown = [k for k in fed_names if k not in {n.name for n in original.node}]
     if unknown:
         raise UsageError(f"--feed: no node named {unknown[0]!r} in the graph")
+    if not trust_model:
+        from bnfold.runsafety import check_runnable
+
+        check_runnable(original, outputs, "the check")
+        check_runnable(folded, outputs, "the check")
     needed = needed_inputs(original, outputs, fed_names)
     specs = {n: s for n, s in specs.items() if n in needed}
+    low = lowest_compute_precision(original)
+    if low is not None and rtol is None and atol is None:
+        rtol, atol = TOLERANCES[low]  # a mixed-precision graph computes in fp16/bf16 even where its outputs are float32
     options = CheckOptions(feeds, input_shapes or {}, rtol, atol, samples, seed, batch_check, on_batch)
-    return compare_runners(
-        lambda: open_graph_runner(original, "the input graph"),
-        lambda: open_graph_runner(folded, "the folded graph"),
-        specs,
-        outputs,
-        options,
-    )
+    from bnfold.runsafety import trusting
+
+    with trusting(trust_model):
+        return compare_runners(
+            lambda: open_graph_runner(original, "the input graph"),
+            lambda: open_graph_runner(folded, "the folded graph"),
+            specs,
+            outputs,
+            options,
+        )

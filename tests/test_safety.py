@@ -89,15 +89,39 @@ def test_bn_fed_by_placeholders_is_skipped() -> None:
     assert action == "skipped" and "not constants" in reason
 
 
-def test_instance_norm_with_runtime_statistics_is_reported() -> None:
+def _runtime_norm(axes: list[int]) -> graph_pb2.GraphDef:
     def body() -> None:
         x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="x")
         y = tf.nn.conv2d(x, _const(np.ones((1, 1, 2, 2))), 1, "SAME")
-        mean, var = tf.nn.moments(y, axes=[1, 2], keepdims=True)
-        tf.nn.batch_normalization(y, mean, var, None, None, 1e-3, name="instance_norm")
+        mean, var = tf.nn.moments(y, axes=axes, keepdims=True)
+        tf.nn.batch_normalization(y, mean, var, None, None, 1e-3, name="norm")
 
-    sites = _sites(_graph(body))
-    assert sites and all(a == "skipped" and "run time" in r for a, r in sites)
+    return _graph(body)
+
+
+@pytest.mark.parametrize("axes", [[1, 2], [3], [1, 2, 3]], ids=["instance", "layer", "layer_all"])
+def test_instance_and_layer_norm_are_other_normalizations_not_bn(axes: list[int]) -> None:
+    result = fold(_runtime_norm(axes), verify_outputs=False)
+    assert result.sites == [] and result.count("skipped") == 0
+    assert [s.name for s in result.other_normalizations] == ["norm/Rsqrt"]
+    assert result.to_json()["other_normalizations"][0]["name"] == "norm/Rsqrt"
+
+
+def test_training_mode_decomposed_bn_is_a_skipped_bn_site() -> None:
+    """Statistics averaged over the batch axis: a BN left in training mode, reported as a skipped BN."""
+    sites = _sites(_runtime_norm([0, 1, 2]))
+    assert sites == [("skipped", "mean/variance are computed at run time over the batch (training-mode BN), not constants")]
+
+
+def test_keras_model_with_two_layer_norms_reports_no_skipped_bn() -> None:
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(), keras.layers.Dense(4), keras.layers.LayerNormalization()]
+    )
+    result = fold(model, verify_outputs=False)
+    assert result.count("skipped") == 0 and result.sites == []
+    assert len(result.other_normalizations) == 2
 
 
 def test_other_bn_outputs_in_use_block_the_fold() -> None:
@@ -253,3 +277,52 @@ def test_requested_output_is_kept_even_if_it_is_the_conv() -> None:
     result = fold(graph_def, outputs=["output", "conv"], verify_outputs=True)
     assert result.sites[0].action == "standalone"
     assert "conv" in {n.name for n in result.graph_def.node}
+
+
+def _mixed_model(package: str, policy: str):  # type: ignore[no-untyped-def]
+    """conv -> BN -> dense -> BN under a mixed-precision policy: weights reach the ops through Cast."""
+    keras = __import__(package)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        layers = keras.layers
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                layers.Conv2D(4, 3),
+                layers.BatchNormalization(),
+                layers.Flatten(),
+                layers.Dense(5),
+                layers.BatchNormalization(),
+                layers.Activation("linear", dtype="float32"),
+            ]
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("package", ["tf_keras", "keras"])
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_models_fold_and_load_without_the_check(package: str, policy: str) -> None:
+    """Weights reach the fp16/bf16 conv through Cast (SrcT/DstT, no T): folded weights keep the conv's dtype."""
+    from bnfold.freeze import load
+
+    model = _mixed_model(package, policy)
+    original = load(model).graph_def
+    result = fold(original, verify_outputs=False)
+    assert "folded" in [s.action for s in result.sites], result.sites
+    nodes = {n.name: n for n in result.graph_def.node}
+    for node in result.graph_def.node:
+        if node.op in ("Conv2D", "MatMul") and node.name + "/bnfold_weights" in nodes:
+            assert nodes[node.name + "/bnfold_weights"].attr["dtype"].type == node.attr["T"].type
+    feeds = {result.inputs[0]: np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)}
+    before = run_graph(original, feeds, result.outputs)
+    after = run_graph(result.graph_def, feeds, result.outputs)  # imports and runs: the old fold wrote float32 on fp16
+    for a, b in zip(before, after, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert_close(a, b, rtol=5e-2 if policy == "mixed_bfloat16" else 1e-2, atol=1e-2)
+    assert fold(original).verification.passed  # the default check agrees, at the default tolerances
