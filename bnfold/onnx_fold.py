@@ -1,50 +1,49 @@
 """Fold BN and per-channel scale/shift into the linear ops of an ONNX model.
 
-tf2onnx writes its own patterns (a BN it could not fuse, the ``Mul``/``Add``
-pair of a decomposed Keras 3 BN after its layout Transposes are pushed away),
-and models exported elsewhere carry ``BatchNormalization`` nodes. This pass
-works on the ONNX graph itself so the written file is folded, not merely
-something an optimizing runtime might fold at load time.
+Exporters write BN in many shapes: ``BatchNormalization`` after a conv whose
+bias is an initializer, a computed value (torch's ``Expand(CastLike(0, x),
+Shape(W)[0])``) or an ``Identity`` of a shared initializer; a dense layer as
+``MatMul(x, Transpose(W))``; tf2onnx's ``Mul``/``Add`` pairs. So a *constant*
+here is not a list of node types but any tensor computed from constants by
+deterministic ops; its value comes from onnx's reference evaluator run on the
+constant subgraph behind it (:class:`ConstValues`). An initializer that is also
+a graph input can be overridden at run time, so it is not a constant.
 
-Every site is read as ``y = x * scale + shift`` per output channel and folded
-into ``Conv``/``ConvTranspose`` (grouped too)/``Gemm`` weights and bias, or
-into a ``MatMul``'s weights and its one bias ``Add``. The safety rules are the
-TensorFlow side's: constants only (an initializer that is also a graph input
-can be overridden at run time, so it is not a constant), the linear op's output
-read only by the site, ``training_mode`` refused, shared initializers copied
-before they change, float64 arithmetic cast back to the weights' dtype.
+Every site is read as ``y = x * scale + shift`` per channel and folded with the
+one fold math of :mod:`bnfold.foldmath` (the TF side's): forward into
+``Conv``/``ConvTranspose`` (grouped too)/``Gemm`` weights and bias, or into a
+``MatMul``'s weights and its one bias ``Add``; backward (a BN *before* the op)
+into a ``Conv`` without padding, a ``Gemm`` or a 2-D ``MatMul``, where it is
+exact. The safety rules are the TF side's too: the linear op's output read only
+by the site, ``training_mode`` refused, shared weights copied before they
+change, and no fold that would create a NaN/inf (or overflow fp16) from finite
+values: such a site is skipped with a reason.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.folding import SiteRecord
+from bnfold.foldmath import Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
+from bnfold.onnx_io import op_counts
+
+__all__ = ["ConstValues", "OnnxFolder", "fold_model", "leftover_sites", "op_counts"]
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
-FLOAT_ELEM_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+# Ops whose output is not a function of their inputs: never constants, whatever feeds them.
+NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+# Constant subgraphs larger than this (elements of one value) are not evaluated: they are not weights anyone folds.
+MAX_CONST_ELEMENTS = 1 << 28
 
 
-@dataclass
-class Step:
-    """One site as a per-channel affine on its data input: ``y = x * scale + shift``."""
-
-    node: onnx.NodeProto
-    data: str
-    scale: np.ndarray | None  # float64 vector, or None for 1
-    shift: np.ndarray | None  # float64 vector, or None for 0
-    form: str
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Node count per op type of the main graph: the before/after numbers of the report."""
-    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _subgraph_refs(graph: onnx.GraphProto) -> set[str]:
@@ -59,6 +58,138 @@ def _subgraph_refs(graph: onnx.GraphProto) -> set[str]:
     return refs
 
 
+class ConstValues:
+    """Which tensors are constants, and their values, for one graph.
+
+    One pass in graph order (ONNX requires topological order) marks a node's
+    outputs constant when every input it reads is; ``Shape``/``Size`` of a
+    tensor whose shape shape-inference fixes, and ``CastLike``'s type-only
+    second input, count as constant too. Values are computed on demand by
+    ``onnx.reference.ReferenceEvaluator`` on just the nodes behind the tensor,
+    and cached; anything it cannot evaluate is treated as not constant.
+    """
+
+    def __init__(self, model: onnx.ModelProto, overridable: set[str], shapes: dict[str, list[int | None]], types: dict[str, int]) -> None:
+        self.model = model
+        graph = model.graph
+        self.inits = {t.name: t for t in graph.initializer if t.name not in overridable}
+        self.shapes = shapes
+        self.types = types
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.const: set[str] = set(self.inits)
+        self.cache: dict[str, np.ndarray | None] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            if self._node_is_const(node):
+                self.const.update(o for o in node.output if o)
+
+    def _static_shape(self, name: str) -> list[int] | None:
+        shape = self.shapes.get(name)
+        if shape is None or any(d is None for d in shape):
+            return None
+        return [int(d) for d in shape]  # type: ignore[arg-type]
+
+    def _node_is_const(self, node: onnx.NodeProto) -> bool:
+        if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS or _has_subgraph(node):
+            return False
+        if node.op_type in ("Shape", "Size") and node.input and self._static_shape(node.input[0]) is not None:
+            return True
+        if node.op_type == "CastLike" and len(node.input) == 2:
+            return node.input[0] in self.const and (node.input[1] in self.const or node.input[1] in self.types)
+        return all(not name or name in self.const for name in node.input)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.const and self.value(name) is not None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor; None for anything computed at run time (or not evaluable)."""
+        if name not in self.const:
+            return None
+        if name in self.cache:
+            return self.cache[name]
+        if name in self.inits:
+            value: np.ndarray | None = numpy_helper.to_array(self.inits[name])
+        else:
+            value = self._evaluate(name)
+        self.cache[name] = value
+        return value
+
+    def _evaluate(self, name: str) -> np.ndarray | None:
+        from onnx.reference import ReferenceEvaluator
+
+        nodes: list[onnx.NodeProto] = []
+        feeds: dict[str, np.ndarray] = {}
+        seen: set[str] = set()
+        stack = [name]
+        while stack:  # the constant nodes behind `name`, stopping at initializers and values already known
+            ref = stack.pop()
+            if not ref or ref in seen:
+                continue
+            seen.add(ref)
+            if ref in self.inits or (ref in self.cache and self.cache[ref] is not None):
+                continue
+            node = self.producer.get(ref)
+            if node is None:
+                return None
+            if any(node is n for n in nodes):
+                continue
+            if node.op_type in ("Shape", "Size") and node.input[0] not in self.const:
+                shape = self._static_shape(node.input[0])
+                if shape is None:
+                    return None
+                feeds[node.input[0]] = np.zeros(shape, dtype=np.uint8) if int(np.prod(shape)) <= MAX_CONST_ELEMENTS else None  # type: ignore[assignment]
+                if feeds[node.input[0]] is None:
+                    return None
+                nodes.append(node)
+                continue
+            if node.op_type == "CastLike" and node.input[1] not in self.const:
+                np_type = helper.tensor_dtype_to_np_dtype(self.types[node.input[1]])
+                feeds[node.input[1]] = np.zeros(0, dtype=np_type)
+                nodes.append(node)
+                stack.append(node.input[0])
+                continue
+            nodes.append(node)
+            stack.extend(node.input)
+        order = {id(n): i for i, n in enumerate(self.model.graph.node)}
+        nodes.sort(key=lambda n: order[id(n)])
+        known = {k: v for k, v in self.cache.items() if v is not None and k in seen}
+        inits = [self.inits[r] for r in seen if r in self.inits]
+        inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in {**feeds, **known}.items()]
+        graph = helper.make_graph(nodes, "bnfold_const", inputs, [helper.make_empty_tensor_value_info(name)], inits)
+        sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        try:
+            (value,) = ReferenceEvaluator(sub).run([name], {**feeds, **known})
+        except Exception:  # noqa: BLE001 - the reference evaluator raises anything; such a value is simply not a constant
+            return None
+        value = np.asarray(value)
+        return value if value.size <= MAX_CONST_ELEMENTS else None
+
+
+@dataclass
+class Step:
+    """One site as a per-channel affine on its data input: ``y = x * scale + shift``."""
+
+    node: onnx.NodeProto
+    data: str
+    scale: np.ndarray | None  # float64 vector, or None for 1
+    shift: np.ndarray | None  # float64 vector, or None for 0
+    form: str
+
+
+@dataclass
+class Layout:
+    """How a linear op's weights hold its channels: the view to fold in and where the channels are."""
+
+    view: np.ndarray  # the weights, reshaped so the channel axes are plain axes
+    out_axes: tuple[int, ...]
+    in_axis: int | None  # None: a backward fold is not supported for this op
+    channels: int  # output channels
+    in_channels: int
+    shape: tuple[int, ...]  # the weights' real shape
+
+
 class OnnxFolder:
     """One pass over one model (edited in place): holds the indexes and the records."""
 
@@ -68,7 +199,6 @@ class OnnxFolder:
         self.inits = {t.name: t for t in self.graph.initializer}
         # Before IR 4 initializers were also graph inputs, and a caller may feed them: not constants.
         self.overridable = {i.name for i in self.graph.input} & set(self.inits)
-        self.const_nodes = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and len(n.output) == 1}
         self.producer: dict[str, onnx.NodeProto] = {o: n for n in self.graph.node for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in self.graph.node:
@@ -76,38 +206,38 @@ class OnnxFolder:
                 if name:
                     self.consumers[name].append(node)
         self.pinned = {o.name for o in self.graph.output} | _subgraph_refs(self.graph) | (protected or set())
-        self.ranks = self._infer_ranks()
+        self.shapes, self.types = self._infer_shapes()
+        self.consts = ConstValues(model, self.overridable, self.shapes, self.types)
         self.records: list[SiteRecord] = []
         self._names = {n.name for n in self.graph.node} | set(self.producer) | set(self.inits) | {i.name for i in self.graph.input}
 
     # -- lookups ---------------------------------------------------------------
-    def _infer_ranks(self) -> dict[str, int]:
-        """Tensor ranks from ONNX shape inference, where it can tell."""
+    def _infer_shapes(self) -> tuple[dict[str, list[int | None]], dict[str, int]]:
+        """Tensor shapes (None: a symbolic dim) and element types from ONNX shape inference, where it can tell."""
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model)
-        except Exception:  # noqa: BLE001 - ranks only refine what can be folded; without them fewer sites fold
-            return {}
-        ranks = {}
+        except Exception:  # noqa: BLE001 - shapes only refine what can be folded; without them fewer sites fold
+            inferred = self.model
+        shapes: dict[str, list[int | None]] = {}
+        types: dict[str, int] = {}
         for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
             tensor = info.type.tensor_type
+            if tensor.elem_type:
+                types[info.name] = tensor.elem_type
             if tensor.HasField("shape"):
-                ranks[info.name] = len(tensor.shape.dim)
-        return ranks
+                shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        for init in self.graph.initializer:
+            types.setdefault(init.name, init.data_type)
+            shapes.setdefault(init.name, list(init.dims))
+        return shapes, types
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.shapes.items()}
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or Constant node; None for anything computed or overridable."""
-        if name in self.inits and name not in self.overridable:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.const_nodes.get(name)
-        if node is not None and name in self.producer and self.producer[name] is node:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-                if attr.name == "value_float":
-                    return np.array(attr.f, dtype=np.float32)
-                if attr.name == "value_floats":
-                    return np.array(list(attr.floats), dtype=np.float32)
-        return None
+        """The value of a constant tensor (initializer, Constant, or computed from constants); None otherwise."""
+        return self.consts.value(name) if name else None
 
     def uses(self, name: str) -> int:
         return len(self.consumers.get(name, [])) + (1 if name in self.pinned else 0)
@@ -119,11 +249,15 @@ class OnnxFolder:
         self._names.add(name)
         return name
 
+    def _dtype_of(self, name: str) -> np.dtype | None:
+        elem = self.types.get(name)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+
     # -- driver ------------------------------------------------------------------
     def run(self) -> list[SiteRecord]:
         for node in list(self.graph.node):
             if node.op_type in ELEMENTWISE_OPS or node.op_type == "BatchNormalization":
-                if any(node is n for n in self.graph.node):
+                if node.domain in ("", "ai.onnx") and any(node is n for n in self.graph.node):
                     self._visit(node)
         self._prune()
         return self.records
@@ -136,9 +270,12 @@ class OnnxFolder:
                 self.records.append(SiteRecord(label, "BatchNormalization", "skipped", reason=step))
                 return
         else:
-            step = self._elementwise_step(node)
-            if step is None:
+            if node.output[0] in self.consts.const:
+                return  # constant arithmetic, not a site
+            elementwise = self._elementwise_step(node)
+            if elementwise is None:
                 return
+            step = elementwise
         unit = self._linear_unit(step.data)
         why: str | None = "not after a Conv/ConvTranspose/Gemm/MatMul"
         linear: onnx.NodeProto | None = None
@@ -149,13 +286,21 @@ class OnnxFolder:
             why = self._fold(step, linear, bias_add)
         if why is None and linear is not None:
             self.records.append(SiteRecord(label, step.form, "folded", folded_into=linear.name or linear.output[0]))
-        elif node.op_type == "BatchNormalization":
-            # The written file must not carry BN: with nothing to fold into it becomes Mul + Add.
-            failed = self._standalone(step)
-            action = "standalone" if failed is None else "skipped"
-            self.records.append(SiteRecord(label, step.form, action, reason=why + (f"; {failed}" if failed else "")))
-        elif why:
-            self.records.append(SiteRecord(label, step.form, "skipped", reason=why))
+            return
+        if node.op_type != "BatchNormalization":
+            if why:
+                self.records.append(SiteRecord(label, step.form, "skipped", reason=why))
+            return
+        into = self._backward(step)
+        if isinstance(into, onnx.NodeProto):
+            self.records.append(SiteRecord(label, step.form, "folded", folded_into=into.name or into.output[0], reason="backward"))
+            return
+        if into:
+            why = f"{why}; {into}"
+        # The written file must not carry BN: with nothing to fold into it becomes Mul + Add.
+        failed = self._standalone(step)
+        action = "standalone" if failed is None else "skipped"
+        self.records.append(SiteRecord(label, step.form, action, reason=why + (f"; {failed}" if failed else "")))
 
     # -- recognizers ---------------------------------------------------------------
     def _bn_step(self, node: onnx.NodeProto) -> Step | str:
@@ -169,12 +314,11 @@ class OnnxFolder:
         values = [self.const(name) for name in node.input[1:5]]
         if len(values) < 4 or any(v is None for v in values):
             return "scale, B, mean or var is not a constant"
-        gamma, beta, mean, var = (np.asarray(v, dtype=np.float64) for v in values)  # type: ignore[arg-type]
-        var_eps = var + float(attrs.get("epsilon", 1e-5))
-        if not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var_eps)) or np.any(var_eps <= 0):
-            return "non-finite values or var + epsilon <= 0"
-        scale = gamma / np.sqrt(var_eps)
-        return Step(node, node.input[0], scale.reshape(-1), (beta - mean * scale).reshape(-1), "BatchNormalization")
+        affine = bn_affine(*values, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type, misc]
+        if isinstance(affine, str):
+            return affine
+        scale, shift = affine
+        return Step(node, node.input[0], scale, shift, "BatchNormalization")
 
     def _elementwise_step(self, node: onnx.NodeProto) -> Step | None:
         """``x * c``, ``x + c``, ``x - c``, ``x / c`` with a constant ``c`` (raw, checked against channels later)."""
@@ -185,9 +329,10 @@ class OnnxFolder:
             return None
         slot = 1 if b is not None else 0
         c = b if b is not None else a
+        assert c is not None
         if node.op_type in ("Sub", "Div") and slot == 0:
             return None  # c - x, c / x are not affine in x with a positive sign / at all
-        if c.dtype.kind != "f" or not np.all(np.isfinite(c.astype(np.float64))):  # type: ignore[union-attr]
+        if c.dtype.kind != "f" or not np.all(np.isfinite(c.astype(np.float64))):
             return None
         c64 = np.asarray(c, dtype=np.float64)
         data = node.input[1 - slot]
@@ -202,7 +347,7 @@ class OnnxFolder:
         node = self.producer.get(data)
         if node is None:
             return None
-        if node.op_type in LINEAR_OPS and node.output[0] == data:
+        if node.op_type in LINEAR_OPS and node.domain in ("", "ai.onnx") and node.output[0] == data:
             return node, None
         if node.op_type == "Add":
             for slot in (0, 1):
@@ -211,66 +356,124 @@ class OnnxFolder:
                     return inner, node
         return None
 
-    # -- the fold ------------------------------------------------------------------------
+    def _layout(self, linear: onnx.NodeProto, weights: np.ndarray, data_rank: int | None) -> Layout | str:
+        """Where ``linear``'s weights hold output (and input) channels."""
+        lname = linear.name or linear.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
+        op, shape = linear.op_type, tuple(weights.shape)
+        if op in ("Conv", "ConvTranspose") and weights.ndim < 3:
+            return f"{lname} has unexpected weights"
+        if op == "Conv":
+            group = int(attrs.get("group", 1))
+            return Layout(weights, (0,), 1 if group == 1 else None, shape[0], shape[1] * group, shape)
+        if op == "ConvTranspose":
+            group = int(attrs.get("group", 1))
+            if shape[0] % group:
+                return f"{lname} has unexpected weights"
+            view = weights.reshape(group, shape[0] // group, shape[1], *shape[2:])  # out channel g * M/g + m: axes (0, 2)
+            return Layout(view, (0, 2), None, shape[1] * group, shape[0], shape)
+        if weights.ndim != 2:
+            return f"{lname} weights are not a matrix"
+        if op == "Gemm":
+            if attrs.get("transB", 0):
+                return Layout(weights, (0,), 1, shape[0], shape[1], shape)
+            return Layout(weights, (1,), 0, shape[1], shape[0], shape)
+        if data_rank is None:
+            return f"{lname} output rank is not known"
+        return Layout(weights, (1,), 0 if data_rank == 2 else None, shape[1], shape[0], shape)
+
+    # -- the forward fold --------------------------------------------------------------
     def _fold(self, step: Step, linear: onnx.NodeProto, bias_add: onnx.NodeProto | None) -> str | None:
-        """Fold ``step`` into ``linear``; the reason it cannot ('' for not a site at all), else None."""
+        """Fold ``step`` into ``linear`` (the op before it); the reason it cannot ('' for not a site at all), else None."""
         lname = linear.name or linear.output[0]
         if bias_add is not None and (self.uses(linear.output[0]) != 1 or self.uses(bias_add.output[0]) != 1):
             return f"{lname} output also feeds other ops"
         if self.uses(step.data) != 1:
             return f"{lname} output also feeds other ops"
+        if linear.op_type == "MatMul" and self.const(linear.input[0]) is not None:
+            return f"{lname} multiplies a constant by the data (weights first), not supported"
         weights = self.const(linear.input[1]) if len(linear.input) > 1 else None
         if weights is None:
             return f"{lname} weights are not constants"
         if weights.dtype.kind != "f":
             return f"{lname} is not floating point"
         attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
-        op = linear.op_type
-        if op == "Conv":
-            channels, rank, axis = weights.shape[0], weights.ndim, 1
-        elif op == "ConvTranspose":
-            channels, rank, axis = weights.shape[1] * int(attrs.get("group", 1)), weights.ndim, 1
-        elif op == "Gemm":
-            if weights.ndim != 2 or attrs.get("transA", 0) not in (0, 1):
-                return f"{lname} has unexpected weights"
-            channels, rank, axis = weights.shape[0 if attrs.get("transB", 0) else 1], 2, 1
-        else:
-            if weights.ndim != 2:
-                return f"{lname} weights are not a matrix"
-            channels, rank, axis = weights.shape[1], self.ranks.get(step.data, 0), -1
-            if step.form == "BatchNormalization" and rank != 2:
-                return f"{lname} output rank is not known to be 2 (BN channels are axis 1)"
-        scale = self._per_channel(step.scale, step, channels, rank, axis)
-        shift = self._per_channel(step.shift, step, channels, rank, axis)
+        rank = self.ranks.get(step.data)
+        if linear.op_type == "MatMul" and step.form == "BatchNormalization" and rank != 2:
+            return f"{lname} output rank is not known to be 2 (BN channels are axis 1)"
+        layout = self._layout(linear, weights, rank)
+        if isinstance(layout, str):
+            return layout
+        channels = layout.channels
+        axis = -1 if linear.op_type == "MatMul" else 1
+        scale = self._per_channel(step.scale, step, channels, rank or 0, axis)
+        shift = self._per_channel(step.shift, step, channels, rank or 0, axis)
         if scale is False or shift is False:
             return "" if step.form != "BatchNormalization" else f"BN channels do not match {lname}'s {channels} output channels"
-        bias_slot = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}.get(op)
-        w64 = weights.astype(np.float64)
-        if scale is not None:
-            if op == "ConvTranspose":
-                group = int(attrs.get("group", 1))
-                grouped = w64.reshape(group, weights.shape[0] // group, weights.shape[1], *weights.shape[2:])
-                factor = scale.reshape(group, 1, weights.shape[1], *([1] * (weights.ndim - 2)))
-                w64 = (grouped * factor).reshape(weights.shape)
-            elif op == "Gemm" and attrs.get("transB", 0):
-                w64 = w64 * scale.reshape(-1, 1)
-            elif op in ("Gemm", "MatMul"):
-                w64 = w64 * scale.reshape(1, -1)
-            else:
-                w64 = w64 * scale.reshape(-1, *([1] * (weights.ndim - 1)))
-            self._set_const(linear, 1, w64.astype(weights.dtype), "weights")
-        if bias_slot is not None:
-            self._fold_bias_slot(linear, bias_slot, attrs, scale, shift, channels, weights.dtype)
+        assert not isinstance(scale, bool) and not isinstance(shift, bool)
+        s = np.ones(channels) if scale is None else scale
+        t = np.zeros(channels) if shift is None else shift
+        if linear.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            bias = self._bias_input(linear, attrs, channels)
+            if isinstance(bias, str):
+                return bias
+            folded = fold_after(layout.view, s, t, layout.out_axes, bias)
+            why = storable(folded, weights.dtype, lname)
+            if why:
+                return why
+            if scale is not None:
+                self._set_const(linear, 1, folded.weights.reshape(layout.shape), "weights")
+            if linear.op_type == "Gemm":
+                self._drop_attr(linear, "beta")
+            while len(linear.input) <= 2:
+                linear.input.append("")
+            self._set_const(linear, 2, folded.bias.astype(weights.dtype), "bias")
         elif bias_add is not None:
             slot = 1 if self.producer.get(bias_add.input[0]) is linear else 0
             old = self.const(bias_add.input[slot])
-            b64 = np.asarray(old, dtype=np.float64) * (1.0 if scale is None else scale) + (0.0 if shift is None else shift)
-            self._set_const(bias_add, slot, b64.astype(old.dtype), "bias")  # type: ignore[union-attr]
-        elif shift is not None:
-            self._matmul_bias(step, linear, shift.astype(weights.dtype))
-            return None
+            assert old is not None
+            fitted = self._per_channel(np.asarray(old, dtype=np.float64), Step(bias_add, "", None, None, "Add"), channels, rank or 0, -1)
+            if fitted is False or fitted is None or old.dtype.kind != "f":
+                return f"{lname}'s bias Add is not per channel"
+            assert not isinstance(fitted, bool)
+            folded = fold_after(layout.view, s, t, layout.out_axes, fitted)
+            why = storable(folded, old.dtype, lname) or storable(folded, weights.dtype, lname)
+            if why:
+                return why
+            if scale is not None:
+                self._set_const(linear, 1, folded.weights, "weights")
+            self._set_const(bias_add, slot, folded.bias.astype(old.dtype), "bias")
+        else:
+            folded = fold_after(layout.view, s, t, layout.out_axes)
+            if shift is None:
+                folded = Folded(folded.weights, np.zeros(0))
+            why = storable(folded, weights.dtype, lname)
+            if why:
+                return why
+            self._set_const(linear, 1, folded.weights, "weights")
+            if shift is not None:
+                self._matmul_bias(step, linear, folded.bias.astype(weights.dtype))
+                return None
         self._bypass(step.node, bias_add or linear)
         return None
+
+    def _bias_input(self, linear: onnx.NodeProto, attrs: dict[str, object], channels: int) -> np.ndarray | None | str:
+        """The bias of a Conv/ConvTranspose/Gemm as a per-channel float64 vector (None: no bias), or why it cannot fold."""
+        lname = linear.name or linear.output[0]
+        if len(linear.input) <= 2 or not linear.input[2]:
+            return None
+        value = self.const(linear.input[2])
+        if value is None:
+            return f"{lname} bias is not a constant"
+        bias = np.asarray(value, dtype=np.float64)
+        if linear.op_type == "Gemm":
+            bias = bias * float(attrs.get("beta", 1.0))  # type: ignore[arg-type]  # y = alpha*A*B + beta*C: carry beta into C
+            if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+                return f"{lname} bias C is not one value per output channel"
+        fitted = fit_channels(bias, channels)
+        if fitted is None:
+            return f"{lname} bias does not match its {channels} output channels"
+        return fitted
 
     @staticmethod
     def _per_channel(value: np.ndarray | None, step: Step, channels: int, rank: int, axis: int) -> np.ndarray | None | bool:
@@ -278,47 +481,99 @@ class OnnxFolder:
         if value is None:
             return None
         if step.form == "BatchNormalization":
-            return value if value.size == channels else (np.full(channels, value.item()) if value.size == 1 else False)
+            fitted = fit_channels(value, channels)
+            return False if fitted is None else fitted
         if value.ndim > max(rank, 1 if axis == -1 else rank) or (rank == 0 and value.ndim > 1):
             return False  # broadcasting would add dimensions to the output
         shape = (1,) * (max(rank, value.ndim) - value.ndim) + value.shape
         pos = axis % len(shape) if shape else 0
         if any(d != 1 for i, d in enumerate(shape) if i != pos):
             return False
-        flat = value.reshape(-1)
-        if flat.size == channels:
-            return flat
-        return np.full(channels, flat.item()) if flat.size == 1 else False
+        fitted = fit_channels(value, channels)
+        return False if fitted is None else fitted
 
-    def _fold_bias_slot(
-        self,
-        linear: onnx.NodeProto,
-        slot: int,
-        attrs: dict[str, object],
-        scale: np.ndarray | None,
-        shift: np.ndarray | None,
-        channels: int,
-        dtype: np.dtype,
-    ) -> None:
-        has_bias = len(linear.input) > slot and bool(linear.input[slot])
-        bias = np.asarray(self.const(linear.input[slot]), dtype=np.float64) if has_bias else np.zeros(channels)
-        beta = float(attrs.get("beta", 1.0)) if linear.op_type == "Gemm" else 1.0  # type: ignore[arg-type]
-        if linear.op_type == "Gemm" and has_bias and beta != 1.0:
-            bias, beta = bias * beta, 1.0  # y = alpha*A*B + beta*C: carry beta into C, then drop it
-            for attr in list(linear.attribute):
-                if attr.name == "beta":
-                    linear.attribute.remove(attr)
-        elif linear.op_type == "Gemm" and not has_bias:
-            for attr in list(linear.attribute):
-                if attr.name == "beta":
-                    linear.attribute.remove(attr)
-        if scale is not None:
-            bias = bias * scale
-        if shift is not None:
-            bias = bias + shift
-        while len(linear.input) <= slot:
+    # -- the backward fold -------------------------------------------------------------
+    def _backward(self, step: Step) -> onnx.NodeProto | str:
+        """Fold a BN into the one linear op that reads it (``W' = W * s`` per input channel, ``b' = b + sum(W * t)``).
+
+        Exact only where nothing is added to the normalized input before the
+        weights see it: no zero padding (a padded border would be ``t`` instead
+        of 0), no transposed A in Gemm. Returns the op folded into, or why not.
+        """
+        out = step.node.output[0]
+        readers = self.consumers.get(out, [])
+        if self.uses(out) != 1 or len(readers) != 1:
+            return "its output feeds several ops (no backward fold)"
+        linear = readers[0]
+        lname = linear.name or linear.output[0]
+        if linear.op_type not in ("Conv", "Gemm", "MatMul") or linear.domain not in ("", "ai.onnx"):
+            return f"not before a Conv/Gemm/MatMul either ({linear.op_type} reads it)"
+        if list(linear.input).count(out) != 1 or linear.input[0] != out:
+            return f"{lname} reads it as weights, not data"
+        attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
+        if linear.op_type == "Conv":
+            auto_pad = attrs.get("auto_pad", b"NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+            if auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in attrs.get("pads", []) or []):  # type: ignore[union-attr]
+                return f"{lname} pads its input: the padded border would not be normalized (backward fold not exact)"
+        if linear.op_type == "Gemm" and (attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0):  # type: ignore[arg-type]
+            return f"{lname} has transA or alpha != 1 (backward fold not supported)"
+        weights = self.const(linear.input[1]) if len(linear.input) > 1 else None
+        if weights is None:
+            return f"{lname} weights are not constants"
+        if weights.dtype.kind != "f":
+            return f"{lname} is not floating point"
+        rank = self.ranks.get(step.data)
+        if linear.op_type in ("Gemm", "MatMul") and rank != 2:
+            return f"{lname} input rank is not known to be 2 (BN channels are axis 1)"
+        layout = self._layout(linear, weights, rank)
+        if isinstance(layout, str):
+            return layout
+        if layout.in_axis is None:
+            return f"{lname} is grouped (backward fold not supported)"
+        s, t = fit_channels(step.scale, layout.in_channels), fit_channels(step.shift, layout.in_channels)  # type: ignore[arg-type]
+        if s is None or t is None:
+            return f"BN channels do not match {lname}'s {layout.in_channels} input channels"
+        bias = self._bias_input(linear, attrs, layout.channels) if linear.op_type != "MatMul" else None
+        if isinstance(bias, str):
+            return bias
+        folded = fold_before(layout.view, s, t, layout.in_axis, layout.out_axes, bias)
+        why = storable(folded, weights.dtype, lname)
+        if why:
+            return why
+        self._set_const(linear, 1, folded.weights, "weights")
+        for name in step.node.input:
+            if name:
+                self._drop_use(name, step.node)
+        linear.input[0] = step.data
+        self.consumers[step.data].append(linear)
+        self.graph.node.remove(step.node)
+        if linear.op_type == "MatMul":
+            mid = self.unique(f"{lname}/bnfold_matmul")
+            bias_name = self.unique(f"{lname}/bnfold_bias")
+            self.graph.initializer.append(numpy_helper.from_array(folded.bias.astype(weights.dtype), bias_name))
+            self.inits[bias_name] = self.graph.initializer[-1]
+            final = linear.output[0]
+            linear.output[0] = mid
+            add = helper.make_node("Add", [mid, bias_name], [final], name=self.unique(f"{lname}/bnfold_bias_add"))
+            self.graph.node.insert(list(self.graph.node).index(linear) + 1, add)
+            self.producer[mid], self.producer[final] = linear, add
+            self.consumers[mid].append(add)
+            self.consumers[bias_name].append(add)
+            return linear
+        if linear.op_type == "Gemm":
+            self._drop_attr(linear, "beta")
+        while len(linear.input) <= 2:
             linear.input.append("")
-        self._set_const(linear, slot, bias.astype(dtype), "bias")
+        self._set_const(linear, 2, folded.bias.astype(weights.dtype), "bias")
+        return linear
+
+    # -- graph edits ---------------------------------------------------------------------
+    @staticmethod
+    def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+        for attr in list(node.attribute):
+            if attr.name == name:
+                node.attribute.remove(attr)
 
     def _matmul_bias(self, step: Step, linear: onnx.NodeProto, bias: np.ndarray) -> None:
         """A MatMul has no bias input: the site becomes its one bias ``Add`` (keeping the site's output name)."""
@@ -326,13 +581,15 @@ class OnnxFolder:
         self.graph.initializer.append(numpy_helper.from_array(bias, name))
         self.inits[name] = self.graph.initializer[-1]
         node = step.node
-        for old in node.input[1:]:
-            self._drop_use(old, node)
+        for old in node.input:
+            if old:
+                self._drop_use(old, node)
         del node.input[:]
         node.input.extend([linear.output[0], name])
         del node.attribute[:]
         del node.output[1:]
         node.op_type, node.domain = "Add", ""
+        self.consumers[linear.output[0]].append(node)
         self.consumers[name].append(node)
 
     def _drop_use(self, name: str, node: onnx.NodeProto) -> None:
@@ -344,15 +601,19 @@ class OnnxFolder:
                 return
 
     def _set_const(self, node: onnx.NodeProto, slot: int, value: np.ndarray, what: str) -> None:
-        """Point ``node.input[slot]`` at ``value``: edit a private initializer, copy a shared one."""
+        """Point ``node.input[slot]`` at ``value``: edit a private initializer, copy a shared (or computed) one."""
         old = node.input[slot]
         private = old in self.inits and old not in self.overridable and self.uses(old) == 1 and list(node.input).count(old) == 1
         if private:
             self.inits[old].CopyFrom(numpy_helper.from_array(value, old))
+            self.consts.cache[old] = value
             return
         name = self.unique(f"{node.name or node.output[0]}/bnfold_{what}")
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.inits[name] = self.graph.initializer[-1]
+        self.consts.inits[name] = self.inits[name]
+        self.consts.const.add(name)
+        self.consts.cache[name] = value
         if old:
             self._drop_use(old, node)
         node.input[slot] = name
@@ -373,10 +634,16 @@ class OnnxFolder:
     def _standalone(self, step: Step) -> str | None:
         """A BN with nothing to fold into becomes one ``Mul`` and one ``Add`` with broadcastable constants."""
         rank = self.ranks.get(step.data)
-        if rank is None or rank < 2:
+        dtype = self._dtype_of(step.data)
+        if rank is None or rank < 2 or dtype is None:
             return "input rank unknown, left as BatchNormalization"
+        if dtype.kind != "f":
+            return "input is not floating point, left as BatchNormalization"
+        assert step.scale is not None and step.shift is not None
+        why = storable(Folded(step.scale, step.shift), dtype, "its scale and shift")
+        if why:
+            return f"{why}, left as BatchNormalization"
         node = step.node
-        dtype = self.const(node.input[1]).dtype  # type: ignore[union-attr]
         shape = (-1,) + (1,) * (rank - 2)
         base = node.name or node.output[0]
         scale_name, shift_name, mid = (
@@ -385,7 +652,7 @@ class OnnxFolder:
             self.unique(f"{base}/bnfold_scaled"),
         )
         for name, value in ((scale_name, step.scale), (shift_name, step.shift)):
-            self.graph.initializer.append(numpy_helper.from_array(value.reshape(shape).astype(dtype), name))  # type: ignore[union-attr]
+            self.graph.initializer.append(numpy_helper.from_array(value.reshape(shape).astype(dtype), name))
             self.inits[name] = self.graph.initializer[-1]
         index = list(self.graph.node).index(node)
         mul = helper.make_node("Mul", [step.data, scale_name], [mid], name=self.unique(f"{base}/bnfold_mul"))
@@ -404,16 +671,15 @@ class OnnxFolder:
         return None
 
     def _prune(self) -> None:
-        """Drop initializers and Constant nodes that no longer feed anything."""
-        used = {name for n in self.graph.node for name in n.input} | self.pinned | {i.name for i in self.graph.input}
-        changed = True
-        while changed:
-            changed = False
-            for node in list(self.graph.node):
-                if node.op_type == "Constant" and node.output[0] not in used:
-                    self.graph.node.remove(node)
-                    changed = True
-            used = {name for n in self.graph.node for name in n.input} | self.pinned | {i.name for i in self.graph.input}
+        """Drop initializers, and constant nodes (Constant, Transpose of weights...), that no longer feed anything."""
+        inputs = {i.name for i in self.graph.input}
+        while True:
+            used = {name for n in self.graph.node for name in n.input} | self.pinned | inputs
+            dead = [n for n in self.graph.node if n.output and all(o not in used for o in n.output) and all(not o or o in self.consts.const for o in n.output)]
+            if not dead:
+                break
+            for node in dead:
+                self.graph.node.remove(node)
         keep = [t for t in self.graph.initializer if t.name in used]
         if len(keep) != len(self.graph.initializer):
             del self.graph.initializer[:]
@@ -421,7 +687,7 @@ class OnnxFolder:
 
 
 def fold_model(model: onnx.ModelProto, protected: set[str] | None = None) -> tuple[onnx.ModelProto, list[SiteRecord]]:
-    """Fold every BN and per-channel Mul/Add/Sub/Div after a linear op; ``model`` is not modified."""
+    """Fold every BN and per-channel Mul/Add/Sub/Div at a linear op; ``model`` is not modified."""
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     folder = OnnxFolder(folded, protected)
@@ -441,7 +707,7 @@ def leftover_sites(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type == "BatchNormalization":
             counts["BatchNormalization"] += 1
             continue
-        if node.op_type not in ELEMENTWISE_OPS:
+        if node.op_type not in ELEMENTWISE_OPS or node.output[0] in probe.consts.const:
             continue
         step = probe._elementwise_step(node)
         unit = probe._linear_unit(step.data) if step is not None else None
@@ -453,16 +719,12 @@ def leftover_sites(model: onnx.ModelProto) -> dict[str, int]:
         weights = probe.const(linear.input[1]) if len(linear.input) > 1 else None
         if weights is None or weights.ndim < 2:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
-        if linear.op_type == "Conv":
-            channels, rank, axis = weights.shape[0], weights.ndim, 1
-        elif linear.op_type == "ConvTranspose":
-            channels, rank, axis = weights.shape[1] * int(attrs.get("group", 1)), weights.ndim, 1
-        elif linear.op_type == "Gemm":
-            channels, rank, axis = weights.shape[0 if attrs.get("transB", 0) else 1], 2, 1
-        else:
-            channels, rank, axis = weights.shape[1], probe.ranks.get(step.data, 0), -1
+        rank = probe.ranks.get(step.data)
+        layout = probe._layout(linear, weights, rank)
+        if isinstance(layout, str):
+            continue
         value = step.scale if step.scale is not None else step.shift
-        if OnnxFolder._per_channel(value, step, channels, rank, axis) is not False:
+        axis = -1 if linear.op_type == "MatMul" else 1
+        if OnnxFolder._per_channel(value, step, layout.channels, rank or 0, axis) is not False:
             counts["Mul" if step.scale is not None else "Add"] += 1
     return counts
