@@ -19,11 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
+from bnfold.formats import check_output_format, is_saved_model_destination, output_path
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
 )
-COMMANDS = {"fold", "inspect", "doctor", "--help", "-h"}
+COMMANDS = {"fold", "inspect", "doctor", "--help", "-h", "--version", "-V"}
 out = Console()
 err = Console(stderr=True)
 
@@ -31,6 +32,14 @@ InputsOpt = Annotated[Optional[str], typer.Option("--inputs", help="Comma-separa
 OutputsOpt = Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated output nodes (default: the graph's sinks).")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the per-site report as JSON here.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-model",
+        help="Trust the file: load Keras code (Lambda layers) and run graphs that read/write files or use resources (README: Security).",
+    ),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="NAME=true|false: the value of a training flag; conditionals on it keep only that branch."),
@@ -74,8 +83,9 @@ def _shapes(values: list[str] | None) -> dict[str, list[int]]:
 
 @contextmanager
 def verification_progress(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A transient rich progress bar on stderr while both graphs run; nothing when quiet."""
-    if quiet:
+    """A transient rich progress bar on stderr while both graphs run; nothing when quiet or not a terminal
+    (a bar redirected to a file or pipe leaves an empty line behind)."""
+    if quiet or not err.is_terminal:
         yield None
         return
     with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
@@ -85,6 +95,18 @@ def verification_progress(quiet: bool) -> Iterator[Callable[[int, int], None] | 
             progress.update(task, completed=done, total=total)
 
         yield on_batch
+
+
+def warn_foreign_ops(result: object, quiet: bool) -> None:
+    """One stderr line listing the nodes bnfold would not run (README "Security"); they were passed through untouched."""
+    foreign = getattr(result, "foreign_ops", [])
+    if foreign and not quiet:
+        shown = ", ".join(f"{f['node']} ({f['op']})" for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        err.print(
+            f"[yellow]warning:[/] {len(foreign)} node(s) that reach outside the graph passed through untouched: {shown}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
@@ -115,7 +137,12 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
 @app.command("fold")
 def fold_command(
     src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras, .h5 or .onnx.")],
-    dst: Annotated[Optional[Path], typer.Argument(help="Output: .pb, .pbtxt, .onnx, or a SavedModel directory (any other name).")] = None,
+    dst: Annotated[
+        Optional[Path],
+        typer.Argument(
+            parser=output_path, help="Output: .pb, .pbtxt, .onnx, or a SavedModel directory (a name without suffix, or ending in /)."
+        ),
+    ] = None,
     inputs: InputsOpt = None,
     outputs: OutputsOpt = None,
     report: ReportOpt = None,
@@ -143,20 +170,23 @@ def fold_command(
     opset: Annotated[
         Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output (default 17; tf2onnx converts 9-18).")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    quiet: QuietOpt = False,
+    trust_model: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fold BN in SRC and write DST (.pb, .pbtxt, or .onnx: converted with tf2onnx and checked in onnxruntime)."""
 
     def body() -> None:
-        from bnfold import api, io
+        # No TensorFlow import here: an ONNX-only run (bnfold a.onnx b.onnx) never needs it.
+        from bnfold import files
         from bnfold import report as rep
-        from bnfold.verification import parse_feed_value
+        from bnfold.comparison import parse_feed_value
 
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
         if dst is not None and not dry_run:
-            io.check_output_path(src, dst, in_place, directory=api.is_saved_model_destination(dst))
+            check_output_format(dst)
+            files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
         switch_options: dict[str, object] = {}
         if set_:
@@ -175,8 +205,11 @@ def fold_command(
         model = None
         try:
             with verification_progress(quiet) as on_batch:
-                fold_fn = api.fold
-                if onnx_mode:
+                if not onnx_mode:
+                    from bnfold import api
+
+                    fold_fn = api.fold
+                else:
 
                     def fold_fn(*args, **kwargs):  # type: ignore[no-untyped-def]
                         nonlocal model
@@ -196,6 +229,7 @@ def fold_command(
                     seed=seed,
                     force=force,
                     on_batch=on_batch,
+                    trust_model=trust_model,
                     **switch_options,
                     **({} if onnx_mode else {"signature": signature}),
                 )
@@ -207,18 +241,23 @@ def fold_command(
                 rep.write_json(exc.result, report)  # type: ignore[arg-type]
             hint = "--force writes anyway" if exc.result is not None else "--no-verify writes without the check"
             raise VerificationError(f"{exc}; nothing written ({hint})") from None
+        external = dst is not None and not dry_run and model is not None and onnx_export.plan_output(result, model, dst)
         if not quiet:
             rep.print_result(result, out)
             onnx_export.print_stage(result, out)
+        warn_foreign_ops(result, quiet)
         if report is not None:
             rep.write_json(result, report)
         if result.verification is not None and not result.verification.passed:
-            err.print("[yellow]warning:[/] verification failed; writing anyway because of --force")
-        if dst is not None and not dry_run and model is not None:
-            onnx_export.write_onnx(model, dst)
             if not quiet:
-                out.print(f"wrote {dst}")
+                err.print("[yellow]warning:[/] verification failed; writing anyway because of --force")
+        if dst is not None and not dry_run and model is not None:
+            data_file = onnx_export.write_onnx(model, dst, bool(external))
+            if not quiet:
+                out.print(f"wrote {dst}" + (f" (tensors in {data_file})" if data_file else ""))
         elif dst is not None and not dry_run:
+            from bnfold import api
+
             api.write_result(result, dst)
             if not quiet:
                 out.print(f"wrote {dst}")
@@ -228,7 +267,7 @@ def fold_command(
 
 @app.command("doctor")
 def doctor_command(
-    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras or .h5.")],
+    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras, .h5, or a TF1 checkpoint.")],
     data: Annotated[
         Optional[list[str]],
         typer.Option("--data", help="x.npy (inputs in order) or NAME=x.npy: real data for the drift check (BN_STATS_DRIFT)."),
@@ -236,13 +275,30 @@ def doctor_command(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the findings as JSON here.")] = None,
     set_: SetOpt = None,
     outputs: OutputsOpt = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="With a .meta training graph: the checkpoint prefix (model.ckpt-1000).")
+    ] = None,
+    train_op: Annotated[
+        Optional[str], typer.Option("--train-op", help="TF1 checkpoint: the train op (default: the train_op collection or the optimizer).")
+    ] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --data: draw the drift per BN layer to this PNG (needs matplotlib).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors; the exit code and --json carry the findings.")] = False,
+    trust_model: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Find BN misuse that makes inference differ from training; exit 1 when anything is at warning level or above."""
+    """Find BN misuse that makes inference differ from training; exit 1 when anything is at warning level or above.
+
+    SRC may also be a TF 1.x checkpoint prefix with its .meta beside it, or a .meta with --checkpoint.
+    """
 
     def body() -> None:
-        from bnfold import doctor
-        from bnfold.verification import parse_feed_value
+        from bnfold.comparison import parse_feed_value
+        from bnfold.onnx_io import is_onnx_path
+
+        if is_onnx_path(src):
+            from bnfold import onnx_doctor as doctor  # no TensorFlow for ONNX files
+        else:
+            from bnfold import doctor  # type: ignore[no-redef]
 
         named: dict[str, object] = {}
         ordered = []
@@ -254,10 +310,23 @@ def doctor_command(
                 ordered.append(parse_feed_value(value))
         if named and ordered:
             raise UsageError("--data: give either NAME=x.npy for every input or plain paths in input order, not both")
-        report = doctor.diagnose(src, data=named or ordered or None, set_flags=_flags(set_), outputs=_names(outputs))  # type: ignore[arg-type]
-        doctor.print_report(report, out)
+        report = doctor.diagnose(
+            src,
+            data=named or ordered or None,  # type: ignore[arg-type]
+            set_flags=_flags(set_),
+            outputs=_names(outputs),
+            checkpoint=checkpoint,
+            train_op=_names(train_op),
+            trust_model=trust_model,
+        )
+        if plot is not None and not report.drift:
+            raise UsageError("--plot: needs --data (the drift per BN layer is measured on your data)")
+        if not quiet:
+            doctor.print_report(report, out)
         if json_path is not None:
             doctor.write_json(report, json_path)
+        if plot is not None:
+            doctor.write_plot(report.drift, plot)
         raise typer.Exit(report.exit_code)
 
     _run(debug, body)
@@ -269,20 +338,61 @@ def inspect_command(
     inputs: InputsOpt = None,
     outputs: OutputsOpt = None,
     report: ReportOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (with --report: only the JSON).")] = False,
+    trust_model: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Report what would be folded, and why anything would not; write nothing."""
 
     def body() -> None:
-        from bnfold import api
         from bnfold import report as rep
+        from bnfold.onnx_io import is_onnx_path
 
-        result = api.fold(src, _names(inputs), _names(outputs), verify_outputs=False)
-        rep.print_result(result, out)
+        if is_onnx_path(src):
+            from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
+
+            result = fold_onnx(src, _names(inputs), _names(outputs), verify_outputs=False)[1]
+        else:
+            from bnfold import api
+
+            result = api.fold(src, _names(inputs), _names(outputs), verify_outputs=False, trust_model=trust_model)
+        if not quiet:
+            rep.print_result(result, out)
+        warn_foreign_ops(result, quiet)
         if report is not None:
             rep.write_json(result, report)
 
     _run(debug, body)
+
+
+def _version_text() -> str:
+    """bnfold's version and the converters it runs, read from package metadata (no TensorFlow import)."""
+    from importlib import metadata
+
+    from bnfold import __version__
+
+    parts = []
+    for package in ("tensorflow", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(_version_text(), highlight=False, soft_wrap=True)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_show_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."""
 
 
 def _silence_native_logs() -> None:

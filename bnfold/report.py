@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.io import atomic_write
+from bnfold.files import atomic_write
 from bnfold.result import FoldResult
 
 # Ops that carry BN work at inference, counted before and after.
@@ -72,6 +72,8 @@ def print_result(result: FoldResult, console: Console) -> None:
     if others:
         console.print(f"other normalizations (not BN, nothing to fold): {len(others)} ({', '.join(s.name for s in others[:3])}{', ...' if len(others) > 3 else ''})")
     console.print(ops_table(result))
+    if result.onnx is not None and result.onnx.unchanged:
+        console.print("nothing to fold: the model is written unchanged (nothing changed, so no check is needed)")
     table = verification_table(result)
     if table is not None:
         console.print(table)
