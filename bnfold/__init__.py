@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from bnfold.comparison import Verification
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.foldmath import SiteRecord
+    from bnfold.keras_fold import fold_keras
     from bnfold.onnx_export import to_onnx
     from bnfold.result import FoldResult
     from bnfold.verification import verify
@@ -26,6 +27,7 @@ _EXPORTS = {
     "FoldResult": "bnfold.result",
     "fold": "bnfold.api",
     "fold_file": "bnfold.api",
+    "fold_keras": "bnfold.keras_fold",
     "BnfoldError": "bnfold.errors",
     "InputError": "bnfold.errors",
     "OutputError": "bnfold.errors",
@@ -47,6 +49,7 @@ __all__ = [
     "VerificationError",
     "fold",
     "fold_file",
+    "fold_keras",
     "to_onnx",
     "verify",
 ]

@@ -170,6 +170,10 @@ def fold_command(
     opset: Annotated[
         Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output (default 17; tf2onnx converts 9-18).")
     ] = None,
+    standalone_affine: Annotated[
+        bool,
+        typer.Option("--standalone-affine", help="Keras output: a BN with nothing to fold into becomes a fixed per-channel scale-and-shift layer."),
+    ] = False,
     quiet: QuietOpt = False,
     trust_model: TrustOpt = False,
     debug: DebugOpt = False,
@@ -188,6 +192,12 @@ def fold_command(
             check_output_format(dst)
             files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
+        if dst is not None and dst.suffix.lower() in (".keras", ".h5", ".hdf5"):
+            keras_output(src, dst, dry_run, not no_verify, feeds, _shapes(input_shape), rtol, atol, samples, seed, force, in_place,
+                         standalone_affine, trust_model, report, quiet, [inputs, outputs, set_, opset, training_bn != "keep"])
+            return
+        if standalone_affine:
+            raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
         switch_options: dict[str, object] = {}
         if set_:
             switch_options["set_flags"] = _flags(set_)
@@ -263,6 +273,40 @@ def fold_command(
                 out.print(f"wrote {dst}")
 
     _run(debug, body)
+
+
+def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict, shapes: dict, rtol: float | None, atol: float | None,
+                 samples: int, seed: int, force: bool, in_place: bool, standalone_affine: bool, trust_model: bool,
+                 report: Path | None, quiet: bool, graph_only: list[object]) -> None:  # fmt: skip
+    """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras_fold), report as for graphs."""
+    from bnfold import keras_fold
+    from bnfold import report as rep
+
+    if any(graph_only):
+        raise UsageError("--inputs/--outputs/--set/--training-bn/--opset apply to graph output; Keras output (.keras/.h5) takes none of them")
+    try:
+        with verification_progress(quiet) as on_batch:
+            _, result = keras_fold.fold_keras_file(
+                src, dst, in_place=in_place, dry_run=dry_run, trust_model=trust_model, verify_outputs=verify, feeds=feeds,
+                input_shapes=shapes, rtol=rtol, atol=atol, samples=samples, seed=seed, force=force, on_batch=on_batch,
+                standalone_affine=standalone_affine,
+            )  # fmt: skip
+    except VerificationError as exc:
+        if isinstance(exc.result, keras_fold.FoldResult):
+            if not quiet:
+                rep.print_result(exc.result, out)
+            if report is not None:
+                rep.write_json(exc.result, report)
+            raise VerificationError(f"{exc}; nothing written (--force writes anyway)") from None
+        raise
+    if not quiet:
+        rep.print_result(result, out)
+    if report is not None:
+        rep.write_json(result, report)
+    if result.verification is not None and not result.verification.passed and not quiet:
+        err.print("[yellow]warning:[/] verification failed; written anyway because of --force")
+    if not dry_run and not quiet:
+        out.print(f"wrote {dst}")
 
 
 @app.command("doctor")

@@ -727,7 +727,13 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 
 def input_names(model: Any) -> list[str]:
-    return [str(getattr(t, "name", f"input_{i}")).split(":")[0] for i, t in enumerate(model.inputs)]
+    """The names of the model's InputLayers, in order: what a rebuilt model keeps (a tensor's own name may not)."""
+    names = []
+    for i, tensor in enumerate(model.inputs):
+        history = getattr(tensor, "_keras_history", None)
+        owner = getattr(history, "operation", None) or getattr(history, "layer", None)
+        names.append(str(getattr(owner, "name", None) or getattr(tensor, "name", f"input_{i}")).split(":")[0])
+    return names
 
 
 def output_names(model: Any) -> list[str]:
@@ -871,21 +877,34 @@ def is_keras_path(path: str | os.PathLike[str] | None) -> bool:
     return path is not None and Path(path).suffix.lower() in KERAS_SUFFIXES
 
 
-def load_model(path: Path) -> Any:
-    """A ``.keras`` with Keras 3 (safe mode); an ``.h5`` with Keras 3, else legacy tf_keras."""
+def load_model(path: Path, trust_model: bool = False) -> Any:
+    """A ``.keras`` with Keras 3 (safe mode); an ``.h5`` saved by Keras 3 with Keras 3, one saved by Keras 2 with tf_keras.
+
+    Unless ``trust_model``, the config is first checked for code (Lambda layers,
+    foreign modules) by :func:`bnfold.freeze.check_keras_file`: tf_keras has no
+    safe mode for ``.h5``.
+    """
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
+    if not trust_model:
+        from bnfold.freeze import check_keras_file
+
+        check_keras_file(path)
     errors = []
-    try:
-        return keras.saving.load_model(str(path), compile=False, safe_mode=True, custom_objects=custom_objects())
-    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
-        errors.append(f"keras: {first_line(exc)[:200]}")
+    legacy = path.suffix.lower() in (".h5", ".hdf5") and _written_by_keras2(path)
+    if not legacy:
+        try:
+            return keras.saving.load_model(str(path), compile=False, safe_mode=not trust_model, custom_objects=custom_objects())
+        except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
+            errors.append(f"keras: {first_line(exc)[:200]}")
     if path.suffix.lower() in (".h5", ".hdf5"):
         try:
             import tf_keras
         except ImportError:
+            if legacy:
+                return keras.saving.load_model(str(path), compile=False, custom_objects=custom_objects())
             raise InputError(
                 f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files"
             ) from None
@@ -894,6 +913,19 @@ def load_model(path: Path) -> Any:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"tf_keras: {first_line(exc)[:200]}")
     raise InputError(f"{path}: not a loadable Keras model ({'; '.join(errors)})")
+
+
+def _written_by_keras2(path: Path) -> bool:
+    """An .h5 saved by Keras 2 (tf_keras) is folded with tf_keras, so the .h5 written back loads where the input did."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("keras_version", b"")
+    except Exception:  # noqa: BLE001 - not HDF5: the loaders report it
+        return False
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    return version.startswith("2.")
 
 
 def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None) -> None:
@@ -944,7 +976,13 @@ def _umask() -> int:
 
 
 def fold_keras_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, in_place: bool = False, dry_run: bool = False, **options: Any
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    in_place: bool = False,
+    dry_run: bool = False,
+    trust_model: bool = False,
+    **options: Any,
 ) -> tuple[Any, FoldResult]:
     """``bnfold model.keras folded.keras``: load, fold, check, write (nothing is written when the check fails)."""
     src_path, dst_path = Path(src), Path(dst)
@@ -952,7 +990,7 @@ def fold_keras_file(
         raise UsageError(f"{dst_path}: Keras output needs a Keras model as input (.keras or .h5), not {src_path.name}")
     if not dry_run:
         check_output_path(src_path, dst_path, in_place)
-    model = load_model(src_path)
+    model = load_model(src_path, trust_model)
     module = _framework(model)
     if not _is_keras3(module) and dst_path.suffix.lower() == ".keras":
         raise UsageError(f"{dst_path}: {src_path} is a legacy tf_keras model; write it as .h5")
