@@ -326,3 +326,129 @@ def test_mixed_precision_models_fold_and_load_without_the_check(package: str, po
         assert a.shape == b.shape and a.dtype == b.dtype
         assert_close(a, b, rtol=5e-2 if policy == "mixed_bfloat16" else 1e-2, atol=1e-2)
     assert fold(original).verification.passed  # the default check agrees, at the default tolerances
+
+
+def _feeds_x(graph_def: graph_pb2.GraphDef, shape: tuple[int, ...] = (2, 8, 8, 3)) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(3).standard_normal(shape).astype(np.float32)}
+
+
+def test_bias_add_named_in_outputs_survives_and_its_bn_is_skipped() -> None:
+    graph_def = build(Spec())  # conv -> bias_add -> bn -> output
+    result = fold(graph_def, outputs=["output", "bias_add"], verify_outputs=False)
+    assert [(s.action, s.reason) for s in result.sites] == [
+        ("skipped", "bias_add is a requested input/output/fed tensor, and folding would remove it")
+    ]
+    before = run_graph(graph_def, _feeds_x(graph_def), ["output", "bias_add"])
+    after = run_graph(result.graph_def, _feeds_x(graph_def), ["output", "bias_add"])
+    for a, b in zip(before, after, strict=True):
+        assert_close(a, b)
+
+
+def test_fed_bias_add_survives_and_the_feed_still_decides_the_output() -> None:
+    graph_def = build(Spec())
+    fed = {"bias_add:0": np.random.default_rng(4).standard_normal((2, 8, 8, 4)).astype(np.float32)}
+    result = fold(graph_def, feeds=fed, verify_outputs=False)
+    assert [s.action for s in result.sites] == ["skipped"] and "bias_add" in (result.sites[0].reason or "")
+    feeds = {**_feeds_x(graph_def), **fed}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
+
+
+def _keras3_conv_bn() -> graph_pb2.GraphDef:
+    import keras
+
+    from bnfold.freeze import load
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"), keras.layers.BatchNormalization(name="bn")])
+    rng = np.random.default_rng(0)
+    model.layers[1].set_weights([rng.uniform(0.5, 1.5, 4).astype(np.float32) for _ in range(4)])
+    return load(model).graph_def
+
+
+def _placeholder(graph_def: graph_pb2.GraphDef) -> str:
+    return next(n.name for n in graph_def.node if n.op == "Placeholder")
+
+
+def _mul_2(graph_def: graph_pb2.GraphDef) -> str:
+    return next(n.name for n in graph_def.node if n.name.endswith("bn/mul_2") or n.name.endswith("batchnorm/mul_2"))
+
+
+def test_keras3_bn_mul_2_named_in_outputs_survives() -> None:
+    graph_def = _keras3_conv_bn()
+    mul_2 = _mul_2(graph_def)
+    result = fold(graph_def, outputs=["Identity", mul_2], verify_outputs=False)
+    assert mul_2 in {n.name for n in result.graph_def.node}
+    feeds = {_placeholder(graph_def): np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype(np.float32)}
+    for a, b in zip(run_graph(graph_def, feeds, ["Identity", mul_2]), run_graph(result.graph_def, feeds, ["Identity", mul_2]), strict=True):
+        assert_close(a, b)
+
+
+def test_keras3_bn_mul_2_fed_is_not_a_constant() -> None:
+    """A fed tensor overrides its subgraph: BN parameters computed from it cannot be folded as constants."""
+    graph_def = _keras3_conv_bn()
+    mul_2 = _mul_2(graph_def)
+    fed = {f"{mul_2}:0": np.full(4, 7.0, np.float32)}
+    result = fold(graph_def, feeds=fed, verify_outputs=False)
+    assert [s.action for s in result.sites] == ["skipped"], result.sites
+    assert result.sites[0].reason == f"{mul_2} is fed (--feed), so the BN parameters computed from it are not constants"
+    feeds = {_placeholder(graph_def): np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype(np.float32), **fed}
+    assert_close(run_graph(graph_def, feeds, ["Identity"])[0], run_graph(result.graph_def, feeds, ["Identity"])[0])
+
+
+def test_keras3_bn_mul_1_named_in_outputs_keeps_the_bn() -> None:
+    graph_def = _keras3_conv_bn()
+    mul_1 = _mul_2(graph_def)[: -len("mul_2")] + "mul_1"
+    result = fold(graph_def, outputs=["Identity", mul_1], verify_outputs=False)
+    assert [s.action for s in result.sites] == ["skipped"] and mul_1 in (result.sites[0].reason or "")
+    assert mul_1 in {n.name for n in result.graph_def.node}
+
+
+def _run_unremapped(graph_def: graph_pb2.GraphDef, feeds: dict[str, np.ndarray], fetch: str) -> np.ndarray:
+    """Run without grappler's remapper: with oneDNN on (conftest), it fuses MatMul + a (1, 1, C) Add into
+    _FusedMatMul and drops the broadcast to rank 3, a TensorFlow bug that would hide the shape."""
+    from conftest import session_config
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    config = session_config()
+    config.graph_options.rewrite_options.remapping = rewriter_config_pb2.RewriterConfig.OFF
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph, config=config) as session:
+        return session.run(f"{fetch}:0", {f"{k}:0": v for k, v in feeds.items()})
+
+
+def test_rank_raising_constant_after_matmul_is_skipped_and_keeps_the_shape() -> None:
+    """(1, 1, C) added to a (N, C) MatMul output makes (1, N, C): not a per-channel affine of the MatMul."""
+
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3], name="x")
+        y = tf.matmul(x, _const(np.random.default_rng(0).standard_normal((3, 4))), name="dense")
+        y = tf.add(y, _const(np.arange(4.0).reshape(1, 1, 4)), name="bias")
+        inv = tf.math.rsqrt(_const([1.0, 2.0, 3.0, 4.0]) + 1e-3)  # Keras 3 BN: x * inv + (beta - mean * inv)
+        tf.identity(y * inv + (_const([0.5, 0.5, 0.5, 0.5]) - _const([0.1, 0.2, 0.3, 0.4]) * inv), name="output")
+
+    graph_def = _graph(body)
+    result = fold(graph_def, verify_outputs=False)
+    assert [s.action for s in result.sites] == ["skipped"] and "rank-3" in (result.sites[0].reason or "")
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)}
+    a, b = _run_unremapped(graph_def, feeds, "output"), _run_unremapped(result.graph_def, feeds, "output")
+    assert a.shape == b.shape == (1, 5, 4)
+    assert_close(a, b)
+
+
+def test_rank_raising_bias_before_a_bn_is_skipped_with_the_reason() -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3], name="x")
+        y = tf.matmul(x, _const(np.random.default_rng(0).standard_normal((3, 4))), name="dense")
+        y = tf.add(y, _const(np.arange(4.0).reshape(1, 1, 4)), name="bias")
+        tf.nn.batch_normalization(y, _const([0.1] * 4), _const([2.0] * 4), _const([0.3] * 4), _const([1.5] * 4), 1e-3, name="bn")
+
+    graph_def = _graph(body)
+    result = fold(graph_def, verify_outputs=False)
+    assert [s.action for s in result.sites] == ["skipped"]
+    assert "rank-3 constant broadcasts the rank-2 dense" in (result.sites[0].reason or "")
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)}
+    out = [n.name for n in graph_def.node][-1]
+    a, b = _run_unremapped(graph_def, feeds, out), _run_unremapped(result.graph_def, feeds, out)
+    assert a.shape == b.shape == (1, 5, 4)
+    assert_close(a, b)
