@@ -37,8 +37,11 @@ have anyway (variables), which is why it holds for every graph bnfold runs.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
@@ -79,7 +82,6 @@ HARMLESS_STATEFUL: dict[str, str] = {
     "If": "control flow: both branches are checked",
     "While": "control flow: condition and body are checked",
     "Case": "control flow: every branch is checked",
-    "For": "control flow: the body is checked",
     "StatefulPartitionedCall": "a function call: the function is checked",
 }
 
@@ -92,9 +94,7 @@ DOCUMENTED_EFFECTS: dict[str, str] = {
 }
 
 # Rule 2: string inputs and string attributes that name a place.
-PLACE_INPUT = re.compile(
-    r"(^|_)(files?|filenames?|file_pattern|path|prefix|dir|logdir|address|protocol|target|ckpt_path)$"
-)
+PLACE_INPUT = re.compile(r"(^|_)(files?|filenames?|file_pattern|path|prefix|dir|logdir|address|protocol|target|ckpt_path)$")
 PLACE_ATTR = re.compile(r"file|path|prefix|_dir$|url|memory_region|descriptor_source|output_stream|address")
 IN_PROCESS_VALUES = {"", "local://", "global://", "stderr", "stdout", "log(info)", "log(warning)", "log(error)"}
 
@@ -221,8 +221,30 @@ def check_runnable(
         first = refusals[0]
         more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
         raise UnsafeModelError(
-            f"{what}: node {first.where!r} ({first.op}) {first.reason}{more}; bnfold does not run such graphs: {hint}"
+            f"{what} would run node {first.where!r} ({first.op}), which {first.reason}{more}; bnfold does not run such graphs: {hint}"
         )
+
+
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("bnfold_trust_model", default=False)
+
+
+@contextmanager
+def trusting(trust: bool) -> Iterator[None]:
+    """Within this block (when ``trust``), graph runs skip the gate: ``--trust-model`` / ``trust_model=True``.
+
+    Only raises trust, never lowers it, so a trusted API call stays trusted
+    through helpers that do not know about it. The last-line gate in
+    :class:`bnfold.verification.GraphRunner` reads it.
+    """
+    token = _TRUSTED.set(trust or _TRUSTED.get())
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def is_trusted() -> bool:
+    return _TRUSTED.get()
 
 
 def registry_decisions() -> dict[str, str | None]:
