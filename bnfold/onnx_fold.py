@@ -640,7 +640,8 @@ class OnnxFolder:
         if dtype.kind != "f":
             return "input is not floating point, left as BatchNormalization"
         assert step.scale is not None and step.shift is not None
-        why = storable(Folded(step.scale, step.shift), dtype, "its scale and shift")
+        with np.errstate(over="ignore", invalid="ignore"):
+            why = storable(Folded(step.scale.astype(dtype), step.shift), dtype, "its scale and shift")
         if why:
             return f"{why}, left as BatchNormalization"
         node = step.node
