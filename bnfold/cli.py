@@ -136,7 +136,8 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
 
 @app.command("fold")
 def fold_command(
-    src: Annotated[Path, typer.Argument(help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras, .h5 or .onnx.")],
+    # readable=False: bnfold's own one-line "permission denied" (exit 3), not typer's usage box (exit 2)
+    src: Annotated[Path, typer.Argument(readable=False, help="Model: frozen .pb/.pbtxt, SavedModel directory, .keras, .h5 or .onnx.")],
     dst: Annotated[
         Optional[Path],
         typer.Argument(
@@ -146,7 +147,9 @@ def fold_command(
     inputs: InputsOpt = None,
     outputs: OutputsOpt = None,
     report: ReportOpt = None,
-    signature: Annotated[str, typer.Option("--signature", help="SavedModel signature to fold.")] = "serving_default",
+    signature: Annotated[
+        Optional[str], typer.Option("--signature", help="SavedModel signature to fold (default serving_default); graph output only.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fold and report, write no model.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")] = False,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default per dtype).")] = None,
@@ -212,6 +215,8 @@ def fold_command(
             raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
         if opset is not None and not onnx_mode:
             raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
+        if signature is not None and onnx_mode:
+            raise UsageError("--signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert")
         model = None
         try:
             with verification_progress(quiet) as on_batch:
@@ -241,7 +246,7 @@ def fold_command(
                     on_batch=on_batch,
                     trust_model=trust_model,
                     **switch_options,
-                    **({} if onnx_mode else {"signature": signature}),
+                    **({} if onnx_mode else {"signature": signature or "serving_default"}),
                 )
         except VerificationError as exc:
             if exc.result is not None and not quiet:
@@ -249,6 +254,8 @@ def fold_command(
                 onnx_export.print_stage(exc.result, out)
             if report is not None and exc.result is not None:
                 rep.write_json(exc.result, report)  # type: ignore[arg-type]
+            if dry_run:
+                raise VerificationError(f"{exc} (--dry-run: no model is written either way)") from None
             hint = "--force writes anyway" if exc.result is not None else "--no-verify writes without the check"
             raise VerificationError(f"{exc}; nothing written ({hint})") from None
         external = dst is not None and not dry_run and model is not None and onnx_export.plan_output(result, model, dst)
@@ -297,7 +304,8 @@ def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict,
                 rep.print_result(exc.result, out)
             if report is not None:
                 rep.write_json(exc.result, report)
-            raise VerificationError(f"{exc}; nothing written (--force writes anyway)") from None
+            hint = "--dry-run: no model is written either way" if dry_run else "--force writes anyway"
+            raise VerificationError(f"{exc}; nothing written ({hint})") from None
         raise
     if not quiet:
         rep.print_result(result, out)

@@ -60,6 +60,12 @@ class UnsafeModelError(BnfoldError):
     exit_code = EXIT_UNSAFE
 
 
+class BrokenOutputError(BnfoldError):
+    """bnfold wrote a model that fails to load or run while the original runs: a bug in bnfold, not the user's."""
+
+    exit_code = EXIT_INTERNAL
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: what fits bnfold's one-line errors."""
     text = str(exc).strip()

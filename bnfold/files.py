@@ -9,8 +9,11 @@ TensorFlow; :mod:`bnfold.io` re-exports it for the TF side.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bnfold.errors import InputError, OutputError
@@ -47,10 +50,40 @@ def check_output_path(src: Path | None, dst: Path, in_place: bool = False, direc
         raise OutputError(f"{dst}: is a directory; give a file name ending in .pb, .pbtxt or .onnx")
 
 
+@contextmanager
+def terminating_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` while a write runs, so its cleanup (``except BaseException``) runs.
+
+    Python's default SIGTERM kills the process on the spot, leaving ``.out.pb.*.tmp``
+    behind; only Ctrl-C (KeyboardInterrupt) cleaned up. Signals can be set only
+    from the main thread: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
     """Let ``write`` fill a temporary file beside ``dst``, then rename it over ``dst``."""
+    with terminating_cleanly():
+        _atomic_write(dst, write)
+
+
+def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
     parent = dst.parent if str(dst.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+    try:  # a directory that passed os.access can still refuse (root on sysfs, a read-only mount)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -73,6 +106,11 @@ def atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
     all writes succeeded are they renamed into place, data files before the model
     that names them, so a reader never sees a model whose data is missing.
     """
+    with terminating_cleanly():
+        _atomic_write_many(writes)
+
+
+def _atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
     temps: dict[Path, Path] = {}
     try:
         for dst, write in writes.items():

@@ -16,7 +16,7 @@ from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.errors import InputError, OutputError, first_line
-from bnfold.files import _umask, atomic_write, check_output_path, read_bytes  # noqa: F401  (TF-free; re-exported)
+from bnfold.files import _umask, atomic_write, check_output_path, read_bytes, terminating_cleanly  # noqa: F401  (TF-free; re-exported)
 from bnfold.graph import parse_input
 
 TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
@@ -93,8 +93,6 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dic
     Keys of ``inputs``/``outputs`` become the signature's argument and output
     names, so TF Serving clients of the original keep working.
     """
-    import shutil
-
     import tensorflow as tf
 
     def imported() -> None:
@@ -115,8 +113,19 @@ def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dic
     module = tf.Module()
     module.serve = serve
     parent = dst.parent if str(dst.parent) else Path(".")
+    with terminating_cleanly():
+        _save_in_place(module, signature, serve, dst, parent)
+
+
+def _save_in_place(module: object, signature: str, serve: object, dst: Path, parent: Path) -> None:
+    """Save into a temporary directory beside ``dst`` and rename it in; nothing is left on any failure."""
+    import shutil
+
+    import tensorflow as tf
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model directory follows the umask, like files
         tf.saved_model.save(module, str(tmp), signatures={signature: serve})
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=parent))

@@ -28,7 +28,7 @@ from bnfold.comparison import (
     failure_message,
     parse_feed_value,
 )
-from bnfold.errors import UsageError, VerificationError, first_line
+from bnfold.errors import BrokenOutputError, UsageError, VerificationError, first_line
 from bnfold.graph import attr, parse_input
 
 __all__ = [
@@ -161,6 +161,31 @@ def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; 
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
 
+REPORT_BUG = "this is a bug in bnfold: please report it with the input model"
+
+
+class FoldedGraphRunner(GraphRunner):
+    """The folded graph, checked after the original ran: if it cannot load or run, bnfold broke it.
+
+    That is exit 70 with a request to report it, never a hint to skip the check
+    (skipping it would write the broken graph).
+    """
+
+    errors = ()  # no failure of the folded graph is "the model cannot run here": the original just ran
+
+    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+        try:
+            super().__init__(graph_def)
+        except GraphRunner.errors as exc:
+            raise BrokenOutputError(f"TensorFlow cannot load the folded graph ({first_line(exc)}); {REPORT_BUG}") from None
+
+    def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return super().run(fetches, feeds)
+        except GraphRunner.errors as exc:
+            raise BrokenOutputError(f"the folded graph fails to run where the input graph ran ({first_line(exc)}); {REPORT_BUG}") from None
+
+
 def _tensor_name(ref: str) -> str:
     name, index, _ = parse_input(ref)
     return f"{name}:{index}"
@@ -260,7 +285,7 @@ def verify(
     with trusting(trust_model):
         return compare_runners(
             lambda: open_graph_runner(original, "the input graph"),
-            lambda: open_graph_runner(folded, "the folded graph"),
+            lambda: FoldedGraphRunner(folded),
             specs,
             outputs,
             options,

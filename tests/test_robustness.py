@@ -59,22 +59,42 @@ def test_inputs_option_naming_a_missing_node(tmp_path: Path) -> None:
     assert result.exit_code == EXIT_USAGE and "nope" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+# Root reads and writes past permission bits (CI runs as root): there, use files the kernel refuses
+# for other reasons. /proc/sys/vm/drop_caches is write-only even for root; sysfs refuses new files.
+ROOT_UNREADABLE = Path("/proc/sys/vm/drop_caches")
+ROOT_UNWRITABLE_DIR = Path("/sys")
+
+
 def test_unreadable_input(tmp_path: Path) -> None:
-    src = tmp_path / "secret.pb"
-    src.write_bytes(SAMPLE.read_bytes())
-    src.chmod(0)
+    if os.geteuid() == 0:
+        if not ROOT_UNREADABLE.exists():
+            pytest.skip("no write-only /proc/sys file on this system")
+        src = ROOT_UNREADABLE
+    else:
+        src = tmp_path / "secret.pb"
+        src.write_bytes(SAMPLE.read_bytes())
+        src.chmod(0)
     result = invoke("fold", src, tmp_path / "o.pb")
-    assert result.exit_code == EXIT_INPUT and "permission denied" in result.stderr
+    assert result.exit_code == EXIT_INPUT, result.output
+    assert result.stderr.strip() == f"bnfold: error: {src}: permission denied; make the file readable"
+    assert list(tmp_path.iterdir()) == ([] if os.geteuid() == 0 else [src])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_read_only_output_directory(tmp_path: Path) -> None:
-    out_dir = tmp_path / "ro"
-    out_dir.mkdir()
-    out_dir.chmod(0o500)
+    if os.geteuid() == 0:
+        out_dir = ROOT_UNWRITABLE_DIR
+    else:
+        out_dir = tmp_path / "ro"
+        out_dir.mkdir()
+        out_dir.chmod(0o500)
     result = invoke("fold", SAMPLE, out_dir / "o.pb")
-    assert result.exit_code == EXIT_OUTPUT and "not writable" in result.stderr
+    assert result.exit_code == EXIT_OUTPUT, result.output
+    line = result.stderr.strip()
+    assert line in (
+        f"bnfold: error: {out_dir / 'o.pb'}: directory {out_dir} is not writable",
+        f"bnfold: error: {out_dir / 'o.pb'}: cannot write (Permission denied)",
+    )
+    assert not (out_dir / "o.pb").exists() and not list(out_dir.glob(".o.pb.*"))
 
 
 def test_custom_op_passes_through_untouched(tmp_path: Path) -> None:
@@ -189,10 +209,11 @@ def test_full_disk_is_an_output_error_and_leaves_nothing(tmp_path: Path) -> None
 def test_existing_output_is_replaced_only_on_success(tmp_path: Path) -> None:
     out = tmp_path / "o.pb"
     out.write_bytes(b"previous result")
-    result = invoke("fold", SAMPLE, out, "--rtol", "0", "--atol", "0")
-    if result.exit_code == EXIT_VERIFY:
-        assert out.read_bytes() == b"previous result"
-    assert invoke("fold", SAMPLE, out).exit_code == 0 and out.read_bytes() != b"previous result"
+    inexact = ROOT / "sample_models" / "conv_keras3.pb"  # its fold differs in the last bits: zero tolerance fails
+    result = invoke("fold", inexact, out, "--rtol", "0", "--atol", "0")
+    assert result.exit_code == EXIT_VERIFY, result.output
+    assert out.read_bytes() == b"previous result"
+    assert invoke("fold", inexact, out).exit_code == 0 and out.read_bytes() != b"previous result"
 
 
 def test_same_input_gives_byte_identical_output(tmp_path: Path) -> None:
@@ -231,3 +252,90 @@ def test_graph_of_several_hundred_megabytes(tmp_path: Path) -> None:
     assert src.stat().st_size > 300e6
     result = invoke("fold", src, tmp_path / "big_folded.pb", "-q")
     assert result.exit_code == 0, result.output
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A write that blocks mid-file is killed with SIGTERM: the process exits 143 and no .out.pb.*.tmp stays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from bnfold.files import atomic_write
+
+def write(tmp):
+    tmp.write_bytes(b"half a model")
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(Path({str(tmp_path / "out.pb")!r}), write)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the temporary exists mid-write
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_model_directory_follows_the_umask(tmp_path: Path) -> None:
+    """Not mkdtemp's 0700: a server running as another user must be able to read the model."""
+    out = tmp_path / "served"
+    old = os.umask(0o022)
+    try:
+        result = invoke("fold", SAMPLE, out, "-q")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert (out / "saved_model.pb").exists()
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def _fp32_weights_on_fp16_conv() -> tuple[graph_pb2.GraphDef, graph_pb2.GraphDef]:
+    """What the old fold wrote for mixed precision: a float32 filter on a float16 Conv2D (TF cannot import it)."""
+    original = build(Spec(dtype="float16"))
+    broken = graph_pb2.GraphDef()
+    broken.CopyFrom(original)
+    for node in broken.node:
+        if node.name == "weights":
+            values = tf.make_ndarray(node.attr["value"].tensor).astype(np.float32)
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values))
+            node.attr["dtype"].type = tf.float32.as_datatype_enum
+    return original, broken
+
+
+def test_a_folded_graph_tf_cannot_load_is_bnfolds_bug_exit_70() -> None:
+    from bnfold.errors import EXIT_INTERNAL, BnfoldError
+    from bnfold.verification import verify
+
+    original, broken = _fp32_weights_on_fp16_conv()
+    with pytest.raises(BnfoldError) as info:
+        verify(original, broken)
+    assert info.value.exit_code == EXIT_INTERNAL
+    message = str(info.value)
+    assert message.startswith("TensorFlow cannot load the folded graph (") and message.endswith(
+        "this is a bug in bnfold: please report it with the input model"
+    )
+    assert "--no-verify" not in message
+
+
+def test_cli_reports_a_broken_fold_as_internal_error_without_suggesting_no_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bnfold's own fold stage replaced by one returning a graph TF rejects: the CLI must not advise --no-verify."""
+    from bnfold import api
+    from bnfold.errors import EXIT_INTERNAL
+    from bnfold.folding import FoldOutcome
+
+    original, broken = _fp32_weights_on_fp16_conv()
+    monkeypatch.setattr(api, "fold_graph_outcome", lambda *args, **kwargs: FoldOutcome(broken, [], []))
+    out = tmp_path / "o.pb"
+    result = invoke("fold", _write(tmp_path, original), out)
+    assert result.exit_code == EXIT_INTERNAL, result.output
+    line = result.stderr.strip()
+    assert line.startswith("bnfold: error: TensorFlow cannot load the folded graph") and "report it" in line
+    assert "--no-verify" not in result.stderr and not out.exists()
