@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_close, run_graph
 from typer.testing import CliRunner
 
 from bnfold.cli import app
@@ -25,21 +25,47 @@ def invoke(*args: str | Path) -> object:
     return runner.invoke(app, [str(a) for a in args])
 
 
+def summary(stdout: str) -> str:
+    """The one summary line ("N folded, N standalone, N skipped; nodes A -> B")."""
+    lines = [line for line in stdout.splitlines() if " folded, " in line and "; nodes " in line]
+    assert len(lines) == 1, stdout
+    return lines[0].strip()
+
+
+def same_outputs(original: Path, folded: Path, batch: int = 2) -> None:
+    """Both graphs run in TF on the same input and agree: the outcome a user cares about."""
+    a_graph, b_graph = load_graph_def(original), load_graph_def(folded)
+    x = next(n for n in a_graph.node if n.op == "Placeholder")
+    shape = [batch if d.size < 0 else d.size for d in x.attr["shape"].shape.dim]
+    feeds = {x.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    a, b = run_graph(a_graph, feeds, ["output"])[0], run_graph(b_graph, feeds, ["output"])[0]
+    assert_close(a, b)
+
+
 def test_fold_writes_graph_and_prints_table(tmp_path: Path) -> None:
     out = tmp_path / "folded.pb"
-    result = invoke("fold", SAMPLES / "conv_keras3.pb", out)
+    src = SAMPLES / "conv_keras3.pb"
+    result = invoke("fold", src, out)
     assert result.exit_code == 0, result.output
-    assert "folded" in result.stdout and "verification" in result.stdout and "pass" in result.stdout
+    before, after = len(load_graph_def(src).node), len(load_graph_def(out).node)
+    assert summary(result.stdout) == f"1 folded, 0 standalone, 0 skipped; nodes {before} -> {after}"
+    assert after < before
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.stdout.splitlines() if line.strip("│ ").startswith("output ")]
+    assert [(r[0], r[-1]) for r in rows] == [("output", "pass")]
     assert not [n for n in load_graph_def(out).node if n.op == "Rsqrt"]
+    same_outputs(src, out)
 
 
 def test_pbtxt_output_and_input(tmp_path: Path) -> None:
     text = tmp_path / "folded.pbtxt"
     assert invoke("fold", SAMPLES / "conv_fused_nhwc.pb", text).exit_code == 0
     assert text.read_text().lstrip().startswith("node")
+    same_outputs(SAMPLES / "conv_fused_nhwc.pb", text)
     again = tmp_path / "again.pb"
     result = invoke("fold", text, again)
     assert result.exit_code == 0, result.output
+    assert summary(result.stdout).startswith("0 folded, 0 standalone, 0 skipped")  # nothing left to fold
+    assert load_graph_def(again) == load_graph_def(text)
 
 
 def test_report_json_has_sites_ops_and_verification(tmp_path: Path) -> None:
@@ -59,11 +85,36 @@ def test_report_json_has_sites_ops_and_verification(tmp_path: Path) -> None:
 
 def test_dry_run_and_inspect_write_nothing(tmp_path: Path) -> None:
     out = tmp_path / "o.pb"
-    assert invoke("fold", SAMPLES / "conv_fused_nchw.pb", out, "--dry-run").exit_code == 0
+    dry = invoke("fold", SAMPLES / "conv_fused_nchw.pb", out, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert summary(dry.stdout).startswith("1 folded, 0 standalone, 0 skipped")
     assert not out.exists()
-    result = invoke("inspect", SAMPLES / "conv_fused_nchw.pb")
-    assert result.exit_code == 0 and "folded" in result.stdout
+    result = invoke("inspect", SAMPLES / "conv_fused_nchw.pb", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert summary(result.stdout).startswith("1 folded, 0 standalone, 0 skipped")
+    sites = json.loads((tmp_path / "r.json").read_text())["sites"]
+    assert [(s["name"], s["action"], s["folded_into"]) for s in sites] == [("bn", "folded", "conv")]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_dry_run_with_a_failed_check_says_what_is_true(tmp_path: Path) -> None:
+    out = tmp_path / "o.pb"
+    result = invoke("fold", SAMPLES / "conv_keras3.pb", out, "--dry-run", "--rtol", "0", "--atol", "0")
+    assert result.exit_code == EXIT_VERIFY, result.output
+    line = result.stderr.strip()
+    assert line.startswith("bnfold: error: ") and line.endswith("(--dry-run: no model is written either way)"), line
+    assert "--force writes anyway" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_signature_with_onnx_output_is_a_usage_error(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", SAMPLES / "conv_fused_nhwc.pb", out, "--signature", "other")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stderr.strip() == (
+        "bnfold: error: --signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert"
+    )
+    assert not out.exists()
 
 
 def test_zero_tolerance_fails_and_writes_nothing(tmp_path: Path) -> None:
@@ -77,8 +128,10 @@ def test_zero_tolerance_fails_and_writes_nothing(tmp_path: Path) -> None:
 def test_force_writes_despite_failure(tmp_path: Path) -> None:
     out = tmp_path / "o.pb"
     result = invoke("fold", SAMPLES / "conv_keras3.pb", out, "--rtol", "0", "--atol", "0", "--force")
-    assert result.exit_code == 0 and out.exists()
-    assert "writing anyway" in result.stderr
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "warning: verification failed; writing anyway because of --force"
+    assert not [n for n in load_graph_def(out).node if n.op == "Rsqrt"]
+    same_outputs(SAMPLES / "conv_keras3.pb", out)
 
 
 def test_training_mode_bn_fails_batch_independence(tmp_path: Path) -> None:
@@ -91,7 +144,12 @@ def test_training_mode_bn_fails_batch_independence(tmp_path: Path) -> None:
 def test_no_verify_writes_without_checking(tmp_path: Path) -> None:
     out = tmp_path / "o.pb"
     result = invoke("fold", SAMPLES / "skip_training_bn.pb", out, "--no-verify")
-    assert result.exit_code == 0 and out.exists()
+    assert result.exit_code == 0, result.output
+    assert summary(result.stdout).startswith("0 folded, 0 standalone, 1 skipped")
+    assert "verification" not in result.stdout  # no check ran
+    written = {n.name: n for n in load_graph_def(out).node}
+    assert written["bn"].op == "FusedBatchNormV3" and written["bn"].attr["is_training"].b  # the skipped BN is kept as it was
+    same_outputs(SAMPLES / "skip_training_bn.pb", out)
 
 
 def test_input_shape_and_feed_options(tmp_path: Path) -> None:
@@ -153,6 +211,10 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     assert src.read_bytes() == before
     assert invoke("fold", src, src, "--in-place").exit_code == 0
     assert src.read_bytes() != before
+    original = tmp_path / "original.pb"
+    original.write_bytes(before)
+    assert not [n for n in load_graph_def(src).node if n.op.startswith("FusedBatchNorm")]
+    same_outputs(original, src)
 
 
 def test_unwritable_output_directory_fails_before_work(tmp_path: Path) -> None:
