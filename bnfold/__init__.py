@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.foldmath import SiteRecord
     from bnfold.keras_fold import fold_keras
+    from bnfold.onnx_api import fold_onnx, fold_onnx_file
     from bnfold.onnx_export import to_onnx
     from bnfold.result import FoldResult
     from bnfold.verification import verify
@@ -35,6 +36,8 @@ _EXPORTS = {
     "VerificationError": "bnfold.errors",
     "SiteRecord": "bnfold.foldmath",
     "to_onnx": "bnfold.onnx_export",
+    "fold_onnx": "bnfold.onnx_api",
+    "fold_onnx_file": "bnfold.onnx_api",
     "Verification": "bnfold.comparison",
     "verify": "bnfold.verification",
 }
@@ -51,6 +54,8 @@ __all__ = [
     "fold_file",
     "fold_keras",
     "to_onnx",
+    "fold_onnx",
+    "fold_onnx_file",
     "verify",
 ]
 __version__ = "0.1.0"
