@@ -12,8 +12,11 @@ tensors and everything they depend on, data and control edges, plus every node
 of every library function those nodes call, transitively:
 
 1. Session resources are off limits: an op with a ``resource`` or reference-typed
-   input or output (variables, queues, tables, readers, iterators, stacks,
-   accumulators, mutexes, summary writers, ...) is refused.
+   input or output (variables, queues, tables, readers, iterators,
+   accumulators, mutexes, summary writers, ...) is refused. Exempt are the
+   step-local containers of TF1 control flow (:func:`is_step_local`:
+   ``TensorArray*``, ``Stack*V2``), which the run creates and drops itself
+   (``tf.nn.dynamic_rnn`` graphs use them); rules 2 and 4 still apply.
 2. Places are off limits: an op with a string input whose name names a place
    (``filename``, ``path``, ``prefix``, ``*_file``,
    ``*_dir``, ``logdir``, ``address``, ``protocol``, ``target``...) is refused, and
@@ -127,16 +130,22 @@ def op_refusal(op: str) -> str | None:
     return _op_def_refusal(op_def)
 
 
+def is_step_local(op: str) -> bool:
+    """TensorArray and stack ops: resources living in the run's own step container, created and dropped by the run."""
+    return op.startswith("TensorArray") or op in ("StackV2", "StackPushV2", "StackPopV2", "StackCloseV2")
+
+
 def _op_def_refusal(op_def: op_def_pb2.OpDef) -> str | None:
     if op_def.name in DOCUMENTED_EFFECTS:
         return DOCUMENTED_EFFECTS[op_def.name]
     args = [*op_def.input_arg, *op_def.output_arg]
-    if any(a.type in RESOURCE_TYPES or a.is_ref for a in args):
+    step_local = is_step_local(op_def.name)
+    if not step_local and any(a.type in RESOURCE_TYPES or a.is_ref for a in args):
         return "uses session resources (variables, queues, tables, readers, iterators...)"
     for arg in op_def.input_arg:
         if arg.type == types_pb2.DT_STRING and PLACE_INPUT.search(arg.name):
             return f"takes a place to read or write (input {arg.name!r})"
-    if op_def.is_stateful and op_def.name not in HARMLESS_STATEFUL:
+    if op_def.is_stateful and op_def.name not in HARMLESS_STATEFUL and not step_local:
         return "is stateful (its effects reach outside the graph)"
     return None
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close, run_graph
+from conftest import ROOT, assert_close, run_graph
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 from typer.testing import CliRunner
@@ -27,7 +27,7 @@ from bnfold import fold, fold_file
 from bnfold.cli import app
 from bnfold.errors import EXIT_UNSAFE, UnsafeModelError
 from bnfold.io import load_graph_def
-from bnfold.runsafety import HARMLESS_STATEFUL, check_runnable, refused_nodes, registry_decisions
+from bnfold.runsafety import HARMLESS_STATEFUL, check_runnable, is_step_local, refused_nodes, registry_decisions
 from bnfold.verification import find_outputs
 
 runner = CliRunner()
@@ -387,9 +387,22 @@ def test_rule_over_the_registry() -> None:
         assert decisions[op] is None, op
     # every stateful op outside the written allow-list is refused
     for op, reason in decisions.items():
-        if op_def_registry.get(op).is_stateful and op not in HARMLESS_STATEFUL:
+        if op_def_registry.get(op).is_stateful and op not in HARMLESS_STATEFUL and not is_step_local(op):
             assert reason, op
+    assert {op for op in decisions if is_step_local(op)} >= {"TensorArrayV3", "TensorArrayReadV3", "StackV2"}
     assert 500 < len(refused) < 800, len(refused)
+
+
+def test_real_world_graphs_pass_the_gate() -> None:
+    """Frozen graphs from the wild keep their check: a TF1 dynamic_rnn (TensorArrayV3) is step-local, not refused."""
+    models = ROOT.parent / "shared" / "realworld" / "tf" / "ML-KWS-for-MCU" / "Pretrained_models"
+    paths = [models / "CRNN" / "CRNN_S.pb", models / "DS_CNN" / "DS_CNN_S.pb"]
+    if not all(p.exists() for p in paths):
+        pytest.skip("shared/realworld models not present")
+    for path in paths:
+        graph_def = load_graph_def(path)
+        assert refused_nodes(graph_def) == [], path
+    assert "TensorArrayV3" in {n.op for n in load_graph_def(paths[0]).node}
 
 
 def test_plain_graph_passes_and_matches() -> None:
