@@ -1,7 +1,20 @@
-"""bnfold's ONNX output against tf2onnx's own conversion of the unfolded graph.
+"""bnfold on ONNX files against the other ONNX folders, and bnfold's ONNX output against tf2onnx.
 
-Run: ``python benchmarks/onnx_compare.py [MobileNetV2 EfficientNetB0 ResNet50]``.
-Each model is a keras.applications network at 224x224 (weights=None,
+Run: ``python benchmarks/onnx_compare.py`` (the tool comparison, results in
+benchmarks/ONNX.md) or ``python benchmarks/onnx_compare.py --tf [MobileNetV2 ...]``
+(the TF -> ONNX route below).
+
+Tool comparison: bnfold, onnxoptimizer (``fuse_bn_into_conv``), onnxsim,
+onnxslim and onnxruntime's offline optimizer (basic level,
+``optimized_model_filepath``) on every file of ../shared/realworld/onnx/, on
+tf2onnx's plain conversion of keras.applications MobileNetV2 (unfolded graph,
+96x96), and on generated models (BN after ConvTranspose, Gemm, MatMul, Conv1d,
+Conv3d, and BN before an unpadded conv). Per tool: BN left, BN-like Mul/Add
+left behind a linear op (``leftover_sites``), the output error against the
+original in onnxruntime with optimizations off, and wall time (in-process, one
+run; bnfold's includes its own onnxruntime check).
+
+TF route: each model is a keras.applications network at 224x224 (weights=None,
 randomized BN statistics), frozen once. For each it reports node counts,
 BatchNormalization nodes and per-channel Mul/Add left right behind a linear op
 (``bnfold.onnx_fold.leftover_sites``), the time of tf2onnx alone and of
@@ -91,8 +104,8 @@ def measure(name: str) -> dict[str, object]:
     }
 
 
-def main() -> None:
-    rows = [measure(name) for name in (sys.argv[1:] or MODELS)]
+def main_tf(names: list[str]) -> None:
+    rows = [measure(name) for name in (names or MODELS)]
     print(json.dumps(rows, indent=1))
     print()
     print(
@@ -106,6 +119,212 @@ def main() -> None:
             f"{lb['BatchNormalization']} / {lb['Mul']} / {lb['Add']} | {r['time_tf2onnx_s']} | {r['time_bnfold_cli_s']} | "  # type: ignore[index]
             f"{r['ort_err_tf2onnx']:.2e} | {r['ort_err_bnfold']:.2e} |"
         )
+
+
+# -- tool comparison on ONNX input ------------------------------------------------------------------------------
+REALWORLD = Path(__file__).resolve().parents[2] / "shared" / "realworld" / "onnx"
+TOOLS = ["bnfold", "onnxoptimizer", "onnxsim", "onnxslim", "ort-basic"]
+
+
+def _bn(prefix: str, inp: str, out: str, c: int, rng: np.random.Generator) -> tuple[object, list[object]]:
+    from onnx import helper, numpy_helper
+
+    values = {"g": rng.uniform(0.5, 1.5, c), "b": rng.normal(0, 0.3, c), "m": rng.normal(0, 0.3, c), "v": rng.uniform(0.5, 2, c)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), f"{prefix}_{k}") for k, v in values.items()]
+    node = helper.make_node("BatchNormalization", [inp, *(f"{prefix}_{k}" for k in "gbmv")], [out], name=prefix)
+    return node, inits
+
+
+def generated_models() -> dict[str, object]:
+    """Small models with one BN pattern each, as exporters write them (static shapes, opset 17)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    specs = {
+        "gen_convtranspose_bn": ("ConvTranspose", (8, 6, 2, 2), [1, 8, 8, 8], {"strides": [2, 2]}, "after"),
+        "gen_convtranspose_bias_add_bn": ("ConvTranspose", (8, 6, 2, 2), [1, 8, 8, 8], {"strides": [2, 2]}, "add"),
+        "gen_gemm_bn": ("Gemm", (16, 32), [4, 32], {"transB": 1}, "after"),
+        "gen_matmul_bn": ("MatMul", (32, 16), [4, 32], {}, "after"),
+        "gen_matmul_transpose_bn": ("MatMul", (32, 16), [4, 32], {}, "transpose"),
+        "gen_conv1d_bn": ("Conv", (16, 8, 3), [1, 8, 32], {"pads": [1, 1]}, "after"),
+        "gen_conv3d_bn": ("Conv", (8, 4, 3, 3, 3), [1, 4, 8, 8, 8], {"pads": [1] * 6}, "after"),
+        "gen_bn_before_conv": ("Conv", (16, 8, 3, 3), [1, 8, 16, 16], {}, "before"),
+        "gen_bn_before_gemm": ("Gemm", (16, 32), [4, 32], {"transB": 1}, "before"),
+    }
+    models = {}
+    for name, (op, w_shape, x_shape, attrs, where) in specs.items():
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        inits = [numpy_helper.from_array(w if where != "transpose" else w.T.copy(), "w")]
+        nodes = []
+        data = "x"
+        if where == "before":
+            node, more = _bn("bn", "x", "pre", x_shape[1], rng)
+            nodes.append(node)
+            inits += more
+            data = "pre"
+        weights = "w"
+        if where == "transpose":
+            nodes.append(helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]))
+            weights = "w_t"
+        nodes.append(helper.make_node(op, [data, weights], ["lin"], name="lin", **attrs))
+        channels = w_shape[1] if op in ("ConvTranspose", "MatMul") else w_shape[0]
+        lin = "lin"
+        if where == "add":
+            inits.append(numpy_helper.from_array(rng.standard_normal((channels, 1, 1)).astype(np.float32), "bias"))
+            nodes.append(helper.make_node("Add", ["lin", "bias"], ["lin_b"]))
+            lin = "lin_b"
+        if where == "before":
+            nodes.append(helper.make_node("Relu", [lin], ["y"]))
+        else:
+            node, more = _bn("bn", lin, "y", channels, rng)
+            nodes.append(node)
+            inits += more
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        models[name] = onnx_infer(model)
+    return models
+
+
+def onnx_infer(model: object) -> object:
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(model)  # type: ignore[arg-type]
+
+
+def mobilenet_export(work: Path) -> Path:
+    """tf2onnx's own conversion of an unfolded keras.applications MobileNetV2 (96x96): what a TF user exports."""
+    import onnx
+
+    path = work / "mobilenetv2_tf2onnx.onnx"
+    if not path.exists():
+        model = randomized("MobileNetV2", 96)
+        graph_def = freeze_keras(model).graph_def
+        (tf_in,) = [s.name for s in find_inputs(graph_def)]
+        (tf_out,) = find_outputs(graph_def)
+        onnx.save(convert(graph_def, [tf_in], [tf_out], DEFAULT_OPSET), str(path))
+    return path
+
+
+def run_tool(tool: str, src: Path, dst: Path) -> str | None:
+    """Run one tool from ``src`` to ``dst``; an error message if it fails."""
+    import onnx
+
+    try:
+        if tool == "bnfold":
+            from bnfold.onnx_api import fold_onnx_file
+
+            fold_onnx_file(src, dst)
+        elif tool == "onnxoptimizer":
+            import onnxoptimizer
+
+            onnx.save(onnxoptimizer.optimize(onnx.load(str(src)), ["fuse_bn_into_conv"]), str(dst))
+        elif tool == "onnxsim":
+            import onnxsim
+
+            model, ok = onnxsim.simplify(onnx.load(str(src)))
+            if not ok:
+                return "onnxsim: check failed"
+            onnx.save(model, str(dst))
+        elif tool == "onnxslim":
+            import onnxslim
+
+            onnx.save(onnxslim.slim(onnx.load(str(src))), str(dst))
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            options.optimized_model_filepath = str(dst)
+            ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a benchmark records every tool's failure and goes on
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return None
+
+
+def ort_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return list(session.run(None, {session.get_inputs()[0].name: x}))
+
+
+def compare_tools(work: Path) -> list[dict[str, object]]:
+    import onnx
+
+    cases: dict[str, tuple[Path, np.ndarray]] = {}
+    for path in sorted(REALWORLD.glob("*.onnx")):
+        cases[path.name.removesuffix(".onnx")] = (path, np.load(REALWORLD / f"{path.name.split('.')[0]}.input.npy"))
+    rng = np.random.default_rng(1)
+    for name, model in generated_models().items():
+        path = work / f"{name}.onnx"
+        onnx.save(model, str(path))  # type: ignore[arg-type]
+        shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]  # type: ignore[attr-defined]
+        cases[name] = (path, rng.standard_normal(shape).astype(np.float32))
+    mobilenet = mobilenet_export(work)
+    cases["mobilenetv2_tf2onnx"] = (mobilenet, rng.standard_normal((2, 96, 96, 3)).astype(np.float32))
+    rows = []
+    for name, (src, x) in cases.items():
+        expected = ort_outputs(src, x)
+        before = leftover_sites(onnx.load(str(src)))
+        row: dict[str, object] = {"model": name, "before": before}
+        for tool in TOOLS:
+            dst = work / f"{name}.{tool}.onnx"
+            for stale in (dst, dst.with_name(dst.name + ".data")):
+                stale.unlink(missing_ok=True)
+            start = time.perf_counter()
+            failure = run_tool(tool, src, dst)
+            elapsed = time.perf_counter() - start
+            entry: dict[str, object] = {"time_s": round(elapsed, 3)}
+            if failure is None:
+                try:
+                    actual = ort_outputs(dst, x)
+                    scale = max(float(np.max(np.abs(a))) for a in expected)
+                    err = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(expected, actual, strict=True))
+                    entry.update(left=leftover_sites(onnx.load(str(dst))), rel_err=err / scale if scale else err)
+                except Exception as exc:  # noqa: BLE001
+                    failure = f"ORT (opts off) cannot run the output: {str(exc).splitlines()[0][:120]}"
+            if failure is not None:
+                entry["error"] = failure
+            row[tool] = entry
+        rows.append(row)
+    return rows
+
+
+def print_tools(rows: list[dict[str, object]]) -> None:
+    print("| model | BN / Mul / Add before | " + " | ".join(TOOLS) + " |")
+    print("|---|---|" + "---|" * len(TOOLS))
+    for row in rows:
+        b = row["before"]
+        cells = [f"{row['model']}", f"{b['BatchNormalization']} / {b['Mul']} / {b['Add']}"]  # type: ignore[index]
+        for tool in TOOLS:
+            e = row[tool]
+            if "error" in e:  # type: ignore[operator]
+                cells.append(f"error ({e['error']})")  # type: ignore[index]
+            else:
+                left = e["left"]  # type: ignore[index]
+                cells.append(f"{left['BatchNormalization']} / {left['Mul']} / {left['Add']}; err {e['rel_err']:.1e}; {e['time_s']:.2f} s")
+        print("| " + " | ".join(cells) + " |")
+    totals = {t: sum(r[t]["left"]["BatchNormalization"] for r in rows if "left" in r[t]) for t in TOOLS}  # type: ignore[index]
+    print()
+    print("BN left in total: " + ", ".join(f"{t} {n}" for t, n in totals.items()))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--tf"]:
+        main_tf(sys.argv[2:])
+        return
+    WORK.mkdir(exist_ok=True)
+    work = WORK / "onnx_compare"
+    work.mkdir(exist_ok=True)
+    rows = compare_tools(work)
+    (Path(__file__).resolve().parent / "onnx_tools.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print_tools(rows)
 
 
 if __name__ == "__main__":
