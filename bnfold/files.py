@@ -72,13 +72,13 @@ def terminating_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(dst: Path, write: Callable[[Path], object]) -> None:
     """Let ``write`` fill a temporary file beside ``dst``, then rename it over ``dst``."""
     with terminating_cleanly():
         _atomic_write(dst, write)
 
 
-def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(dst: Path, write: Callable[[Path], object]) -> None:
     parent = dst.parent if str(dst.parent) else Path(".")
     try:  # a directory that passed os.access can still refuse (root on sysfs, a read-only mount)
         fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
@@ -99,7 +99,7 @@ def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
+def atomic_write_many(writes: dict[Path, Callable[[Path], object]]) -> None:
     """Write several files that belong together (a model and its data file) all-or-nothing.
 
     Every file is filled in a temporary beside its destination first; only when
@@ -110,14 +110,14 @@ def atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
         _atomic_write_many(writes)
 
 
-def _atomic_write_many(writes: dict[Path, Callable[[Path], None]]) -> None:
+def _atomic_write_many(writes: dict[Path, Callable[[Path], object]]) -> None:
     temps: dict[Path, Path] = {}
     try:
         for dst, write in writes.items():
             parent = dst.parent if str(dst.parent) else Path(".")
-            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
+            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent)
             os.close(fd)
-            temps[dst] = Path(tmp)
+            temps[dst] = Path(name)
             write(temps[dst])
             os.chmod(temps[dst], 0o644 & ~_umask())
         for dst in reversed(list(writes)):

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.foldmath import Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
+from bnfold.foldmath import Action, Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
 from bnfold.onnx_io import op_counts
 
 __all__ = ["ConstValues", "OnnxFolder", "fold_model", "leftover_sites", "op_counts"]
@@ -299,8 +299,8 @@ class OnnxFolder:
             why = f"{why}; {into}"
         # The written file must not carry BN: with nothing to fold into it becomes Mul + Add.
         failed = self._standalone(step)
-        action = "standalone" if failed is None else "skipped"
-        self.records.append(SiteRecord(label, step.form, action, reason=why + (f"; {failed}" if failed else "")))
+        action: Action = "standalone" if failed is None else "skipped"
+        self.records.append(SiteRecord(label, step.form, action, reason=(why or "") + (f"; {failed}" if failed else "")))
 
     # -- recognizers ---------------------------------------------------------------
     def _bn_step(self, node: onnx.NodeProto) -> Step | str:
@@ -312,9 +312,10 @@ class OnnxFolder:
         if any(out and self.uses(out) for out in node.output[1:]):
             return "an output other than Y (running mean/var) is read"
         values = [self.const(name) for name in node.input[1:5]]
-        if len(values) < 4 or any(v is None for v in values):
+        gamma, beta, mean, var = (values + [None] * 4)[:4]
+        if gamma is None or beta is None or mean is None or var is None:
             return "scale, B, mean or var is not a constant"
-        affine = bn_affine(*values, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type, misc]
+        affine = bn_affine(gamma, beta, mean, var, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type]
         if isinstance(affine, str):
             return affine
         scale, shift = affine
