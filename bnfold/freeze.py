@@ -90,7 +90,34 @@ def _keras_input_name(tensor: Any) -> str:
     return name.split(":")[0]
 
 
-def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE) -> Loaded:
+def check_saved_model(path: Path) -> None:
+    """Refuse a SavedModel whose loading would run ops that reach outside the process (``trust_model`` skips this)."""
+    from google.protobuf import message, text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from bnfold.runsafety import saved_model_load_refusals
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        if (path / "saved_model.pb").exists():
+            proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        else:
+            text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
+    except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
+    refusals = saved_model_load_refusals(proto)
+    if refusals:
+        first = refusals[0]
+        raise UnsafeModelError(
+            f"{path}: loading the SavedModel would run node {first.where!r} ({first.op}), which {first.reason}; "
+            "bnfold does not run such graphs: --trust-model loads it anyway"
+        )
+
+
+def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:
+    """Unless ``trust_model``, what loading runs (resource initializers, init ops) is checked first."""
+    if not trust_model:
+        check_saved_model(path)
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:
@@ -251,7 +278,7 @@ def load(source: Any, signature: str = DEFAULT_SIGNATURE, trust_model: bool = Fa
                 raise InputError(
                     f"{path}: directory is not a SavedModel (no saved_model.pb); pass a SavedModel, .keras, .h5, .pb or .pbtxt"
                 )
-            return load_saved_model(path, signature)
+            return load_saved_model(path, signature, trust_model)
         if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
             if not path.exists():
                 raise InputError(f"{path}: no such file")

@@ -43,11 +43,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
 
 from bnfold.errors import UnsafeModelError
@@ -122,12 +124,17 @@ class Refusal:
 
 
 @functools.cache
-def op_refusal(op: str) -> str | None:
-    """Why an op type may never run (rules 1, 3, 4, and the input part of 2), or None."""
+def op_refusal(op: str, resources: bool = False) -> str | None:
+    """Why an op type may never run (rules 1, 3, 4, and the input part of 2), or None.
+
+    ``resources`` lifts rule 1 and the statefulness of resource ops: for what
+    loading a SavedModel runs, where building the model's own tables and
+    variables is the point.
+    """
     op_def = op_def_registry.get(op)
     if op_def is None:
         return None
-    return _op_def_refusal(op_def)
+    return _op_def_refusal(op_def, resources)
 
 
 def is_step_local(op: str) -> bool:
@@ -135,12 +142,13 @@ def is_step_local(op: str) -> bool:
     return op.startswith("TensorArray") or op in ("StackV2", "StackPushV2", "StackPopV2", "StackCloseV2")
 
 
-def _op_def_refusal(op_def: op_def_pb2.OpDef) -> str | None:
+def _op_def_refusal(op_def: op_def_pb2.OpDef, resources: bool = False) -> str | None:
     if op_def.name in DOCUMENTED_EFFECTS:
         return DOCUMENTED_EFFECTS[op_def.name]
     args = [*op_def.input_arg, *op_def.output_arg]
-    step_local = is_step_local(op_def.name)
-    if not step_local and any(a.type in RESOURCE_TYPES or a.is_ref for a in args):
+    uses_resources = any(a.type in RESOURCE_TYPES or a.is_ref for a in args)
+    step_local = is_step_local(op_def.name) or (resources and uses_resources)
+    if not step_local and uses_resources:
         return "uses session resources (variables, queues, tables, readers, iterators...)"
     for arg in op_def.input_arg:
         if arg.type == types_pb2.DT_STRING and PLACE_INPUT.search(arg.name):
@@ -150,9 +158,9 @@ def _op_def_refusal(op_def: op_def_pb2.OpDef) -> str | None:
     return None
 
 
-def node_refusal(node: node_def_pb2.NodeDef) -> str | None:
+def node_refusal(node: node_def_pb2.NodeDef, resources: bool = False) -> str | None:
     """Why this node may not run: its op type, or a place held in one of its attributes."""
-    reason = op_refusal(node.op)
+    reason = op_refusal(node.op, resources)
     if reason is not None:
         return reason
     for key, value in node.attr.items():
@@ -180,8 +188,13 @@ def _attr_functions(value: attr_value_pb2.AttrValue) -> list[str]:
     return [f.name for f in value.list.func]
 
 
-def refused_nodes(graph_def: graph_pb2.GraphDef, fetches: list[str] | None = None) -> list[Refusal]:
-    """Every node that would run for ``fetches`` (all nodes when None) that the rule refuses."""
+def refused_nodes(
+    graph_def: graph_pb2.GraphDef,
+    fetches: list[str] | None = None,
+    functions: Sequence[str] = (),
+    resources: bool = False,
+) -> list[Refusal]:
+    """Every node that would run for ``fetches`` (all nodes when None) and the library ``functions``, that the rule refuses."""
     nodes = {n.name: n for n in graph_def.node}
     library = {f.signature.name: f for f in graph_def.library.function}
     if fetches is None:
@@ -197,10 +210,10 @@ def refused_nodes(graph_def: graph_pb2.GraphDef, fetches: list[str] | None = Non
             running.append(name)
             stack.extend(parse_input(ref)[0] for ref in nodes[name].input)
     refusals = []
-    pending: list[str] = []
+    pending: list[str] = [f for f in functions if f in library]
     for name in running:
         node = nodes[name]
-        reason = node_refusal(node)
+        reason = node_refusal(node, resources)
         if reason is not None:
             refusals.append(Refusal(node.name, node.op, reason))
         pending += _called(node, set(library))
@@ -211,7 +224,7 @@ def refused_nodes(graph_def: graph_pb2.GraphDef, fetches: list[str] | None = Non
             continue
         checked.add(fname)
         for node in library[fname].node_def:
-            reason = node_refusal(node)
+            reason = node_refusal(node, resources)
             if reason is not None:
                 refusals.append(Refusal(node.name, node.op, reason, fname))
             pending += _called(node, set(library))
@@ -232,6 +245,45 @@ def check_runnable(
         raise UnsafeModelError(
             f"{what} would run node {first.where!r} ({first.op}), which {first.reason}{more}; bnfold does not run such graphs: {hint}"
         )
+
+
+def saved_model_load_refusals(saved_model: saved_model_pb2.SavedModel) -> list[Refusal]:
+    """What ``tf.saved_model.load`` itself would run, refused by the rule: resource creators and initializers, init ops.
+
+    Loading runs graph code before bnfold sees a graph: each resource object's
+    ``_create_resource``/``_initialize`` functions (TF2) and the main/init op
+    (TF1). Building the model's own tables and variables is allowed (rule 1 is
+    lifted); reaching files, the network or Python is not. Restoring the
+    variables from the SavedModel's own ``variables/`` is TF's checkpoint
+    reader, not a graph the model chose, and is not checked here.
+    """
+    refusals: list[Refusal] = []
+    for meta in saved_model.meta_graphs:
+        objects = meta.object_graph_def.nodes
+        functions: list[str] = []
+        for obj in objects:
+            if obj.WhichOneof("kind") == "resource":
+                for child in obj.children:
+                    if child.local_name in ("_create_resource", "_initialize"):
+                        functions += _concrete_functions(objects, child.node_id)
+        fetches: list[str] = []
+        if "__saved_model_init_op" in meta.signature_def:
+            fetches += [t.name for t in meta.signature_def["__saved_model_init_op"].outputs.values()]
+        for key in ("saved_model_main_op", "legacy_init_op"):
+            if key in meta.collection_def:
+                fetches += list(meta.collection_def[key].node_list.value)
+        refusals += refused_nodes(meta.graph_def, fetches, functions, resources=True)
+    return refusals
+
+
+def _concrete_functions(objects: Any, node_id: int) -> list[str]:
+    obj = objects[node_id]
+    kind = obj.WhichOneof("kind")
+    if kind == "bare_concrete_function":
+        return [obj.bare_concrete_function.concrete_function_name]
+    if kind == "function":
+        return list(obj.function.concrete_functions)
+    return []
 
 
 _TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("bnfold_trust_model", default=False)

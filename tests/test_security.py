@@ -416,3 +416,50 @@ def test_plain_graph_passes_and_matches() -> None:
     assert result.foreign_ops == []
     x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32)
     assert_close(run_graph(graph_def, {"x": x}, ["output"])[0], run_graph(result.graph_def, {"x": x}, ["output"])[0])
+
+
+# -- SavedModels: what tf.saved_model.load itself runs ---------------------------------
+class EvilResource(tf.saved_model.experimental.TrackableResource):
+    """A resource whose initializer -- run by tf.saved_model.load -- writes a file."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
+    def _create_resource(self) -> tf.Tensor:
+        return tf.raw_ops.HashTableV2(key_dtype=tf.string, value_dtype=tf.int64)
+
+    def _initialize(self) -> tf.Operation:
+        return tf.io.write_file(self.target, "pwned")
+
+
+def saved_model(path: Path, resource: object) -> Path:
+    module = tf.Module()
+    module.r = resource
+    module.w = tf.Variable(np.full((3,), 2.0, np.float32))
+    module.f = tf.function(lambda x: {"y": x * module.w}, input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    tf.saved_model.save(module, str(path), signatures=module.f)
+    return path
+
+
+def test_saved_model_initializer_is_not_run(tmp_path: Path) -> None:
+    target = tmp_path / "written_at_load.txt"
+    src = saved_model(tmp_path / "sm", EvilResource(str(target)))
+    assert not target.exists()  # saving does not initialize
+    for args in (["fold", src, tmp_path / "o.pb"], ["inspect", src], ["doctor", src]):
+        result = invoke(*args)
+        assert result.exit_code == EXIT_UNSAFE, result.output
+        line = one_line_error(result)
+        assert "loading the SavedModel would run node" in line and "(WriteFile)" in line and "--trust-model" in line
+    assert not target.exists() and not (tmp_path / "o.pb").exists()
+    result = invoke("fold", src, tmp_path / "o.pb", "--trust-model", "-q")
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == "pwned"  # the attack is real: only the check stopped it
+
+
+def test_saved_model_with_a_table_loads(tmp_path: Path) -> None:
+    """Building the model's own tables and variables at load is what loading is for: not refused."""
+    init = tf.lookup.KeyValueTensorInitializer(["a", "b"], [1, 2])
+    src = saved_model(tmp_path / "sm", tf.lookup.StaticHashTable(init, -1))
+    result = fold(src)
+    assert result.verification is not None and result.verification.passed
