@@ -113,11 +113,11 @@ def lambda_h5(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Pat
 
 
 # -- Keras files: no code runs on load --------------------------------------------------
-@pytest.mark.parametrize("command", ["fold", "inspect", "doctor"])
+@pytest.mark.parametrize("command", ["fold", "fold-to-keras", "inspect", "doctor"])
 def test_lambda_h5_is_refused_before_any_code_runs(lambda_h5: tuple[Path, Path], tmp_path: Path, command: str) -> None:
     path, marker = lambda_h5
-    out = tmp_path / "out.pb"
-    args = {"fold": ["fold", path, out], "inspect": ["inspect", path], "doctor": ["doctor", path]}[command]
+    out = tmp_path / ("out.h5" if command == "fold-to-keras" else "out.pb")
+    args = {"inspect": ["inspect", path], "doctor": ["doctor", path]}.get(command, ["fold", path, out])
     result = invoke(*args)
     assert result.exit_code == EXIT_UNSAFE, result.output
     line = one_line_error(result)
