@@ -243,6 +243,16 @@ def test_no_verify_folds_and_passes_foreign_ops_through(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_no_verify_to_saved_model_runs_nothing(tmp_path: Path) -> None:
+    """Writing a SavedModel traces the folded graph; it must not execute the foreign node either."""
+    target = tmp_path / "written_by_graph.txt"
+    src = write_pb(io_graph(target, "write"), tmp_path / "evil.pb")
+    result = invoke("fold", src, tmp_path / "out_model", "--no-verify", "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out_model" / "saved_model.pb").exists()
+    assert not target.exists()
+
+
 def test_inspect_and_doctor_run_nothing(tmp_path: Path) -> None:
     target = tmp_path / "written_by_graph.txt"
     src = write_pb(io_graph(target, "write"), tmp_path / "evil.pb")
