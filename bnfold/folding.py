@@ -296,6 +296,7 @@ class Folder:
             step = as_step(self.index, self.ev, self.index.node(readers[0].node))
             if (
                 step is not None
+                and self.index.node(step.node).op != "Cast"  # the identity step: no bias to merge into
                 and step.input_ref == linear
                 and np.all(step.scale == 1)
                 and step.axis in (data_axis, None)

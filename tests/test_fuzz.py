@@ -2,6 +2,9 @@
 
 Invariants, for every mutation of a valid graph:
 - bnfold either writes a model or raises a BnfoldError (one line, documented exit code);
+- a VerificationError is a refusal of the input only where the input itself cannot run (TF cannot
+  load or run it, inputs bnfold cannot synthesize, batch statistics); where the original runs, the
+  check rejecting the fold is a fold bug and fails the test; a broken output (exit 70) always does;
 - every written model passed verification, and re-running both graphs agrees;
 - nothing is left behind when nothing is written.
 CI runs ``--fuzz-examples`` (default 40) per test; pass a larger number for a long run.
@@ -20,7 +23,7 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2, types_pb2
 
 import bnfold
-from bnfold.errors import BnfoldError
+from bnfold.errors import EXIT_INTERNAL, BnfoldError, VerificationError
 from sample_models.make_samples import SAMPLES, build
 
 NAMES = sorted(SAMPLES)
@@ -73,6 +76,31 @@ def mutations(draw: st.DrawFn) -> tuple[str, bytes]:
     return name, data
 
 
+# VerificationError messages that are about the input, not the fold.
+INPUT_REASONS = ("cannot load the input graph", "could not run the model", "depends on the batch", "unknown", "cannot make such data")
+
+
+def _original_runs(data: bytes) -> bool:
+    """Whether TF itself imports and runs the (mutated) input on the inputs the check would make."""
+    from bnfold.verification import find_outputs
+
+    original = graph_pb2.GraphDef()
+    try:
+        original.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - not a graph at all
+        return False
+    placeholders = [n for n in original.node if n.op == "Placeholder"]
+    if len(placeholders) != 1 or placeholders[0].attr["dtype"].type not in (types_pb2.DT_FLOAT, types_pb2.DT_HALF):
+        return False  # cannot feed it here: no judgement
+    dtype = np.float32 if placeholders[0].attr["dtype"].type == types_pb2.DT_FLOAT else np.float16
+    shape = [2 if d.size < 0 else d.size for d in placeholders[0].attr["shape"].shape.dim]
+    try:
+        run_graph(original, {placeholders[0].name: np.random.default_rng(0).standard_normal(shape).astype(dtype)}, find_outputs(original))
+    except Exception:  # noqa: BLE001 - any TF failure means the input is not valid
+        return False
+    return True
+
+
 def _fold_or_refuse(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.pb", Path(tmp) / "out.pb"
@@ -82,6 +110,9 @@ def _fold_or_refuse(data: bytes) -> None:
         except BnfoldError as exc:
             message = str(exc)
             assert message and "\n" not in message, message
+            assert exc.exit_code != EXIT_INTERNAL, f"bnfold broke the graph: {message}"
+            if isinstance(exc, VerificationError) and not any(reason in message for reason in INPUT_REASONS):
+                assert not _original_runs(data), f"the check rejected the fold of a graph that runs: {message}"
             assert not dst.exists()
             assert sorted(p.name for p in Path(tmp).iterdir()) == ["in.pb"]
             return
@@ -124,3 +155,30 @@ def test_unmutated_samples_are_written_and_agree(name: str, tmp_path: Path) -> N
     src.write_bytes(build(SAMPLES[name]).SerializeToString())
     bnfold.fold_file(src, tmp_path / "out.pb")
     _fold_or_refuse(src.read_bytes())
+
+
+def _mixed_precision_sample() -> bytes:
+    """The fp16 sample with its filter stored as float32 and cast (tf_keras mixed_float16's frozen form)."""
+    graph_def = build(SAMPLES["conv_fp16"])
+    weights = next(n for n in graph_def.node if n.name == "weights")
+    values = np.frombuffer(weights.attr["value"].tensor.tensor_content, np.float16).astype(np.float32)
+    weights.name = "weights/f32"
+    weights.attr["dtype"].type = types_pb2.DT_FLOAT
+    weights.attr["value"].tensor.dtype = types_pb2.DT_FLOAT
+    weights.attr["value"].tensor.tensor_content = values.tobytes()
+    cast = graph_def.node.add(name="weights", op="Cast", input=["weights/f32"])
+    cast.attr["SrcT"].type = types_pb2.DT_FLOAT
+    cast.attr["DstT"].type = types_pb2.DT_HALF
+    return graph_def.SerializeToString()
+
+
+def test_invariant_rejects_a_fold_only_the_check_caught() -> None:
+    """The old fold wrote float32 weights on this fp16 conv and the check refused them: the invariant must fail that."""
+    data = _mixed_precision_sample()
+    assert _original_runs(data)
+    _fold_or_refuse(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.pb", Path(tmp) / "out.pb"
+        src.write_bytes(data)
+        result = bnfold.fold_file(src, dst)
+        assert [s.action for s in result.sites] == ["folded"]
