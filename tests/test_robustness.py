@@ -265,7 +265,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path) -> None
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from bnfold.files import atomic_write
+from bnfold.io import atomic_write
 
 def write(tmp):
     tmp.write_bytes(b"half a model")
