@@ -276,10 +276,10 @@ def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.No
     if len(index.data_inputs(node)) < 5:
         return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
     x_ref, *param_refs = index.data_inputs(node)
-    params = [ev.value(r) for r in param_refs[:4]]
-    if any(p is None for p in params):
+    params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
+    if len(params) != 4:
         return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants")
-    gamma, beta, mean, var = params  # type: ignore[misc]
+    gamma, beta, mean, var = params
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
     return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
 
@@ -289,10 +289,10 @@ def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.N
     if len(index.data_inputs(node)) < 5:
         return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
     x_ref, *param_refs = index.data_inputs(node)
-    params = [ev.value(r) for r in param_refs[:4]]
-    if any(p is None for p in params):
+    params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
+    if len(params) != 4:
         return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants")
-    mean, var, beta, gamma = params  # type: ignore[misc]
+    mean, var, beta, gamma = params
     if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)
     eps = attr(node, "variance_epsilon").f

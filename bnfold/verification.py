@@ -171,7 +171,7 @@ class FoldedGraphRunner(GraphRunner):
     (skipping it would write the broken graph).
     """
 
-    errors = ()  # no failure of the folded graph is "the model cannot run here": the original just ran
+    errors: tuple[type[BaseException], ...] = ()  # no failure of the folded graph is "the model cannot run here": the original just ran
 
     def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
         try:
