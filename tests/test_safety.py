@@ -117,7 +117,13 @@ def test_keras_model_with_two_layer_norms_reports_no_skipped_bn() -> None:
     import keras
 
     model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(8), keras.layers.LayerNormalization(), keras.layers.Dense(4), keras.layers.LayerNormalization()]
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(4),
+            keras.layers.LayerNormalization(),
+        ]
     )
     result = fold(model, verify_outputs=False)
     assert result.count("skipped") == 0 and result.sites == []
