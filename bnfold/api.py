@@ -162,7 +162,7 @@ def fold_file(
     if dst_path.suffix.lower() in (".keras", ".h5", ".hdf5"):
         from bnfold.keras_fold import fold_keras_file  # the layer-level fold: Keras in, Keras out
 
-        return fold_keras_file(src_path, dst_path, in_place=in_place, **options)[1]
+        return fold_keras_file(src_path, dst_path, in_place=in_place, **options)[1]  # type: ignore[arg-type]
     if dst_path.suffix.lower() == ".onnx" or src_path.suffix.lower() == ".onnx":
         from bnfold.onnx_export import fold_file_onnx
 

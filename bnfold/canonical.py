@@ -133,8 +133,9 @@ class ConstEvaluator:
                 return self.value(inputs[index if op == "IdentityN" else 0])
             if op not in _EVALUABLE:
                 return None
-            args = [self.value(r) for r in inputs]
-            if any(a is None for a in args):
+            maybe = [self.value(r) for r in inputs]
+            args = [a for a in maybe if a is not None]
+            if len(args) != len(maybe):
                 return None
             if op in _UNARY:
                 with np.errstate(all="ignore"):

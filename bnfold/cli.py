@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -201,7 +201,7 @@ def fold_command(
             return
         if standalone_affine:
             raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
-        switch_options: dict[str, object] = {}
+        switch_options: dict[str, Any] = {}
         if set_:
             switch_options["set_flags"] = _flags(set_)
         if training_bn != "keep":
@@ -217,6 +217,7 @@ def fold_command(
             raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
         if signature is not None and onnx_mode:
             raise UsageError("--signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert")
+        source_options: dict[str, Any] = {} if onnx_mode else {"signature": signature or "serving_default"}
         model = None
         try:
             with verification_progress(quiet) as on_batch:
@@ -246,7 +247,7 @@ def fold_command(
                     on_batch=on_batch,
                     trust_model=trust_model,
                     **switch_options,
-                    **({} if onnx_mode else {"signature": signature or "serving_default"}),
+                    **source_options,
                 )
         except VerificationError as exc:
             if exc.result is not None and not quiet:

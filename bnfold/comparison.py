@@ -44,6 +44,8 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (5e-2, 1e-2),
 }
 DEFAULT_BATCH = 2
+# What an output's max abs error must not exceed; the report shows the number, the JSON also the formula.
+TOLERANCE_FORMULA = "atol + rtol * max_abs_value"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class OutputCheck:
     atol: float
     passed: bool
 
+    @property
+    def tolerance(self) -> float:
+        """The number ``max_abs_error`` is compared against (``TOLERANCE_FORMULA``)."""
+        return self.atol + self.rtol * self.max_abs_value
+
 
 @dataclass
 class Verification:
@@ -104,10 +111,13 @@ class Verification:
 
     def worst(self) -> OutputCheck | None:
         failing = [o for o in self.outputs if not o.passed] or self.outputs
-        return max(failing, key=lambda o: o.max_abs_error - (o.atol + o.rtol * o.max_abs_value), default=None)
+        return max(failing, key=lambda o: o.max_abs_error - o.tolerance, default=None)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
+        for out, check in zip(data["outputs"], self.outputs, strict=True):
+            out["tolerance"] = check.tolerance
+            out["tolerance_formula"] = TOLERANCE_FORMULA
         data["passed"] = self.passed
         return data
 
@@ -151,8 +161,9 @@ def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray],
 
 def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     np_dtype = np.dtype(spec.dtype)
+    shape: list[int | None]
     if shape_override is not None:
-        shape, how = shape_override, "--input-shape"
+        shape, how = list(shape_override), "--input-shape"
     elif spec.shape is None:
         raise VerificationError(f"input {spec.name!r} has unknown rank; give --input-shape {spec.name}=D0,D1,... or --no-verify")
     else:
@@ -166,13 +177,14 @@ def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, r
                 f"input {spec.name!r} has unknown dimensions {spec.shape}; give --input-shape {spec.name}=D0,D1,... or --no-verify"
             )
     kind = dtype_name(np_dtype)
+    dims = [d for d in shape if d is not None]  # every dimension is known by now
     if np_dtype.kind == "f" or kind == "bfloat16":
-        value = rng.standard_normal(shape).astype(np_dtype)
+        value = rng.standard_normal(dims).astype(np_dtype)
     elif np_dtype.kind == "b":
-        value = np.zeros(shape, dtype=bool)
+        value = np.zeros(dims, dtype=bool)
         how += ", all false"
     elif np_dtype.kind in "iu":
-        value = rng.integers(0, 8, size=shape).astype(np_dtype)
+        value = rng.integers(0, 8, size=dims).astype(np_dtype)
     else:
         raise VerificationError(f"input {spec.name!r} is {kind}; bnfold cannot make such data: pass --feed {spec.name}=... or --no-verify")
     return value, f"random {kind} {list(shape)} ({how})"

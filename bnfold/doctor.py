@@ -169,6 +169,8 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
                 mean = _mean_beside_rsqrt(index, ev, ref)
     if var is None or mean is None or x_ref is None:
         return None
+    if eps is None:
+        return None
     return BnStats(site.name, x_ref, np.asarray(mean).reshape(-1), np.asarray(var).reshape(-1), float(np.ravel(eps)[0]), site.channel_axis)
 
 
@@ -508,7 +510,8 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
         if not dtype.is_floating or spec.shape is None or not spec.shape or spec.shape[0] is not None or None in spec.shape[1:]:
             reason = f"input {spec.name} is not a float tensor with a free batch dimension and known other dimensions"
             return dict.fromkeys(nodes, (None, reason))
-        feeds[spec.name] = rng.standard_normal([PROBE_BATCH, *spec.shape[1:]]).astype(dtype.as_numpy_dtype)
+        dims = [int(d) for d in spec.shape[1:] if d is not None]
+        feeds[spec.name] = rng.standard_normal([PROBE_BATCH, *dims]).astype(dtype.as_numpy_dtype)
     try:
         runner = open_graph_runner(graph_def, "the graph", hint="")
     except BnfoldError as exc:
@@ -516,7 +519,7 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
     try:
         together = runner.run([f"{n}:0" for n in nodes], feeds)
         alone = runner.run([f"{n}:0" for n in nodes], {k: v[:1] for k, v in feeds.items()})
-    except (*runner.errors, BnfoldError) as exc:
+    except (*runner.errors, BnfoldError) as exc:  # type: ignore[misc]  # a tuple built at run time
         return dict.fromkeys(nodes, (None, first_line(exc)))
     finally:
         runner.close()

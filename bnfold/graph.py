@@ -105,7 +105,7 @@ class GraphIndex:
         ``stop(node)`` keeps a node from being expanded; ``limit`` bounds how many
         nodes are visited. The one graph walk every pass shares.
         """
-        stack, seen = [start], set()
+        stack, seen = [start], set[str]()
         while stack and (limit is None or len(seen) < limit):
             name = stack.pop()
             if name in seen or name not in self.nodes:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2
 from tensorflow.python.framework import tensor_util
 
 from bnfold.canonical import ConstEvaluator
@@ -210,9 +210,9 @@ def _resolve_v1(index: GraphIndex, switches: dict[str, bool], keep: set[str]) ->
     alias: dict[str, str] = {}
     dead_tensors: set[str] = set()
     for name, value in switches.items():
-        data = index.data_inputs(index.node(name))[0]
+        source = index.data_inputs(index.node(name))[0]
         taken, untaken = (1, 0) if value else (0, 1)
-        alias[tensor_ref(name, taken)] = data
+        alias[tensor_ref(name, taken)] = source
         dead_tensors.add(tensor_ref(name, untaken))
 
     def resolve(ref: str) -> str:
@@ -235,7 +235,7 @@ def _resolve_v1(index: GraphIndex, switches: dict[str, bool], keep: set[str]) ->
         data = index.data_inputs(node)
         if node.op in ("Merge", "RefMerge"):
             live = [r for r in data if not is_dead(r)]
-            entries = [r for r in data if index.producer(r)[0] is None or index.producer(r)[0].op != "NextIteration"]
+            entries = [r for r in data if getattr(index.producer(r)[0], "op", None) != "NextIteration"]
             if all(is_dead(r) for r in entries):
                 dead.add(name)
             elif len(live) < len(data):
@@ -304,7 +304,7 @@ def _drop_flag_controls(index: GraphIndex, flags: set[str], keep: set[str]) -> N
 
 
 # -- TF2 If/StatelessIf ------------------------------------------------------
-def _function(index: GraphIndex, name: str) -> object:
+def _function(index: GraphIndex, name: str) -> function_pb2.FunctionDef:
     for fdef in index.library.function:
         if fdef.signature.name == name:
             return fdef

@@ -229,12 +229,12 @@ def possible_scalars(index: GraphIndex, ev: ConstEvaluator, ref: str, depth: int
         with np.errstate(all="ignore"):
             return {float(_SCALAR_BINARY[node.op](x, y)) for x in a for y in b}
     if node.op in ("If", "StatelessIf"):
-        found = set()
+        found = set[float]()
         for key in ("then_branch", "else_branch"):
-            sub = _function_output_scalar(index, attr(node, key).func.name, port)
-            if sub is None:
+            scalar = _function_output_scalar(index, attr(node, key).func.name, port)
+            if scalar is None:
                 return None
-            found.add(sub)
+            found.add(scalar)
         return found
     return None
 
