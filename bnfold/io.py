@@ -38,11 +38,49 @@ def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as exc:
         kind = "text" if path.suffix.lower() in TEXT_SUFFIXES else "binary"
         raise InputError(f"{path}: not a {kind} GraphDef ({first_line(exc)}); pass a frozen .pb or .pbtxt") from None
-    if not graph_def.HasField("versions") and path.suffix.lower() not in TEXT_SUFFIXES:
-        # TensorFlow writes `versions` after the nodes, so its absence means the file was cut short.
-        raise InputError(f"{path}: truncated GraphDef (no versions record after the nodes); export the graph again")
+    # No `versions` record is no sign of a cut file: TF 1.x wrote none (GraphDef producer 0).
+    # A cut is detected only where certain: a parse error above, a node reading a missing
+    # node (check_graph), an output the user named that is not there (api._check_names).
+    check_versions(graph_def, str(path))
     check_graph(graph_def, str(path))
     return graph_def
+
+
+def check_versions(graph_def: graph_pb2.GraphDef, source: str) -> None:
+    """Refuse a graph only on TensorFlow's own versioning rules (``VersionDef``, core/public/version.h).
+
+    TF imports any producer from ``GRAPH_DEF_VERSION_MIN_PRODUCER`` (0: TF 1.x graphs
+    without a ``versions`` record) up; it refuses a graph whose ``min_consumer`` is newer
+    than itself or that lists its version in ``bad_consumers``. Conventions that changed
+    with the producer version (an empty placeholder ``shape {}`` is "unknown" up to producer 21) are read by
+    :func:`legacy_empty_shape_is_unknown`.
+    """
+    import tensorflow as tf
+
+    versions = graph_def.versions
+    current = tf.version.GRAPH_DEF_VERSION
+    if versions.producer < tf.version.GRAPH_DEF_VERSION_MIN_PRODUCER:
+        raise InputError(
+            f"{source}: GraphDef producer {versions.producer} is older than TensorFlow {tf.__version__} reads "
+            f"(min producer {tf.version.GRAPH_DEF_VERSION_MIN_PRODUCER}); convert it with an older TensorFlow"
+        )
+    if versions.min_consumer > current:
+        raise InputError(
+            f"{source}: the graph needs a TensorFlow reading GraphDef version {versions.min_consumer}; "
+            f"TensorFlow {tf.__version__} reads up to {current}: upgrade TensorFlow"
+        )
+    if current in versions.bad_consumers:
+        raise InputError(f"{source}: the graph declares GraphDef version {current} (TensorFlow {tf.__version__}) a bad consumer")
+
+
+# GraphDef version 22 (core/public/version.h: "Placeholder now can specify and enforce scalar"):
+# TensorFlow's Placeholder shape function reads an empty shape as unknown when producer <= 21.
+EMPTY_SHAPE_IS_SCALAR_SINCE = 22
+
+
+def legacy_empty_shape_is_unknown(graph_def: graph_pb2.GraphDef) -> bool:
+    """Whether a placeholder's empty ``shape {}`` means "unknown shape", as TF reads graphs of producer 21 and older."""
+    return graph_def.versions.producer < EMPTY_SHAPE_IS_SCALAR_SINCE
 
 
 def check_graph(graph_def: graph_pb2.GraphDef, source: str) -> None:

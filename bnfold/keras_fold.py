@@ -520,7 +520,8 @@ class _Plan:
             return f"{dst} is a grouped convolution"
         if bn.axis != _channel_axis(entry, bn.rank):
             return f"the BN's axis {bn.axis} is not the channel axis of {dst}"
-        if cls != "Dense" and cfg.get("padding", "valid") != "valid" and np.any(bn.shift != 0):
+        pads = cfg.get("padding", "valid") != "valid" and any(int(k) != 1 for k in cfg.get("kernel_size", [1]))  # 1-wide: no padding
+        if cls != "Dense" and pads and np.any(bn.shift != 0):
             return f"{dst} pads with zeros ({cfg.get('padding')} padding) and the BN's shift is not 0: folding it in would be inexact at the borders"
         if cfg.get("lora_rank"):
             return f"{dst} has LoRA enabled"
@@ -579,7 +580,9 @@ class _Plan:
             if dst is not None:
                 problem = self.fold_backward(info, dst)
                 if problem is None:
-                    records[bn] = SiteRecord(sc.site(bn), FORM, "folded", folded_into=sc.site(dst), reason="BN before the layer (backward fold)")
+                    records[bn] = SiteRecord(
+                        sc.site(bn), FORM, "folded", folded_into=sc.site(dst), reason="BN before the layer (backward fold)"
+                    )
                     self.removed[bn] = False
                     continue
                 back_why = problem
@@ -850,7 +853,9 @@ def _rebuild(model: Any, plan: _Plan, name: str) -> Any:
     try:
         new_model = type(model).from_config(plan.scope.config)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds while deserializing layers
-        raise InputError(f"{name}: cannot rebuild the Keras model from its config ({first_line(exc)[:200]}); fold it as a graph (out.pb)") from None
+        raise InputError(
+            f"{name}: cannot rebuild the Keras model from its config ({first_line(exc)[:200]}); fold it as a graph (out.pb)"
+        ) from None
     plan.copy_weights(new_model)
     return new_model
 
@@ -958,7 +963,9 @@ def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None
             CheckOptions(feeds=options.feeds, input_shapes=options.input_shapes, seed=options.seed, batch_check=False),
         )
         if not same.passed:
-            raise VerificationError(f"{dst}: the written file does not predict what the folded model does ({failure_message(same)}); nothing written")
+            raise VerificationError(
+                f"{dst}: the written file does not predict what the folded model does ({failure_message(same)}); nothing written"
+            )
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, dst)
     except OSError as exc:

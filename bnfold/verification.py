@@ -55,14 +55,20 @@ NON_OUTPUT_OPS = {"Const", "NoOp", "Placeholder", "PlaceholderWithDefault", "Ass
 
 
 def find_inputs(graph_def: graph_pb2.GraphDef) -> list[InputSpec]:
-    """The graph's placeholders, with their declared dtype and shape."""
+    """The graph's placeholders, with their declared dtype and shape, read as TensorFlow reads them.
+
+    Up to GraphDef producer 21 an empty ``shape {}`` meant "unknown", not
+    "scalar" (TF 1.x graphs): feeding such a placeholder a scalar can abort TF.
+    """
+    from bnfold.io import legacy_empty_shape_is_unknown
+
+    legacy = legacy_empty_shape_is_unknown(graph_def)
     specs = []
     for node in graph_def.node:
         if node.op == "Placeholder":
             shape_proto = attr(node, "shape").shape
-            shape = (
-                None if shape_proto.unknown_rank or "shape" not in node.attr else [d.size if d.size >= 0 else None for d in shape_proto.dim]
-            )
+            unknown = shape_proto.unknown_rank or "shape" not in node.attr or (legacy and not shape_proto.dim)
+            shape = None if unknown else [d.size if d.size >= 0 else None for d in shape_proto.dim]
             specs.append(InputSpec(node.name, numpy_dtype(attr(node, "dtype").type), shape))
     return specs
 
@@ -146,7 +152,16 @@ class GraphRunner:
         if not is_trusted() and tuple(fetches) not in self.checked:  # the last line: callers check first, with their own hint
             check_runnable(self.graph_def, fetches, "running the graph")
             self.checked.add(tuple(fetches))
-        return self.session.run([_tensor_name(f) for f in fetches], {_tensor_name(k): v for k, v in feeds.items()})
+        names, fed = [_tensor_name(f) for f in fetches], {_tensor_name(k): v for k, v in feeds.items()}
+        for attempt in range(ABORT_RETRIES):
+            try:
+                return self.session.run(names, fed)
+            except tf.errors.AbortedError:
+                # TF's contract: an aborted op may be retried. oneDNN aborts now and then on CPUs it
+                # supports only partly ("could not create a primitive descriptor" for fp16/bf16).
+                if attempt == ABORT_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.session.close()
@@ -161,6 +176,7 @@ def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; 
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
 
+ABORT_RETRIES = 3  # how often a run that TensorFlow aborts (AbortedError) is tried
 REPORT_BUG = "this is a bug in bnfold: please report it with the input model"
 
 
