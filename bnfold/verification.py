@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
+from bnfold.canonical import output_dtype
 from bnfold.comparison import (
     DEFAULT_BATCH,
     TOLERANCES,
@@ -29,7 +30,7 @@ from bnfold.comparison import (
     parse_feed_value,
 )
 from bnfold.errors import BrokenOutputError, UsageError, VerificationError, first_line
-from bnfold.graph import attr, parse_input
+from bnfold.graph import GraphIndex, attr, parse_input
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -241,6 +242,28 @@ def lowest_compute_precision(graph_def: graph_pb2.GraphDef) -> str | None:
     return "float16" if types_pb2.DT_HALF in seen else None
 
 
+def feedable_instead(graph_def: graph_pb2.GraphDef, outputs: list[str], source: str, fed: set[str], limit: int = 200) -> str | None:
+    """The nearest floating tensor downstream of ``source`` that cuts it off from the outputs, or None.
+
+    A decoder's output (``DecodeWav`` -> ... -> ``Mfcc:0``) is what a user can
+    feed instead of an input bnfold cannot make up, such as WAV bytes.
+    """
+    index = GraphIndex(graph_def)
+    reached = {node.name for node in index.walk(source, limit=limit, forward=True)} - {source}
+    for name in (n for n in index.topological_order() if n in reached):  # nearest first
+        if any(c.index != 0 for c in index.consumers(name)):
+            continue  # feeding output 0 would leave another output still computed from the source
+        try:
+            dtype = output_dtype(index.node(name), 0)
+        except (KeyError, ValueError, TypeError):
+            continue
+        if dtype is None or not tf.dtypes.as_dtype(dtype).is_floating:
+            continue
+        if source not in needed_inputs(graph_def, outputs, fed | {name}):
+            return f"{name}:0"
+    return None
+
+
 def _as_graph_def(graph: graph_pb2.GraphDef | str | os.PathLike[str]) -> graph_pb2.GraphDef:
     if isinstance(graph, graph_pb2.GraphDef):
         return graph
@@ -292,6 +315,11 @@ def verify(
         check_runnable(folded, outputs, "the check")
     needed = needed_inputs(original, outputs, fed_names)
     specs = {n: s for n, s in specs.items() if n in needed}
+    for name, spec in specs.items():
+        if spec.dtype.kind in "OSU" and name not in fed_names:
+            cut = feedable_instead(original, outputs, name, fed_names)
+            instead = f"--feed {cut}=x.npy (the first tensor computed from it that the outputs need it only through)" if cut else f"--feed {name}=..."
+            raise VerificationError(f"input {name!r} is a string; bnfold cannot make such data: pass {instead}, or --no-verify")
     low = lowest_compute_precision(original)
     if low is not None and rtol is None and atol is None:
         rtol, atol = TOLERANCES[low]  # a mixed-precision graph computes in fp16/bf16 even where its outputs are float32
