@@ -44,6 +44,9 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (5e-2, 1e-2),
 }
 DEFAULT_BATCH = 2
+# Height and width given to image-like inputs whose spatial size is unknown (README: "Verification and tolerances").
+# 64 survives five stride-2 stages (ResNet, MobileNet) and keeps the check fast.
+DEFAULT_IMAGE_SIZE = 64
 # What an output's max abs error must not exceed; the report shows the number, the JSON also the formula.
 TOLERANCE_FORMULA = "atol + rtol * max_abs_value"
 
@@ -159,6 +162,22 @@ def _run_batch(runner: Runner, outputs: list[str], feeds: dict[str, np.ndarray],
         raise VerificationError(f"could not run the model for verification: {first_line(exc)}") from None
 
 
+def image_spatial_axes(shape: list[int | None]) -> tuple[int, int] | None:
+    """The unknown height and width axes of an image-like input (rank 4, 1 to 4 known channels), else None.
+
+    Only such inputs get a made-up size: a conv net takes any height and width,
+    while an unknown dimension of any other input may be a length the model
+    fixes in ways bnfold cannot know.
+    """
+    if len(shape) != 4:
+        return None
+    nhwc = shape[1] is None and shape[2] is None and shape[3] is not None and 1 <= shape[3] <= 4
+    nchw = shape[2] is None and shape[3] is None and shape[1] is not None and 1 <= shape[1] <= 4
+    if nhwc == nchw:
+        return None
+    return (1, 2) if nhwc else (2, 3)
+
+
 def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     np_dtype = np.dtype(spec.dtype)
     shape: list[int | None]
@@ -172,6 +191,12 @@ def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, r
         if shape and shape[0] is None:
             shape[0] = batch
             how = f"declared shape, batch {batch} (default)"
+        spatial = image_spatial_axes(shape)
+        if spatial is not None:
+            for axis in spatial:
+                shape[axis] = DEFAULT_IMAGE_SIZE
+            layout = "NCHW" if spatial == (2, 3) else "NHWC"
+            how += f", height and width {DEFAULT_IMAGE_SIZE} (default for an image-like {layout} input)"
         if any(d is None for d in shape):
             raise VerificationError(
                 f"input {spec.name!r} has unknown dimensions {spec.shape}; give --input-shape {spec.name}=D0,D1,... or --no-verify"
@@ -241,7 +266,16 @@ def compare_runners(
 
     reference = open_reference()
     try:
-        expected_all = [_run_batch(reference, outputs, batch, tick) for batch in per_sample]
+        try:
+            expected_all = [_run_batch(reference, outputs, batch, tick) for batch in per_sample]
+        except VerificationError as exc:
+            defaulted = [n for n, how in result.inputs.items() if "(default for an image-like" in how]
+            if not defaulted:
+                raise
+            raise VerificationError(
+                f"{exc}; input {defaulted[0]!r} was given the default size {DEFAULT_IMAGE_SIZE}x{DEFAULT_IMAGE_SIZE}: "
+                f"give --input-shape {defaulted[0]}=D0,D1,D2,D3"
+            ) from None
     finally:
         reference.close()
     candidate = open_candidate()

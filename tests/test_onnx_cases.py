@@ -231,6 +231,18 @@ def test_opset_20_plus_folds_and_keeps_opset_and_ir_version(opset: int, ir: int,
     assert result.verification.inputs["x"].startswith("random float32 [2, 2, 4, 4]")  # dynamic batch: the default batch
 
 
+def test_dynamic_height_and_width_are_checked_at_the_default_size(rng: np.random.Generator) -> None:
+    """The usual export, ``x: [N, 3, H, W]``: no --input-shape needed; the table says which shape was used."""
+    original = model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn("bn", "c", "y")],
+        [init("w", rng.standard_normal((3, 2, 1, 1))), *bn_inits("bn", 3, rng)],
+        ["N", 2, "H", "W"],
+    )
+    _, result = fold_onnx(original)
+    assert result.verification is not None and result.verification.passed
+    assert "[2, 2, 64, 64]" in result.verification.inputs["x"] and "image-like NCHW" in result.verification.inputs["x"]
+
+
 def test_dynamic_axes_input_shape_overrides(rng: np.random.Generator) -> None:
     original = model(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn("bn", "c", "y")],

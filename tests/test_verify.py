@@ -104,16 +104,46 @@ def test_string_input_blocks_the_check_until_an_internal_tensor_is_fed(tmp_path:
     assert out.exists()
 
 
-def test_unknown_dimensions_need_an_input_shape(tmp_path: Path) -> None:
+def test_unknown_height_and_width_of_an_image_get_the_default_size(tmp_path: Path) -> None:
+    """``[None, None, None, 3]``: checked at the documented default size, said in the table and the JSON."""
+
     def body() -> None:
         x = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="x")
         tf.nn.relu(_conv_bn(x), name="output")
 
     src = tmp_path / "dyn.pb"
     src.write_bytes(_graph(body).SerializeToString())
+    out, report = tmp_path / "o.pb", tmp_path / "r.json"
+    result = runner.invoke(app, ["fold", str(src), str(out), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    how = json.loads(report.read_text())["verification"]["inputs"]["x"]
+    assert "[2, 64, 64, 3]" in how and "default for an image-like NHWC input" in how
+    assert "default for an image-like NHWC input" in " ".join(result.stdout.split())
+    out.unlink()
+    assert runner.invoke(app, ["fold", str(src), str(out), "--input-shape", "x=1,9,7,3"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "defaulted"),
+    [([None, None, None, 3], True), ([None, 3, None, None], True), ([None, None, None, 5], False), ([None, None, None], False), ([None, 3, None, 4], False)],
+)
+def test_default_size_only_for_image_like_inputs(shape: list[int | None], defaulted: bool) -> None:
+    from bnfold.comparison import image_spatial_axes
+
+    assert (image_spatial_axes(shape) is not None) == defaulted
+
+
+def test_a_graph_that_fails_at_the_default_size_asks_for_an_input_shape(tmp_path: Path) -> None:
+    def body() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="x")
+        flat = tf.reshape(tf.nn.relu(_conv_bn(x)), [-1, 9 * 7 * 4])  # only 9x7 images fit
+        tf.matmul(flat, tf.ones([9 * 7 * 4, 2]), name="output")
+
+    src = tmp_path / "dyn.pb"
+    src.write_bytes(_graph(body).SerializeToString())
     out = tmp_path / "o.pb"
     result = runner.invoke(app, ["fold", str(src), str(out)])
-    assert result.exit_code == EXIT_VERIFY and "--input-shape x=" in result.stderr and not out.exists()
+    assert result.exit_code == EXIT_VERIFY and "--input-shape x=" in result.stderr and "default size 64x64" in result.stderr and not out.exists()
     assert runner.invoke(app, ["fold", str(src), str(out), "--input-shape", "x=1,9,7,3"]).exit_code == 0
     out.unlink()
     assert runner.invoke(app, ["fold", str(src), str(out), "--no-verify"]).exit_code == 0 and out.exists()
