@@ -497,3 +497,17 @@ def test_mobilenetv2_small_comes_out_without_bn_after_conv() -> None:
     assert result.count("folded") == 52 and "BatchNormalization" not in classes(new)
     assert result.verification is not None and result.verification.passed
     assert_same_predictions(model, new)
+
+
+# Two of the four applications in the suite (time on CI's CPUs); benchmarks/keras_fold.py folds all four at 224x224.
+@pytest.mark.parametrize("name", ["ResNet50", "EfficientNetB0"])
+def test_keras_applications_come_out_without_bn_after_conv_or_dense(name: str) -> None:
+    model = getattr(keras.applications, name)(input_shape=(64, 64, 3), weights=None)
+    randomize_bn(model)
+    assert bn_right_after_linear(model)
+    new, result = fold_keras(model)
+    assert bn_right_after_linear(new) == []
+    assert result.verification is not None and result.verification.passed
+    x = sample(model, batch=2)
+    for pa, pb in zip(predict(model, x), predict(new, x), strict=True):
+        assert_close(pa, pb, 1e-4, 1e-6)
