@@ -502,7 +502,9 @@ def check_momentum(graph: TrainingGraph) -> list[Finding]:
         (0.0, "the statistics are those of the last training batch only", "use decay/momentum near 1 (0.9-0.999), then retrain"),
     ):
         hits = [
-            layer for layer in graph.layers if layer.updates and all(u.factor is not None and abs(u.factor - (1.0 - decay)) < 1e-6 for u in layer.updates)
+            layer
+            for layer in graph.layers
+            if layer.updates and all(u.factor is not None and abs(u.factor - (1.0 - decay)) < 1e-6 for u in layer.updates)
         ]
         if hits:
             findings.append(
@@ -638,7 +640,9 @@ def freeze_inference_path(artifacts: Artifacts, outputs: list[str]) -> graph_pb2
             for node in self.graph_def.node:
                 if node.op in VARIABLE_OPS:
                     if not reader.has_tensor(node.name):
-                        raise InputError(f"{artifacts.prefix}: the checkpoint has no value for variable {node.name!r} of the inference path")
+                        raise InputError(
+                            f"{artifacts.prefix}: the checkpoint has no value for variable {node.name!r} of the inference path"
+                        )
                     self._tensor_data[node.name] = ctc._TensorData(  # noqa: SLF001
                         numpy=np.asarray(reader.get_tensor(node.name)), dtype=node.attr["dtype"].type, index=None
                     )

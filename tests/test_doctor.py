@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,3 +419,283 @@ def test_resolved_graph_matches_original_fed_the_same_flag(v1: bool, value: bool
     assert_close(expected, actual)
     training = value != negate
     assert [r.action for r in result.sites] == (["skipped"] if training else ["folded"])
+
+
+# -- TF1 training checkpoints (issue #15) ------------------------------------------------
+# tests/tf1_training.py trains each case a few steps in tf.compat.v1 graph mode and saves it with
+# tf.compat.v1.train.Saver; it runs in a child process (disable_v2_behavior is process-global).
+CKPT = "model.ckpt-3"
+# case -> the findings the doctor must give, exactly: (code, severity, nodes)
+TF1_EXPECTED: dict[str, list[tuple[str, str, list[str]]]] = {
+    "ok": [],
+    "not_wired": [
+        ("BN_UPDATES_NOT_RUN", "error", ["bn1", "bn2"]),
+        ("BN_STATS_AT_INIT", "warning", ["bn1"]),
+        ("BN_STATS_AT_INIT", "warning", ["bn2"]),
+    ],
+    "decay1": [
+        ("BN_MOMENTUM_DEGENERATE", "warning", ["bn1", "bn2"]),
+        ("BN_STATS_AT_INIT", "warning", ["bn1"]),
+        ("BN_STATS_AT_INIT", "warning", ["bn2"]),
+    ],
+    "decay0": [("BN_MOMENTUM_DEGENERATE", "warning", ["bn1", "bn2"])],
+    "towers_early": [("BN_UPDATES_NOT_RUN", "warning", ["tower_1/bn1", "tower_1/bn2"])],
+    "towers_ok": [],
+    "valid_copy": [("BN_STATS_AT_INIT", "warning", ["valid/bn1"]), ("BN_STATS_AT_INIT", "warning", ["valid/bn2"])],
+    "valid_reuse": [],
+    "ema_cond": [],
+    "ema_cond_decay1": [("BN_MOMENTUM_DEGENERATE", "warning", ["bn1/bn1"])],
+    "hostile": [],
+}
+
+
+@pytest.fixture(scope="session")
+def tf1_cases(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path_factory.mktemp("tf1")
+    subprocess.run([sys.executable, str(ROOT / "tests" / "tf1_training.py"), str(out)], check=True, capture_output=True, timeout=600)
+    return out
+
+
+def found(report) -> list[tuple[str, str, list[str]]]:  # type: ignore[no-untyped-def]
+    return [(f.code, f.severity, f.nodes) for f in report.findings]
+
+
+@pytest.mark.parametrize("case", sorted(TF1_EXPECTED))
+def test_tf1_checkpoint_mistakes_and_their_correct_twins(tf1_cases, case: str) -> None:  # type: ignore[no-untyped-def]
+    report = diagnose(tf1_cases / case / CKPT)
+    assert found(report) == TF1_EXPECTED[case], report.findings
+    assert report.exit_code == (1 if TF1_EXPECTED[case] else 0)
+    assert report.bn_count == {"valid_copy": 4, "valid_reuse": 2, "ema_cond": 1, "ema_cond_decay1": 1}.get(case, 2)
+
+
+def test_tf1_findings_say_where_and_what_to_do(tf1_cases) -> None:  # type: ignore[no-untyped-def]
+    (updates, *_) = diagnose(tf1_cases / "not_wired" / CKPT).findings
+    assert "UPDATE_OPS" in updates.message and "control_dependencies" in updates.fix
+    assert updates.details["train_op"] and set(updates.details["in_update_ops"]) == set(updates.details["updates"])
+    assert "from the train_op collection" in updates.message  # tf.compat.v1 optimizers add their apply op to it
+    (towers,) = diagnose(tf1_cases / "towers_early" / CKPT).findings
+    assert towers.details["run"] == ["tower_0/bn1", "tower_0/bn2"] and "after every tower" in towers.fix
+    decay = {f.details["decay"]: f for f in diagnose(tf1_cases / "decay1" / CKPT).findings if f.code == "BN_MOMENTUM_DEGENERATE"}
+    assert list(decay) == [1.0] and "never move" in decay[1.0].message
+    (zero,) = diagnose(tf1_cases / "decay0" / CKPT).findings
+    assert zero.details["decay"] == 0.0 and "last training batch" in zero.message
+    copy = diagnose(tf1_cases / "valid_copy" / CKPT).findings
+    assert [f.details["duplicates"] for f in copy] == ["model/bn1", "model/bn2"]
+    assert all("reuse=True" in f.fix and "shares no variables" in f.message for f in copy)
+
+
+def test_tf1_meta_and_checkpoint_given_apart(tf1_cases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A .meta elsewhere with --checkpoint PREFIX, a checkpoint directory, and the errors for what is missing."""
+    import shutil
+
+    meta = tmp_path / "train_graph.meta"
+    shutil.copy(tf1_cases / "not_wired" / f"{CKPT}.meta", meta)
+    prefix = tf1_cases / "not_wired" / CKPT
+    apart = diagnose(meta, checkpoint=prefix)
+    assert found(apart) == TF1_EXPECTED["not_wired"] and apart.source == f"{meta} + {prefix}"
+    assert found(diagnose(tf1_cases / "not_wired")) == TF1_EXPECTED["not_wired"]  # the directory: its latest checkpoint
+    runner = CliRunner()
+    res = runner.invoke(app, ["doctor", str(meta), "--checkpoint", str(prefix), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 1 and "1 error(s), 2 warning(s)" in res.output
+    assert [f["code"] for f in json.loads((tmp_path / "r.json").read_text())["findings"]][0] == "BN_UPDATES_NOT_RUN"
+    res = runner.invoke(app, ["doctor", str(meta)])  # no checkpoint beside it
+    assert res.exit_code == 3 and "--checkpoint" in res.output
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for suffix in (".index", ".data-00000-of-00001"):
+        shutil.copy(tf1_cases / "ok" / f"{CKPT}{suffix}", lone / f"{CKPT}{suffix}")
+    res = runner.invoke(app, ["doctor", str(lone / CKPT)])  # no .meta beside the checkpoint
+    assert res.exit_code == 3 and "graph.meta --checkpoint" in res.output
+    res = runner.invoke(app, ["doctor", str(prefix), "--checkpoint", str(prefix)])
+    assert res.exit_code == 2
+
+
+def without_train_op_collection(case, tmp_path):  # type: ignore[no-untyped-def]
+    """The case's checkpoint beside a .meta whose train_op collection is gone (hand-built optimizers, pruned exports)."""
+    import shutil
+
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    meta = meta_graph_pb2.MetaGraphDef.FromString((case / f"{CKPT}.meta").read_bytes())
+    assert "train_op" in meta.collection_def
+    del meta.collection_def["train_op"]
+    out = tmp_path / case.name
+    out.mkdir()
+    (out / f"{CKPT}.meta").write_bytes(meta.SerializeToString())
+    for suffix in (".index", ".data-00000-of-00001"):
+        shutil.copy(case / f"{CKPT}{suffix}", out / f"{CKPT}{suffix}")
+    return out / CKPT
+
+
+@pytest.mark.parametrize("case", ["ok", "not_wired", "towers_early", "towers_ok"])
+def test_tf1_train_op_found_from_the_optimizers_apply_ops(tf1_cases, tmp_path, case: str) -> None:  # type: ignore[no-untyped-def]
+    from bnfold.training_graph import analyse, open_artifacts
+
+    prefix = without_train_op_collection(tf1_cases / case, tmp_path)
+    graph = analyse(open_artifacts(prefix).meta)
+    assert graph.train_op_how == "the optimizer's apply ops" and graph.train_op
+    report = diagnose(prefix)
+    assert found(report) == TF1_EXPECTED[case]
+    if case == "not_wired":
+        assert "from the optimizer's apply ops" in report.findings[0].message
+
+
+def test_tf1_train_op_option(tf1_cases) -> None:  # type: ignore[no-untyped-def]
+    ok = tf1_cases / "ok" / CKPT
+    train_op = diagnose(tf1_cases / "not_wired" / CKPT).findings[0].details["train_op"]
+    report = diagnose(tf1_cases / "not_wired" / CKPT, train_op=train_op)
+    assert found(report) == TF1_EXPECTED["not_wired"] and "from --train-op" in report.findings[0].message
+    # naming an update op as the train op: what it runs is what counts
+    report = diagnose(ok, train_op=["bn1/AssignMovingAvg", "bn1/AssignMovingAvg_1"])
+    assert found(report) == [("BN_UPDATES_NOT_RUN", "error", ["bn2"])]
+    with pytest.raises(UsageError, match="no node named 'nope'"):
+        diagnose(ok, train_op=["nope"])
+    with pytest.raises(UsageError, match="--train-op"):
+        diagnose(build(lambda x: fused(conv(x), stats(), False)), train_op=["x"])
+
+
+def test_tf1_checkpoint_is_read_and_nothing_runs(tf1_cases) -> None:  # type: ignore[no-untyped-def]
+    """No training op runs: the checkpoint's files stay as they were; a WriteFile in the train op and the
+    inference path never fires (checked without --data, refused with it); the values reported are the checkpoint's."""
+    case = tf1_cases / "hostile"
+    before = {p.name: p.read_bytes() for p in case.iterdir()}
+    assert found(diagnose(case / CKPT)) == []
+    report = diagnose(case / CKPT, outputs=["logits"])
+    assert report.codes() == ["BN_TRAINING_SWITCH"] and report.findings[0].details["flag"] == "is_training"
+    from bnfold.errors import UnsafeModelError
+
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(UnsafeModelError, match="write_marker"):
+        diagnose(case / CKPT, outputs=["logits"], data=[x])
+    assert {p.name: p.read_bytes() for p in case.iterdir()} == before  # no MARKER, no new checkpoint
+    reader = tf.train.load_checkpoint(str(tf1_cases / "decay0" / CKPT))
+    assert not np.all(reader.get_tensor("bn1/moving_mean") == 0)  # decay=0: trained stats, so no BN_STATS_AT_INIT
+
+
+def test_tf1_inference_path_with_outputs_and_data(tf1_cases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--outputs freezes the named path from the checkpoint: the validation net is clean, the training net is in training mode."""
+    valid = tf1_cases / "valid_reuse" / CKPT
+    assert found(diagnose(valid, outputs=["valid_logits"])) == []
+    training = diagnose(valid, outputs=["model/fc/BiasAdd"])
+    assert [(f.code, f.severity) for f in training.findings][:2] == [("BN_TRAINING_MODE", "error")] * 2
+    x = (1 + 2 * np.random.default_rng(1).standard_normal((16, 8, 8, 3))).astype(np.float32)  # the training data's distribution
+    report = diagnose(valid, outputs=["valid_logits"], data=[x])
+    assert [row.name for row in report.drift] == ["model_1/bn1", "model_1/bn2"]
+    with pytest.raises(UsageError, match="--outputs"):
+        diagnose(valid, data=[x])
+
+
+# -- layer/instance norm lowered to FusedBatchNormV3: probed, not guessed --------------
+def keras_layer_norm_graph() -> graph_pb2.GraphDef:
+    """tf_keras LayerNormalization as TF 2.x lowers it: reshape to [1, N*rows, cols, 1] and FusedBatchNormV3(is_training=True)."""
+    import tf_keras
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    inp = tf_keras.Input((6, 8))
+    model = tf_keras.Model(inp, tf_keras.layers.LayerNormalization()(tf_keras.layers.Dense(8)(inp)))
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(tf.TensorSpec([None, 6, 8], tf.float32))
+    return convert_variables_to_constants_v2(function).graph.as_graph_def()
+
+
+def test_keras_layer_norm_lowered_to_fused_bn_raises_nothing() -> None:
+    graph_def = keras_layer_norm_graph()
+    fused_nodes = [n for n in graph_def.node if n.op == "FusedBatchNormV3"]
+    assert fused_nodes and all(n.attr["is_training"].b for n in fused_nodes)
+    assert any(n.op == "Reshape" for n in graph_def.node)
+    report = diagnose(graph_def)
+    assert found(report) == [("BN_PER_SAMPLE_NORM", "info", [fused_nodes[0].name])] and report.exit_code == 0
+    assert "per-sample statistics" in report.findings[0].message and "differ by 0" in report.findings[0].details["probe"]
+
+
+def test_reshape_that_keeps_the_batch_in_the_statistics_stays_an_error() -> None:
+    """Same structure (reshape, then a training-mode fused BN) with the batch folded into the rows: batch-dependent, so an error."""
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        y = tf.reshape(conv(x), [1, -1, 6, C])  # [N, 6, 6, C] -> [1, N*6, 6, C]: per-channel statistics over the whole batch
+        out, _, _ = tf.compat.v1.nn.fused_batch_norm(y, np.ones(C, np.float32), np.zeros(C, np.float32), is_training=True, name="bn")
+        return tf.reshape(out, [-1, 6, 6, C])
+
+    report = diagnose(build(body))
+    assert [(f.code, f.severity) for f in report.findings][0] == ("BN_TRAINING_MODE", "error")
+    assert "BN_PER_SAMPLE_NORM" not in report.codes()
+
+
+# -- Keras model with --data: drift per layer, and the plot ------------------------------
+def keras_two_bn_model(tmp_path):  # type: ignore[no-untyped-def]
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv1")(inp)
+    h = keras.layers.BatchNormalization(name="bn1")(h)
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv2")(keras.layers.ReLU()(h))
+    h = keras.layers.BatchNormalization(name="bn2")(h)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(h))
+    train = np.random.default_rng(0).standard_normal((64, 8, 8, 3)).astype(np.float32)
+    for layer in ("bn1", "bn2"):  # moving statistics from the training data, layer by layer
+        bn = model.get_layer(layer)
+        value = keras.Model(inp, bn.input).predict(train, verbose=0)
+        gamma, beta, _, _ = bn.get_weights()
+        bn.set_weights([gamma, beta, value.mean((0, 1, 2)), value.var((0, 1, 2))])
+    path = tmp_path / "two_bn.keras"
+    model.save(path)
+    return path, train
+
+
+def test_keras_data_drift_per_layer_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    path, train = keras_two_bn_model(tmp_path)
+    fresh = np.random.default_rng(1).standard_normal((32, 8, 8, 3)).astype(np.float32)
+    clean = diagnose(path, data=[fresh])
+    import re
+
+    names = [row.name.rsplit("/", 1)[-1] for row in clean.drift]  # Keras' own name scopes (bn1_1 when traced twice)
+    assert [re.sub(r"_\d+$", "", n) for n in names] == ["bn1", "bn2"] and "BN_STATS_DRIFT" not in clean.codes(), names
+    assert all(row.inference.score < 1 for row in clean.drift)
+    np.save(tmp_path / "shifted.npy", fresh + 2)
+    shifted = diagnose(path, data=[fresh + 2])
+    assert shifted.drift[0].inference.score > 1 and "BN_STATS_DRIFT" in shifted.codes()
+    plot = tmp_path / "drift.png"
+    res = CliRunner().invoke(app, ["doctor", str(path), "--data", str(tmp_path / "shifted.npy"), "--plot", str(plot)])
+    assert res.exit_code == 1 and "drift per BN layer" in res.output, res.output
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    from matplotlib.image import imread
+
+    assert imread(plot).shape[1] >= 600  # a drawn figure, not an empty file
+    res = CliRunner().invoke(app, ["doctor", str(path), "--plot", str(tmp_path / "none.png")])
+    assert res.exit_code == 2 and "needs --data" in res.output and not (tmp_path / "none.png").exists()
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    path, _ = keras_two_bn_model(tmp_path)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((8, 8, 8, 3)).astype(np.float32))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an environment without it: importing it fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    res = CliRunner().invoke(app, ["doctor", str(path), "--data", str(tmp_path / "x.npy"), "--plot", str(tmp_path / "d.png")])
+    assert res.exit_code == 2 and "pip install 'bnfold[plot]'" in res.output and not (tmp_path / "d.png").exists()
+
+
+# -- published frozen graphs: no false alarms ----------------------------------------------
+REALWORLD_TF = Path(__file__).resolve().parents[2] / "shared" / "realworld" / "tf"
+# every warning checked by hand against the file (see notes): a 1-channel BN whose constants are exactly 0/1 (and gamma 1, beta 0)
+REALWORLD_WARNINGS = {
+    "ONE/res/TensorFlowTests/NET_0003/test.pbtxt": [("BN_STATS_AT_INIT", "warning", ["FusedBatchNorm"])],
+    "ONE/res/TensorFlowTests/UNIT_FusedBatchNorm_000/test.pbtxt": [("BN_STATS_AT_INIT", "warning", ["FBN_01"])],
+}
+
+
+@pytest.mark.skipif(not REALWORLD_TF.is_dir(), reason="../shared/realworld is not beside the project")
+def test_doctor_on_every_published_tf_graph_raises_no_error() -> None:
+    files = sorted(p for p in REALWORLD_TF.rglob("*") if p.suffix in (".pb", ".pbtxt"))
+    assert len(files) == 15
+    for path in files:
+        relative = path.relative_to(REALWORLD_TF).as_posix()
+        report = diagnose(path)
+        assert [f for f in found(report) if f[1] != "info"] == REALWORLD_WARNINGS.get(relative, []), (relative, report.findings)

@@ -108,6 +108,52 @@ def validation(out: str, case: str, reuse: bool) -> None:
     save(graph, train_op, [x, y], out, case)
 
 
+def ema_cond(out: str, case: str, decay: float) -> None:
+    """The hand-written BN of seed 000's answer: batch moments, an ExponentialMovingAverage applied inside tf.cond(train_phase)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        y = v1.placeholder(tf.float32, [None, 2], name="y")
+        train_phase = v1.placeholder(tf.bool, [], name="is_training")
+        h = v1.layers.conv2d(x, 4, 3, padding="same", use_bias=False, name="conv1")
+        with v1.variable_scope("bn1"):
+            beta = tf.Variable(tf.zeros([4]), name="beta")
+            gamma = tf.Variable(tf.ones([4]), name="gamma")
+            batch_mean, batch_var = tf.nn.moments(h, [0, 1, 2], name="moments")
+            ema = v1.train.ExponentialMovingAverage(decay=decay)
+
+            def mean_var_with_update():  # type: ignore[no-untyped-def]
+                with tf.control_dependencies([ema.apply([batch_mean, batch_var])]):
+                    return tf.identity(batch_mean), tf.identity(batch_var)
+
+            mean, var = tf.cond(train_phase, mean_var_with_update, lambda: (ema.average(batch_mean), ema.average(batch_var)))
+            h = tf.nn.batch_normalization(h, mean, var, beta, gamma, 1e-3)
+        logits = tf.identity(v1.layers.dense(tf.reduce_mean(tf.nn.relu(h), [1, 2]), 2, name="fc"), name="logits")
+        train_op = v1.train.AdamOptimizer(0.01).minimize(loss_of(logits, y))
+    save(graph, train_op, [x, y], out, case)
+
+
+def hostile(out: str, case: str) -> None:
+    """A correct training graph whose train op and inference output also write a file (``WriteFile``): the doctor must never run it.
+
+    Training here runs it and writes ``MARKER``; it is removed after saving, so a
+    marker that reappears was written by whoever read the checkpoint.
+    """
+    graph = tf.Graph()
+    marker = os.path.join(out, case, "MARKER")
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        y = v1.placeholder(tf.float32, [None, 2], name="y")
+        training = v1.placeholder(tf.bool, [], name="is_training")
+        write = tf.io.write_file(marker, "the model ran", name="write_marker")
+        with tf.control_dependencies([write]):
+            logits = tf.identity(net(x, training), name="logits")
+        with tf.control_dependencies(v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
+            train_op = v1.train.AdamOptimizer(0.01).minimize(loss_of(logits, y))
+    save(graph, train_op, [x, y], out, case)
+    os.remove(marker)
+
+
 def main(out: str) -> None:
     v1.disable_v2_behavior()
     single(out, "ok", collection=True)
@@ -118,6 +164,9 @@ def main(out: str) -> None:
     towers(out, "towers_ok", collect_after_all=True)
     validation(out, "valid_copy", reuse=False)
     validation(out, "valid_reuse", reuse=True)
+    ema_cond(out, "ema_cond", decay=0.5)
+    ema_cond(out, "ema_cond_decay1", decay=1.0)
+    hostile(out, "hostile")
 
 
 if __name__ == "__main__":
