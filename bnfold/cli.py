@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
@@ -116,7 +117,7 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
     except BnfoldError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]bnfold: error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]bnfold: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # messages quote [brackets]
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("bnfold: interrupted; nothing was written")
