@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold import io
+from bnfold import io, isolation
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import fold_graph_outcome
 from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
@@ -82,6 +82,8 @@ def fold(
     ``trust_model``; with ``verify_outputs=False`` nothing runs, and such nodes
     pass through untouched, listed in ``result.foreign_ops``.
     """
+    if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
+        isolation.prestart()
     loaded = load(source, signature, trust_model=trust_model)
     graph_def, name = loaded.graph_def, loaded.source
     _check_names(graph_def, inputs, "--inputs")

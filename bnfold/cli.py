@@ -469,11 +469,32 @@ def _silence_native_logs() -> None:
 def main() -> None:
     """Console entry point: ``bnfold IN OUT`` means ``bnfold fold IN OUT``."""
     argv = sys.argv[1:]
+    # Before TensorFlow is imported (here and in any child process that inherits the environment):
+    # its C++ start-up lines are not bnfold's output. A value the user set is kept.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "--debug" not in argv:
         _silence_native_logs()
     if argv and argv[0] not in COMMANDS:
         argv = ["fold", *argv]
+    if _runs_a_tf_graph(argv):
+        from bnfold import isolation
+
+        isolation.prestart()  # the check's worker imports TensorFlow while this process does
     app(args=argv, prog_name="bnfold")
+
+
+def _runs_a_tf_graph(argv: list[str]) -> bool:
+    """Whether this command will run a TensorFlow graph in a worker: a fold with the check from a
+    TF model to a TF or ONNX file, or ``doctor --data``. A guess from the words only; a wrong one
+    costs a process start or the overlap, never a result."""
+    if not argv or any(a in ("--help", "-h", "--version", "-V") for a in argv):
+        return False
+    paths = [a.lower().rstrip("/") for a in argv[1:] if not a.startswith("-")]
+    if argv[0] == "doctor":
+        return "--data" in argv and not (paths and paths[0].endswith(".onnx"))
+    if argv[0] != "fold" or "--no-verify" in argv or len(paths) < 2:
+        return False
+    return not paths[0].endswith(".onnx") and not paths[1].endswith((".keras", ".h5"))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ def to_onnx(
     from bnfold.runsafety import check_runnable, trusting
     from bnfold.verification import find_inputs, needed_inputs, open_graph_runner
 
+    if verify_outputs:  # the check's worker imports TensorFlow while tf2onnx converts
+        from bnfold import isolation
+
+        isolation.prestart()
     loaded = load(source, trust_model=trust_model)
     graph_def, name = loaded.graph_def, loaded.source
     _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))

@@ -29,8 +29,9 @@ from bnfold.comparison import (
     failure_message,
     parse_feed_value,
 )
-from bnfold.errors import BrokenOutputError, UsageError, VerificationError, first_line
+from bnfold.errors import BnfoldError, BrokenOutputError, UsageError, VerificationError, first_line
 from bnfold.graph import GraphIndex, attr, parse_input
+from bnfold.isolation import GraphRunError, IsolatedGraph, WorkerDied
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -128,8 +129,10 @@ def runner_config() -> config_pb2.ConfigProto:
 
 
 class GraphRunner:
-    """One imported graph and session, reused across batches.
+    """One graph, loaded in a worker process (:mod:`bnfold.isolation`) and reused across batches.
 
+    The worker keeps an abort inside TensorFlow from killing bnfold: the run
+    ends in :class:`GraphAborted` (exit 4), and nothing is written.
     Grappler is off but for its layout pass (:func:`runner_config`): the check
     compares the graphs as written (as onnxruntime runs with optimizations off
     for ONNX), and grappler's other rewrites cost more
@@ -137,15 +140,19 @@ class GraphRunner:
     5.9 GB and 10 s without).
     """
 
-    errors: tuple[type[BaseException], ...] = (tf.errors.OpError, ValueError, TypeError, KeyError)
+    errors: tuple[type[BaseException], ...] = (GraphRunError,)
 
-    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+    def __init__(self, graph_def: graph_pb2.GraphDef, which: str = "the graph") -> None:
+        self.which = which
         self.graph_def = graph_def  # kept (not copied) for the run gate
         self.checked: set[tuple[str, ...]] = set()
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.graph_util.import_graph_def(graph_def, name="")
-        self.session = tf.compat.v1.Session(graph=self.graph, config=runner_config())
+        try:
+            self.graph = IsolatedGraph(graph_def.SerializeToString())
+        except WorkerDied as exc:
+            raise self.died(exc) from None
+
+    def died(self, exc: WorkerDied) -> BnfoldError:
+        return GraphAborted(f"{exc.describe()} ({self.which}); if the graph is valid, report it to TensorFlow")
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from bnfold.runsafety import check_runnable, is_trusted
@@ -154,25 +161,23 @@ class GraphRunner:
             check_runnable(self.graph_def, fetches, "running the graph")
             self.checked.add(tuple(fetches))
         names, fed = [_tensor_name(f) for f in fetches], {_tensor_name(k): v for k, v in feeds.items()}
-        for attempt in range(ABORT_RETRIES):
-            try:
-                return self.session.run(names, fed)
-            except tf.errors.AbortedError:
-                # TF's contract: an aborted op may be retried. oneDNN aborts now and then on CPUs it
-                # supports only partly ("could not create a primitive descriptor" for fp16/bf16).
-                if attempt == ABORT_RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self.graph.run(names, fed)
+        except WorkerDied as exc:
+            raise self.died(exc) from None
 
     def close(self) -> None:
-        self.session.close()
-        del self.session, self.graph
+        self.graph.close()
+
+
+class GraphAborted(VerificationError):
+    """TensorFlow aborted (a C++ check failure, SIGABRT) or was killed while running a graph: exit 4."""
 
 
 def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; --no-verify skips the check") -> GraphRunner:
-    """Import a graph for checking; a graph TF cannot load is reported, not a crash."""
+    """Load a graph for checking; a graph TF cannot load is reported, not a crash."""
     try:
-        return GraphRunner(graph_def)
+        return GraphRunner(graph_def, which)
     except GraphRunner.errors as exc:
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
@@ -192,9 +197,12 @@ class FoldedGraphRunner(GraphRunner):
 
     def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
         try:
-            super().__init__(graph_def)
+            super().__init__(graph_def, "the folded graph")
         except GraphRunner.errors as exc:
             raise BrokenOutputError(f"TensorFlow cannot load the folded graph ({first_line(exc)}); {REPORT_BUG}") from None
+
+    def died(self, exc: WorkerDied) -> BnfoldError:
+        return BrokenOutputError(f"{exc.describe()} (the folded graph, where the input graph ran); {REPORT_BUG}")
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:

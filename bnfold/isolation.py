@@ -1,0 +1,359 @@
+"""Run TensorFlow graphs in a child process, so that an abort inside TensorFlow cannot kill bnfold.
+
+A graph can make TensorFlow's C++ code fail a ``CHECK`` or abort (a scalar fed
+to a conv, a shape a kernel does not expect). That ends the process with
+SIGABRT and no message, whatever Python does. bnfold cannot foresee every such
+graph, so every run of a graph it did not write (the check, ``doctor --data``,
+the doctor's probe) happens in a worker process; when the worker dies, the
+parent reports it as one line and writes nothing.
+
+The protocol carries no pickles: a JSON header and raw array bytes, so a graph
+that makes the worker write to its stdout cannot make the parent run anything.
+One worker serves one graph at a time and is kept for the next graph; a worker
+that died is replaced. :func:`prestart` starts one early, so that its
+TensorFlow import overlaps the fold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from typing import IO, Any
+
+import numpy as np
+
+from bnfold.errors import BnfoldError
+
+HEADER = struct.Struct(">IQ")  # JSON header length, payload length
+# A fatal log line as absl/glog writes it: "F0000 00:00:1796237763.342586    3783 file.cc:737] text"
+_GLOG_FATAL = re.compile(r"^F\d{4} [\d:.]+\s+\d+ [^\s\]]+:\d+\] (.*)$")
+
+
+class GraphRunError(Exception):
+    """TensorFlow refused to load or run the graph (an ``OpError``, ``ValueError``, ...), with its message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class WorkerDied(Exception):
+    """The worker process ended while loading or running a graph: TensorFlow aborted, or the process was killed."""
+
+    def __init__(self, returncode: int | None, last_words: str) -> None:
+        self.returncode = returncode
+        self.last_words = last_words
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        code = self.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"aborted ({signal.Signals(-code).name})"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"ended (exit status {code})"
+        said = f": {self.last_words}" if self.last_words else ""
+        return f"TensorFlow {how} while running the graph{said}"
+
+
+# -- arrays over a pipe, without pickle ------------------------------------------------------
+
+
+def _resolve_dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and TF's other extension types are known by name to ml_dtypes only
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def encode_arrays(arrays: list[np.ndarray]) -> tuple[list[dict[str, Any]], bytes]:
+    """Numbers as their raw bytes; TF string tensors (object arrays of bytes) as lengths and bytes,
+    since a fixed-width numpy bytes dtype would drop trailing NUL bytes."""
+    meta, chunks = [], []
+    for value in arrays:
+        array = np.asarray(value)
+        if array.dtype == object or array.dtype.kind in "SU":
+            items = [x if isinstance(x, bytes) else str(x).encode() for x in array.ravel().tolist()]
+            data = b"".join(items)
+            meta.append({"dtype": "bytes", "shape": list(array.shape), "nbytes": len(data), "lengths": [len(x) for x in items]})
+            chunks.append(data)
+            continue
+        name = array.dtype.str if array.dtype.kind in "biufcM" else array.dtype.name
+        meta.append({"dtype": name, "shape": list(array.shape), "nbytes": array.nbytes})
+        chunks.append(array.tobytes(order="C"))  # not ascontiguousarray, which makes a scalar 1-d
+    return meta, b"".join(chunks)
+
+
+def decode_arrays(meta: list[dict[str, Any]], payload: bytes) -> list[np.ndarray]:
+    arrays, offset = [], 0
+    for item in meta:
+        size = int(item["nbytes"])
+        if item["dtype"] == "bytes":
+            items, start = [], offset
+            for length in item["lengths"]:
+                items.append(payload[start : start + int(length)])
+                start += int(length)
+            strings = np.empty(len(items), dtype=object)
+            strings[:] = items
+            arrays.append(strings.reshape(item["shape"]))
+        else:
+            dtype = _resolve_dtype(str(item["dtype"]))
+            count = size // dtype.itemsize if dtype.itemsize else 0
+            arrays.append(np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(item["shape"]).copy())
+        offset += size
+    return arrays
+
+
+def _send(stream: IO[bytes], header: dict[str, Any], payload: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    stream.write(HEADER.pack(len(head), len(payload)))
+    stream.write(head)
+    if payload:
+        stream.write(payload)
+    stream.flush()
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+    fixed = _read_exactly(stream, HEADER.size)
+    if fixed is None:
+        return None
+    head_size, payload_size = HEADER.unpack(fixed)
+    head = _read_exactly(stream, head_size)
+    payload = _read_exactly(stream, payload_size) if payload_size else b""
+    if head is None or payload is None:
+        return None
+    return json.loads(head), payload
+
+
+# -- the parent's side ------------------------------------------------------------------------
+
+
+class Worker:
+    """One child process that imports TensorFlow and runs one graph at a time."""
+
+    def __init__(self) -> None:
+        self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
+        env = dict(os.environ)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from bnfold.isolation import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            cwd=os.getcwd(),
+            start_new_session=True,  # a terminal's Ctrl-C reaches bnfold, which then ends the worker
+        )
+        _started.append(self)
+
+    def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            _send(self.process.stdin, header, payload)
+            reply = _receive(self.process.stdout)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            reply = None
+        if reply is None:
+            raise self._death()
+        head, body = reply
+        if not head.get("ok"):
+            raise GraphRunError(str(head.get("kind", "error")), str(head.get("message", "")))
+        return head, body
+
+    def _death(self) -> WorkerDied:
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        return WorkerDied(code, self._last_words())
+
+    def _last_words(self) -> str:
+        """The line TensorFlow printed when it gave up (``Check failed: ...``), if any."""
+        try:
+            self.log.seek(0, os.SEEK_END)
+            size = self.log.tell()
+            self.log.seek(max(0, size - 65536))
+            text = self.log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        for line in reversed(lines):
+            fatal = _GLOG_FATAL.match(line)
+            if fatal or "Check failed" in line:
+                return (fatal.group(1) if fatal else line)[:300]
+        return lines[-1][:300] if lines else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        if self in _started:
+            _started.remove(self)
+
+
+_spare: list[Worker] = []
+_started: list[Worker] = []  # every worker of this process, for the exit handler
+
+
+def prestart() -> None:
+    """Start a worker now, so its TensorFlow import runs while the caller folds."""
+    if not any(w.alive for w in _spare):
+        _spare.append(Worker())
+
+
+def acquire() -> Worker:
+    while _spare:
+        worker = _spare.pop()
+        if worker.alive:
+            return worker
+        worker.stop()
+    return Worker()
+
+
+def release(worker: Worker) -> None:
+    if worker.alive and not _spare:
+        _spare.append(worker)
+    else:
+        worker.stop()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    _spare.clear()
+    while _started:
+        worker = _started.pop()
+        if worker.alive:
+            worker.process.kill()
+            worker.process.wait()
+
+
+class IsolatedGraph:
+    """A GraphDef loaded in a worker: ``run`` fetches tensors for feeds, as a ``Session.run`` would."""
+
+    def __init__(self, graph_bytes: bytes, layout_pass: bool = True) -> None:
+        self.worker = acquire()
+        try:
+            self.worker.request({"op": "load", "layout_pass": layout_pass}, graph_bytes)
+        except BaseException:
+            self._drop()
+            raise
+
+    def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = list(feeds)
+        meta, payload = encode_arrays([feeds[n] for n in names])
+        try:
+            head, body = self.worker.request({"op": "run", "fetches": fetches, "feeds": names, "arrays": meta}, payload)
+        except WorkerDied:
+            self._drop()
+            raise
+        return decode_arrays(head["arrays"], body)
+
+    def _drop(self) -> None:
+        self.worker.stop()
+
+    def close(self) -> None:
+        if not self.worker.alive:
+            return
+        try:
+            self.worker.request({"op": "unload"})
+        except (GraphRunError, WorkerDied):
+            self._drop()
+            return
+        release(self.worker)
+
+
+# -- the worker's side ----------------------------------------------------------------------
+
+
+def serve() -> None:
+    """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
+
+    Anything the graph or TensorFlow prints to stdout goes to stderr instead,
+    so it cannot be taken for an answer.
+    """
+    reply = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    import tensorflow as tf
+
+    from bnfold.verification import ABORT_RETRIES, runner_config
+
+    session = None
+    while True:
+        message = _receive(requests)
+        if message is None:
+            return
+        head, payload = message
+        try:
+            if head["op"] == "load":
+                from tensorflow.core.framework import graph_pb2
+
+                graph_def = graph_pb2.GraphDef()
+                graph_def.ParseFromString(payload)
+                del payload
+                graph = tf.Graph()
+                with graph.as_default():
+                    tf.graph_util.import_graph_def(graph_def, name="")
+                del graph_def
+                session = tf.compat.v1.Session(graph=graph, config=runner_config() if head.get("layout_pass", True) else None)
+                _send(reply, {"ok": True})
+            elif head["op"] == "run":
+                if session is None:
+                    raise ValueError("no graph is loaded")
+                values = decode_arrays(head["arrays"], payload)
+                feeds = dict(zip(head["feeds"], values, strict=True))
+                for attempt in range(ABORT_RETRIES):
+                    try:
+                        outputs = session.run(head["fetches"], feeds)
+                        break
+                    except tf.errors.AbortedError:
+                        # TF's contract: an aborted op may be retried. oneDNN aborts now and then on CPUs it
+                        # supports only partly ("could not create a primitive descriptor" for fp16/bf16).
+                        if attempt == ABORT_RETRIES - 1:
+                            raise
+                meta, data = encode_arrays(outputs)
+                _send(reply, {"ok": True, "arrays": meta}, data)
+            elif head["op"] == "unload":
+                if session is not None:
+                    session.close()
+                session = None
+                _send(reply, {"ok": True})
+            else:
+                raise ValueError(f"unknown request {head['op']!r}")
+        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError) as exc:
+            kind = type(exc).__name__
+            message_text = getattr(exc, "message", None) or str(exc)
+            _send(reply, {"ok": False, "kind": kind, "message": message_text})

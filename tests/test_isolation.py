@@ -1,0 +1,145 @@
+"""An abort inside TensorFlow while bnfold runs a graph is one line and exit 4, never a dead process.
+
+The graph here aborts TensorFlow for real (``Abort``, which ends the process
+with SIGABRT as a failed C++ ``CHECK`` does): were it run in bnfold's own
+process, pytest would die with it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import bnfold
+from bnfold import isolation
+from bnfold.errors import EXIT_VERIFY, VerificationError
+from bnfold.isolation import IsolatedGraph, decode_arrays, encode_arrays
+from bnfold.verification import GraphAborted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conv_bn_graph(abort: bool) -> tf.compat.v1.GraphDef:
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+        deps = [tf.raw_ops.Abort(error_msg="bnfold isolation test")] if abort else []
+        with tf.control_dependencies(deps):  # on the conv, so that every run that reaches the BN aborts
+            y = tf.nn.conv2d(x, w, 1, "SAME")
+        y, *_ = tf.compat.v1.nn.fused_batch_norm(
+            y, tf.constant([1.0, 2, 3, 4]), tf.constant([0.5] * 4), tf.constant([0.1] * 4), tf.constant([2.0] * 4), is_training=False
+        )
+        tf.identity(y, name="output")
+    return graph.as_graph_def()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-m", "bnfold", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def abort_pb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("abort") / "abort.pb"
+    path.write_bytes(conv_bn_graph(abort=True).SerializeToString())
+    return path
+
+
+def test_a_graph_that_aborts_tensorflow_during_the_check_is_one_line_and_exit_4(abort_pb: Path, tmp_path: Path) -> None:
+    before = abort_pb.read_bytes()
+    out = tmp_path / "out.pb"
+    proc = run_cli(str(abort_pb), str(out))
+    assert proc.returncode == EXIT_VERIFY == 4, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "aborted (SIGABRT)" in lines[0] and "Abort_op intentional failure; bnfold isolation test" in lines[0]
+    assert "the input graph" in lines[0] and "nothing written" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert abort_pb.read_bytes() == before
+
+
+def test_the_same_graph_is_written_without_the_check(abort_pb: Path, tmp_path: Path) -> None:
+    """--no-verify runs nothing, so nothing aborts: the fold itself never runs the graph."""
+    out = tmp_path / "out.pb"
+    proc = run_cli(str(abort_pb), str(out), "--no-verify", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    graph_def = tf.compat.v1.GraphDef.FromString(out.read_bytes())
+    assert "FusedBatchNormV3" not in {n.op for n in graph_def.node} and "Abort" in {n.op for n in graph_def.node}
+
+
+def test_doctor_data_on_a_graph_that_aborts_is_exit_4(abort_pb: Path, tmp_path: Path) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(1).standard_normal((4, 8, 8, 3)).astype(np.float32))
+    proc = run_cli("doctor", str(abort_pb), "--data", str(data))
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "aborted (SIGABRT)" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_api_raises_and_this_process_lives_on(abort_pb: Path) -> None:
+    graph_def = tf.compat.v1.GraphDef.FromString(abort_pb.read_bytes())
+    with pytest.raises(VerificationError, match=r"aborted \(SIGABRT\)") as caught:
+        bnfold.fold(graph_def)
+    assert isinstance(caught.value, GraphAborted)
+    # the dead worker is replaced: the next check runs (and passes) in a new one
+    result = bnfold.fold(conv_bn_graph(abort=False))
+    assert result.verification is not None and result.verification.passed
+    assert [s.action for s in result.sites] == ["folded"]
+
+
+def test_one_worker_serves_one_graph_after_another() -> None:
+    bnfold.fold(conv_bn_graph(abort=False))
+    (first,) = [w for w in isolation._spare if w.alive]
+    bnfold.fold(conv_bn_graph(abort=False))
+    (second,) = [w for w in isolation._spare if w.alive]
+    assert second.process.pid == first.process.pid
+
+
+def test_what_a_graph_prints_cannot_pass_for_an_answer() -> None:
+    """The worker answers on a copy of its stdout; a graph's PrintV2 to stdout goes to its stderr."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [2], name="x")
+        with tf.control_dependencies([tf.print("\x00\x00\x00\x10garbage", output_stream=sys.stdout)]):
+            tf.identity(x * 2, name="y")
+    runner = IsolatedGraph(graph.as_graph_def().SerializeToString())
+    try:
+        (value,) = runner.run(["y:0"], {"x:0": np.array([1.0, 2.0], np.float32)})
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(value, [2.0, 4.0])
+
+
+DTYPES = [np.float32, np.float16, np.float64, np.int8, np.uint8, np.int32, np.int64, np.bool_, np.complex64]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_arrays_cross_the_pipe_unchanged(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from(DTYPES))
+    shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    arrays = [data.draw(hnp.arrays(dtype, shape)) for _ in range(data.draw(st.integers(0, 3)))]
+    back = decode_arrays(*encode_arrays(arrays))
+    assert len(back) == len(arrays)
+    for a, b in zip(arrays, back, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_and_string_tensors_cross_the_pipe() -> None:
+    bf = np.array([[1.5, -2.0], [0.0, 3.25]], dtype=ml_dtypes.bfloat16)
+    strings = np.array([[b"ab", b""], [b"\xff\x00z", b"png\x00\x00"]], dtype=object)  # as TF returns string tensors
+    back_bf, back_str = decode_arrays(*encode_arrays([bf, strings]))
+    assert back_bf.dtype == bf.dtype and np.array_equal(back_bf.astype(np.float32), bf.astype(np.float32))
+    assert back_str.dtype == object and back_str.tolist() == strings.tolist()  # trailing NULs kept
