@@ -441,6 +441,12 @@ TF1_EXPECTED: dict[str, list[tuple[str, str, list[str]]]] = {
     "decay0": [("BN_MOMENTUM_DEGENERATE", "warning", ["bn1", "bn2"])],
     "towers_early": [("BN_UPDATES_NOT_RUN", "warning", ["tower_1/bn1", "tower_1/bn2"])],
     "towers_ok": [],
+    "towers_apart_early": [  # a replica per tower: tower_1's statistics are its own, and never move
+        ("BN_UPDATES_NOT_RUN", "error", ["tower_1/bn1", "tower_1/bn2"]),
+        ("BN_STATS_AT_INIT", "warning", ["tower_1/bn1"]),
+        ("BN_STATS_AT_INIT", "warning", ["tower_1/bn2"]),
+    ],
+    "towers_apart_ok": [],
     "valid_copy": [("BN_STATS_AT_INIT", "warning", ["valid/bn1"]), ("BN_STATS_AT_INIT", "warning", ["valid/bn2"])],
     "valid_reuse": [],
     "ema_cond": [],
@@ -470,7 +476,9 @@ def test_tf1_checkpoint_mistakes_and_their_correct_twins(tf1_cases, case: str) -
     report = diagnose(tf1_cases / case / CKPT)
     assert found(report) == TF1_EXPECTED[case], report.findings
     assert report.exit_code == (1 if TF1_EXPECTED[case] else 0)
-    assert report.bn_count == {"valid_copy": 4, "valid_reuse": 2, "ema_cond": 1, "ema_cond_decay1": 1}.get(case, 2)
+    assert report.bn_count == {"valid_copy": 4, "towers_apart_early": 4, "towers_apart_ok": 4, "ema_cond": 1, "ema_cond_decay1": 1}.get(
+        case, 2
+    )
 
 
 def test_tf1_findings_say_where_and_what_to_do(tf1_cases) -> None:  # type: ignore[no-untyped-def]
@@ -532,7 +540,7 @@ def without_train_op_collection(case, tmp_path):  # type: ignore[no-untyped-def]
     return out / CKPT
 
 
-@pytest.mark.parametrize("case", ["ok", "not_wired", "towers_early", "towers_ok"])
+@pytest.mark.parametrize("case", ["ok", "not_wired", "towers_early", "towers_ok", "towers_apart_early"])
 def test_tf1_train_op_found_from_the_optimizers_apply_ops(tf1_cases, tmp_path, case: str) -> None:  # type: ignore[no-untyped-def]
     from bnfold.training_graph import analyse, open_artifacts
 

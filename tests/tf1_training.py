@@ -67,8 +67,8 @@ def single(out: str, case: str, wired: bool = True, momentum: float = 0.9, colle
     save(graph, train_op, [x, y], out, case)
 
 
-def towers(out: str, case: str, collect_after_all: bool) -> None:
-    """Two GPU towers sharing variables (AUTO_REUSE), gradients averaged, one apply (seed 004)."""
+def towers(out: str, case: str, collect_after_all: bool, share: bool = True) -> None:
+    """Two GPU towers sharing variables (AUTO_REUSE), gradients averaged, one apply (seed 004); ``share=False``: each tower its own."""
     graph = tf.Graph()
     with graph.as_default():
         x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
@@ -77,16 +77,20 @@ def towers(out: str, case: str, collect_after_all: bool) -> None:
         optimizer = v1.train.GradientDescentOptimizer(0.01)
         losses, update_ops = [], None
         for i, (xs, ys) in enumerate(zip(tf.split(x, 2), tf.split(y, 2), strict=True)):
-            with tf.name_scope(f"tower_{i}"), v1.variable_scope(v1.get_variable_scope(), reuse=v1.AUTO_REUSE):
+            scope = v1.variable_scope(v1.get_variable_scope(), reuse=v1.AUTO_REUSE) if share else v1.variable_scope(f"tower_{i}")
+            with tf.name_scope(f"tower_{i}"), scope:
                 losses.append(loss_of(net(xs, training), ys))
             if i == 0 and not collect_after_all:
                 update_ops = v1.get_collection(v1.GraphKeys.UPDATE_OPS)  # the mistake: before tower_1 exists
         if update_ops is None:
             update_ops = v1.get_collection(v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
-            grads = [optimizer.compute_gradients(loss) for loss in losses]
-            averaged = [(tf.add_n([g[k][0] for g in grads]) / len(grads), grads[0][k][1]) for k in range(len(grads[0]))]
-            train_op = optimizer.apply_gradients(averaged)
+            if share:
+                grads = [optimizer.compute_gradients(loss) for loss in losses]
+                averaged = [(tf.add_n([g[k][0] for g in grads]) / len(grads), grads[0][k][1]) for k in range(len(grads[0]))]
+                train_op = optimizer.apply_gradients(averaged)
+            else:  # a model replica per tower: one step on the summed loss
+                train_op = optimizer.minimize(tf.add_n(losses))
     save(graph, train_op, [x, y], out, case)
 
 
@@ -162,6 +166,8 @@ def main(out: str) -> None:
     single(out, "decay0", momentum=0.0)
     towers(out, "towers_early", collect_after_all=False)
     towers(out, "towers_ok", collect_after_all=True)
+    towers(out, "towers_apart_early", collect_after_all=False, share=False)
+    towers(out, "towers_apart_ok", collect_after_all=True, share=False)
     validation(out, "valid_copy", reuse=False)
     validation(out, "valid_reuse", reuse=True)
     ema_cond(out, "ema_cond", decay=0.5)
