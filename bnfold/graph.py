@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
+from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, tensor_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from bnfold.comparison import parse_input
@@ -341,3 +341,39 @@ def attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
     """Read an attribute without inserting it: indexing a proto map adds the key,
     which would edit the caller's GraphDef."""
     return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()
+
+
+def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:
+    """Library functions a node runs: its op (a function call by name) and its function attributes
+    (``f`` of ``PartitionedCall``, ``then_branch``/``else_branch``, ``cond``/``body`` of ``While``...)."""
+    called = [node.op] if node.op in functions else []
+    for value in node.attr.values():
+        called += [value.func.name] if value.HasField("func") else [f.name for f in value.list.func]
+    return [f for f in called if f in functions]
+
+
+def live_library(graph_def: graph_pb2.GraphDef) -> function_pb2.FunctionDefLibrary:
+    """The library cut to what the graph's nodes reach, transitively through function bodies and
+    the gradients registered for reached functions; unreached functions and their gradients go.
+    Gradients registered per op type are kept with their functions."""
+    library = graph_def.library
+    bodies = {f.signature.name: f for f in library.function}
+    gradients = {g.function_name: g.gradient_func for g in library.gradient}
+    names = set(bodies)
+    pending = [f for node in graph_def.node for f in called_functions(node, names)]
+    pending += [g.gradient_func for g in library.registered_gradients if g.gradient_func in names]  # keyed by op type: kept
+    live: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in live:
+            continue
+        live.add(name)
+        pending += [f for node in bodies[name].node_def for f in called_functions(node, names)]
+        if gradients.get(name) in names:
+            pending.append(gradients[name])
+    out = function_pb2.FunctionDefLibrary()
+    out.function.extend(f for f in library.function if f.signature.name in live)
+    out.gradient.extend(g for g in library.gradient if g.function_name in live)
+    out.registered_gradients.extend(library.registered_gradients)
+    return out
+

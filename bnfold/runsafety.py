@@ -48,12 +48,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
 
 from bnfold.errors import UnsafeModelError
-from bnfold.graph import parse_input
+from bnfold.graph import called_functions, parse_input
 
 # Rule 3: stateful ops whose state never leaves the process, each with why.
 HARMLESS_STATEFUL: dict[str, str] = {
@@ -174,20 +174,6 @@ def node_refusal(node: node_def_pb2.NodeDef, resources: bool = False) -> str | N
     return None
 
 
-def _called(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:
-    """Library functions a node runs: its op (a function call by name) and its function attributes."""
-    called = [node.op] if node.op in functions else []
-    for value in node.attr.values():
-        called += _attr_functions(value)
-    return [f for f in called if f in functions]
-
-
-def _attr_functions(value: attr_value_pb2.AttrValue) -> list[str]:
-    if value.HasField("func"):
-        return [value.func.name]
-    return [f.name for f in value.list.func]
-
-
 def refused_nodes(
     graph_def: graph_pb2.GraphDef,
     fetches: list[str] | None = None,
@@ -216,7 +202,7 @@ def refused_nodes(
         reason = node_refusal(node, resources)
         if reason is not None:
             refusals.append(Refusal(node.name, node.op, reason))
-        pending += _called(node, set(library))
+        pending += called_functions(node, set(library))
     checked: set[str] = set()
     while pending:
         fname = pending.pop()
@@ -227,7 +213,7 @@ def refused_nodes(
             reason = node_refusal(node, resources)
             if reason is not None:
                 refusals.append(Refusal(node.name, node.op, reason, fname))
-            pending += _called(node, set(library))
+            pending += called_functions(node, set(library))
     return refusals
 
 

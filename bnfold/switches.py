@@ -26,7 +26,7 @@ from tensorflow.python.framework import tensor_util
 
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import UsageError
-from bnfold.graph import GraphIndex, attr, make_node, parse_input, tensor_ref
+from bnfold.graph import GraphIndex, attr, live_library, make_node, parse_input, tensor_ref
 
 IF_OPS = {"If", "StatelessIf"}
 FLAG_SOURCES = {"Const", "Placeholder", "PlaceholderWithDefault"}
@@ -181,7 +181,7 @@ def resolve_switches(
             raise UsageError(f"--set: no node named {name!r} in the graph")
     keep = {parse_input(n)[0] for n in protected}
     resolutions: dict[tuple[str, bool], Resolution] = {}
-    current = graph_def
+    current, inlined = graph_def, False
     for _ in range(64):
         if not has_conds(current):
             break  # most graphs: no index is built at all
@@ -201,6 +201,12 @@ def resolve_switches(
             _inline_if(index, name, value, keep)
         _drop_flag_controls(index, {s.flag.node for s in sites}, keep)
         current = index.to_graph_def()
+        inlined = inlined or bool(ifs)
+    if inlined and current.HasField("library"):
+        # Both branch functions stayed in the library, BN and all, with nothing calling them
+        # (a converter or a reader would still see the BN). Only an inlined If makes dead
+        # functions; a graph without one keeps its library as it was.
+        current.library.CopyFrom(live_library(current))
     return current, list(resolutions.values())
 
 

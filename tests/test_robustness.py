@@ -152,6 +152,59 @@ def test_function_library_is_kept(tmp_path: Path) -> None:
         assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, feeds, ["output"])[0])
 
 
+def _if_with_bn_in_both_branches() -> graph_pb2.GraphDef:
+    """conv -> tf.cond(is_training: BN in training mode, else BN with moving statistics) -> a tf.function
+    helper (PartitionedCall) with a While loop inside: branch functions die with the If, the helper,
+    its loop bodies and the helper's gradient stay."""
+
+    @tf.function
+    def helper(t: tf.Tensor) -> tf.Tensor:
+        return tf.while_loop(lambda i, a: i < 2, lambda i, a: (i + 1, a * 0.5), [tf.constant(0), t])[1]
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+        y = tf.nn.conv2d(x, w, 1, "SAME")
+        c = lambda v: tf.constant(np.asarray(v, np.float32))  # noqa: E731
+        stats = {"scale": c([1, 2, 3, 4]), "offset": c([0, 1, 0, 1]), "mean": c([0, 0.1, 0, 0.2]), "variance": c([1, 1, 2, 2])}
+        flag = tf.compat.v1.placeholder(tf.bool, [], name="is_training")
+        y = tf.cond(
+            flag,
+            lambda: tf.raw_ops.FusedBatchNormV3(x=y, **{**stats, "mean": c([]), "variance": c([])}, is_training=True)[0],
+            lambda: tf.raw_ops.FusedBatchNormV3(x=y, **stats, is_training=False)[0],
+        )
+        tf.identity(helper(y), name="output")
+    return graph.as_graph_def()
+
+
+def test_dead_functions_are_dropped_after_an_if_is_inlined() -> None:
+    graph_def = _if_with_bn_in_both_branches()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    with_bn = {name for name, f in library.items() if any(n.op == "FusedBatchNormV3" for n in f.node_def)}
+    assert len(with_bn) == 2  # both branches
+    result = bnfold.fold(graph_def, set_flags={"is_training": False})
+    assert [s.action for s in result.sites] == ["folded"] and result.verification and result.verification.passed
+    kept = {f.signature.name for f in result.graph_def.library.function}
+    assert not kept & with_bn  # no BN left anywhere in the file
+    assert not any(n.op == "FusedBatchNormV3" for f in result.graph_def.library.function for n in f.node_def)
+    # the helper, reached through PartitionedCall, and its While loop's cond and body are kept, bit for bit
+    assert len(kept) == len(library) - 2 and all(library[name] == f for f in result.graph_def.library.function for name in [f.signature.name])
+    calls = [n for n in result.graph_def.node if n.op in ("PartitionedCall", "StatefulPartitionedCall")]
+    assert calls and calls[0].attr["f"].func.name in kept
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32), "is_training": np.array(False)}
+    assert_close(run_graph(graph_def, feeds, ["output"])[0], run_graph(result.graph_def, {"x": feeds["x"]}, ["output"])[0])
+
+
+def test_a_library_without_conditionals_is_kept_as_it_was() -> None:
+    """Nothing inlined, nothing pruned: a function no node calls is the user's business."""
+    graph_def = _graph_with_functions()
+    graph_def.library.function.add().CopyFrom(graph_def.library.function[0])
+    graph_def.library.function[-1].signature.name = "nobody_calls_me"
+    result = bnfold.fold(graph_def, verify_outputs=False)
+    assert result.graph_def.library == graph_def.library
+
+
 @pytest.mark.parametrize(
     "stats,expected",
     [
