@@ -375,7 +375,19 @@ class LayerDrift:
         }
 
 
+# Fewer values per channel than this and the data's mean/variance say nothing about drift: one sample of a
+# dense layer's output has variance 0 by construction, and its mean lies about 1 std from the moving mean.
+MIN_DRIFT_VALUES = 16
+
+
+def _values_per_channel(stat: LayerStats, value: np.ndarray) -> int:
+    channels = value.shape[stat.channel_axis] if stat.channel_axis is not None and value.ndim else 1
+    return int(value.size // max(int(channels), 1))
+
+
 def _mode_drift(stat: LayerStats, value: np.ndarray) -> tuple[ModeDrift, np.ndarray] | None:
+    if _values_per_channel(stat, value) < MIN_DRIFT_VALUES:
+        return None
     data_mean, data_var = channel_moments(value, stat.channel_axis)
     if stat.mean.size not in (1, data_mean.size):
         return None
@@ -589,6 +601,7 @@ class GraphCheck:
     findings: list[Finding]
     count: int
     drift: list[LayerDrift]
+    notes: list[str] = field(default_factory=list)
 
 
 def check_frozen(
@@ -619,7 +632,16 @@ def check_frozen(
     feeds = _data_feeds(graph_def, data)
     drift = measure_drift(inference, stats, feeds) if feeds else []
     findings += drift_findings(drift)
-    return GraphCheck(findings, count, drift)
+    notes = []
+    if feeds and len(drift) < len(stats):
+        measured = {row.node for row in drift}
+        unmeasured = [s.label for s in stats if s.name not in measured]
+        notes.append(
+            f"drift not measured for {len(unmeasured)} BN layer(s) ({', '.join(unmeasured[:4])}{', ...' if len(unmeasured) > 4 else ''}): "
+            f"the data gives them fewer than {MIN_DRIFT_VALUES} values per channel (or a channel count their statistics do not have); "
+            "give more samples"
+        )
+    return GraphCheck(findings, count, drift, notes)
 
 
 def diagnose(
@@ -649,7 +671,7 @@ def diagnose(
         loaded = load(source, trust_model=trust_model)  # a frozen graph, a SavedModel, a Keras file or model: the same as `bnfold fold`
         with trusting(trust_model):
             checked = check_frozen(loaded.graph_def, data=data, set_flags=set_flags, outputs=outputs)
-        report = Report(loaded.source, checked.findings, checked.count, checked.drift)
+        report = Report(loaded.source, checked.findings, checked.count, checked.drift, checked.notes)
     report.findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.nodes))
     return report
 
@@ -687,6 +709,7 @@ def _diagnose_checkpoint(
         # the checkpoint's values already gave BN_STATS_AT_INIT for every layer, with more evidence
         findings += [f for f in checked.findings if f.code != "BN_STATS_AT_INIT"]
         drift = checked.drift
+        notes += checked.notes
     else:
         if data:
             raise UsageError("--data: with a checkpoint, name the inference outputs to run with --outputs")

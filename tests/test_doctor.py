@@ -222,11 +222,11 @@ def test_keras_learning_phase_switch_is_reported_and_folded() -> None:
 
 
 # -- drift ---------------------------------------------------------------------
-def drift_graph(mean: np.ndarray, std: np.ndarray) -> graph_pb2.GraphDef:
+def drift_graph(mean: np.ndarray, std: np.ndarray, size: int = 8) -> graph_pb2.GraphDef:
     s = {"gamma": np.ones_like(mean), "beta": np.zeros_like(mean), "mean": mean, "var": std**2}
     graph = tf.Graph()
     with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, mean.size], name="x")
+        x = tf.compat.v1.placeholder(tf.float32, [None, size, size, mean.size], name="x")
         tf.nn.relu(fused(x, s, False), name="out")
     return graph.as_graph_def()
 
@@ -250,6 +250,16 @@ def test_data_shifted_by_two_drifts_and_training_data_does_not(channels: int, se
     drift = [f for f in shifted.findings if f.code == "BN_STATS_DRIFT"]
     assert drift and drift[0].nodes == ["bn"] and shifted.exit_code == 1
     assert drift[0].details["max_mean_z"] > DRIFT_MEAN_Z
+
+
+def test_too_few_values_per_channel_are_not_drift() -> None:
+    """One sample of a 2x2 map (4 values per channel) says nothing about the statistics: a note, no finding."""
+    graph_def = drift_graph(np.zeros(3, np.float32), np.ones(3, np.float32), size=2)
+    one = np.random.default_rng(0).standard_normal((1, 2, 2, 3)).astype(np.float32)
+    report = diagnose(graph_def, data=[one])
+    assert report.drift == [] and "BN_STATS_DRIFT" not in report.codes()
+    assert "fewer than 16 values per channel" in report.notes[0]
+    assert diagnose(graph_def, data=[one + 5]).notes == report.notes  # even far off: nothing measured, nothing claimed
 
 
 def test_variance_drift_alone_is_reported() -> None:
