@@ -572,6 +572,51 @@ def test_legacy_tf_keras_h5_round_trip(tmp_path: Path) -> None:
     assert_close(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
 
 
+def test_cli_legacy_h5_standalone_affine_loads_predicts_and_trains(tmp_path: Path) -> None:
+    tf_keras = pytest.importorskip("tf_keras")
+    TL = tf_keras.layers
+    inp = tf_keras.Input((8, 8, 3), name="img")
+    y = TL.BatchNormalization(name="bn1")(TL.DepthwiseConv2D(3, name="dw")(inp))
+    y = TL.BatchNormalization(name="lonely")(TL.ReLU(name="relu")(y))  # nothing linear after it
+    y = TL.Dense(2, name="head")(TL.GlobalAveragePooling2D(name="gap")(y))
+    model = tf_keras.Model(inp, y)
+    randomize_bn(model)
+    model.save(tmp_path / "in.h5")
+    done = bnfold_cli("in.h5", "out.h5", "--standalone-affine", cwd=tmp_path)
+    assert done.exit_code == 0, done.output
+    loaded = tf_keras.models.load_model(tmp_path / "out.h5", custom_objects=keras_fold.custom_objects(tf_keras))
+    assert [type(layer).__name__ for layer in loaded.layers] == [
+        "InputLayer",
+        "DepthwiseConv2D",
+        "ReLU",
+        "LegacyChannelAffine",
+        "GlobalAveragePooling2D",
+        "Dense",
+    ]
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype("float32")
+    assert_close(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    assert not loaded.get_layer("lonely").trainable_weights
+    assert_close(loaded(x, training=True).numpy(), loaded(x, training=False).numpy())  # no batch statistics to switch to
+    loaded.compile(optimizer="sgd", loss="mse")
+    assert np.isfinite(loaded.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0).history["loss"][0])
+    done = bnfold_cli("in.h5", "out.keras", cwd=tmp_path)
+    assert done.exit_code == errors.EXIT_USAGE and "write it as .h5" in done.output and not (tmp_path / "out.keras").exists()
+
+
+def test_keras3_model_to_h5_and_non_keras_input_refused(tmp_path: Path) -> None:
+    model = small_model()
+    model.save(tmp_path / "in.keras")
+    _, result = keras_fold.fold_keras_file(tmp_path / "in.keras", tmp_path / "out.h5")
+    assert result.count("folded") == 1  # bn2 follows a ReLU and precedes pooling: it stays
+    loaded = keras.saving.load_model(tmp_path / "out.h5")
+    assert [type(layer).__name__ for layer in loaded.layers].count("BatchNormalization") == 1
+    assert_same_predictions(model, loaded)
+    (tmp_path / "in.pb").write_bytes(b"")
+    done = bnfold_cli("in.pb", "out2.keras", cwd=tmp_path)
+    assert done.exit_code == errors.EXIT_USAGE and "needs a Keras model as input" in done.output
+    assert not (tmp_path / "out2.keras").exists()
+
+
 def test_jax_backend_folds_and_checks(tmp_path: Path) -> None:
     if subprocess.run([sys.executable, "-c", "import jax"], capture_output=True).returncode != 0:
         pytest.skip("jax is not installed")
