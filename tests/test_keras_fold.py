@@ -555,6 +555,17 @@ def test_cli_keras_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras"]  # no temporary left behind
 
 
+def test_keras_check_runs_batch_independence_and_a_failed_check_writes_nothing(tmp_path: Path) -> None:
+    model = small_model()
+    _, result = fold_keras(model)
+    assert result.verification is not None and result.verification.batch_independent is True
+    model.save(tmp_path / "in.keras")
+    # zero tolerance: the folded kernel rounds differently from conv-then-BN, so the real check fails
+    done = bnfold_cli("in.keras", "out.keras", "--rtol", "0", "--atol", "0", cwd=tmp_path)
+    assert done.exit_code == errors.EXIT_VERIFY and "nothing written" in done.output, done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras"]
+
+
 def test_legacy_tf_keras_h5_round_trip(tmp_path: Path) -> None:
     tf_keras = pytest.importorskip("tf_keras")
     TL = tf_keras.layers
