@@ -176,6 +176,7 @@ PATHS = {
     "fold pb -> onnx (checked in onnxruntime)": ("fold", "{pb}", "out.onnx"),
     "fold onnx -> onnx": ("fold", "{onnx}", "out.onnx"),
     "fold keras -> pb (frozen first)": ("fold", "{keras}", "out.pb"),
+    "fold pb -> SavedModel": ("fold", "{pb}", "out"),
     "inspect": ("inspect", "{pb}"),
     "doctor": ("doctor", "{pb}"),
 }
@@ -186,7 +187,7 @@ def _args(template: tuple[str, ...], sources: dict[str, Path]) -> list[str]:
 
 
 # Each CLI path is run once (a subprocess each costs a TensorFlow start-up): three quiet, three not.
-@pytest.mark.parametrize("path", ["fold pb -> pb (checked in TF)", "fold onnx -> onnx", "inspect"])
+@pytest.mark.parametrize("path", ["fold pb -> pb (checked in TF)", "fold onnx -> onnx", "inspect", "fold pb -> SavedModel"])
 def test_quiet_prints_nothing_on_success(tmp_path: Path, sources: dict[str, Path], path: str) -> None:
     proc = bnfold_process(*_args(PATHS[path], sources), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -212,6 +213,32 @@ def test_an_error_is_one_line_on_stderr_and_nothing_else(tmp_path: Path, quiet: 
     assert proc.returncode == EXIT_INPUT
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [f"bnfold: error: {missing}: no such file"]
+
+
+def test_console_script_in_a_fresh_environment_prints_only_bnfold_output(tmp_path: Path) -> None:
+    """The installed ``bnfold`` script (not ``python -m``), no TF_CPP_MIN_LOG_LEVEL: a .keras source,
+    frozen in this process (TensorFlow's eager start-up) and checked in the worker, prints no native line."""
+    script = Path(sys.executable).with_name("bnfold")
+    if not script.exists():
+        pytest.skip("bnfold console script not installed beside this Python")
+    model = tmp_path / "m.keras"
+    inp = keras.Input((8, 8, 3))
+    keras.Model(inp, keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp))).save(model)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    env["COLUMNS"] = "200"
+    proc = subprocess.run([str(script), str(model), "out.pb"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert leaked(proc.stdout) == [] and proc.stdout.strip()
+
+
+def test_debug_keeps_the_traceback_and_the_error(tmp_path: Path) -> None:
+    """Silencing TensorFlow's native lines never swallows bnfold's own error output."""
+    proc = bnfold_process(tmp_path / "missing.pb", "out.pb", "--debug", cwd=tmp_path)
+    assert proc.returncode == EXIT_INPUT
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"bnfold: error: {tmp_path / 'missing.pb'}: no such file"
 
 
 def test_native_log_pattern_catches_real_tensorflow_start_up_lines() -> None:
