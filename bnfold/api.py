@@ -23,7 +23,7 @@ from bnfold.freeze import DEFAULT_SIGNATURE, Signature, load
 from bnfold.graph import op_counts, parse_input
 from bnfold.result import FoldResult
 from bnfold.runsafety import check_runnable, refused_nodes
-from bnfold.switches import canonicalize, without_cond_plumbing
+from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
 from bnfold.verification import failure_message, find_inputs, find_outputs, verify
 
 # A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.
@@ -124,6 +124,11 @@ def fold(
         other_normalizations=outcome.others,
         foreign_ops=[r.to_json() for r in refused_nodes(graph_def)],
     )
+    if _left_as_it_was(result, graph_def, resolutions, rewrites):
+        # Nothing folded, nothing removed: the graph is written as it came, and a graph identical
+        # to the input needs no proof (nor inputs bnfold cannot make up).
+        result.graph_def, result.ops_after, result.unchanged = graph_def, dict(ops_before), True
+        return result
     if verify_outputs and not trust_model:
         check_runnable(reference, out_names, f"{name}: the check")
     if verify_outputs:
@@ -144,6 +149,16 @@ def fold(
         if not result.verification.passed and not force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
     return result
+
+
+def _left_as_it_was(
+    result: FoldResult, graph_def: graph_pb2.GraphDef, resolutions: list[Resolution], rewrites: list[TrainingBnRewrite]
+) -> bool:
+    if resolutions or any(r.rewritten for r in rewrites) or any(s.action in ("folded", "standalone") for s in result.sites):
+        return False
+    # No pass edited anything: each returns its input object when it has nothing to do. (Folded in
+    # place, under --no-verify, the object is the input's even after edits: the counts must agree too.)
+    return result.graph_def is graph_def and result.ops_after == result.ops_before
 
 
 def fold_file(

@@ -111,6 +111,9 @@ class ConstEvaluator:
                 known = True
             elif node.op in PASS_THROUGH or node.op in _EVALUABLE:
                 known = all(self.is_const(r) for r in node.input if not r.startswith("^"))
+            elif evaluable_by_tf(node):
+                data = [r for r in node.input if not r.startswith("^")]
+                known = bool(data) and all(self.is_const(r) for r in data)
             else:
                 known = False
             self._const_memo[name] = known
@@ -132,7 +135,7 @@ class ConstEvaluator:
             if op in PASS_THROUGH:
                 return self.value(inputs[index if op == "IdentityN" else 0])
             if op not in _EVALUABLE:
-                return None
+                return self._evaluate_in_tf(name, index) if self.is_const(name) else None
             maybe = [self.value(r) for r in inputs]
             args = [a for a in maybe if a is not None]
             if len(args) != len(maybe):
@@ -156,6 +159,60 @@ class ConstEvaluator:
         except (ValueError, TypeError, IndexError):
             return None
         return None
+
+
+    def _evaluate_in_tf(self, name: str, index: int) -> np.ndarray | None:
+        """A constant computed by an op the table above does not mirror (``Dequantize``, ``Transpose``,
+        ``ConcatV2``, ``Pack``, ``Fill``...), evaluated by TensorFlow itself, in native dtypes.
+
+        The subgraph (constants and stateless ops only, see :func:`evaluable_by_tf`) runs in
+        the check's worker process (:mod:`bnfold.isolation`), so a constant crafted to make a
+        kernel abort ends as "not a constant", never as a dead bnfold. The fold math on
+        the result stays float64.
+        """
+        from tensorflow.core.framework import graph_pb2
+
+        from bnfold.isolation import GraphRunError, IsolatedGraph, WorkerDied
+
+        sub = graph_pb2.GraphDef()
+        sub.versions.CopyFrom(self.index.versions)
+        for node in self.index.walk(name):
+            copy = sub.node.add()
+            copy.CopyFrom(node)
+            del copy.input[:]
+            copy.input.extend(r for r in node.input if not r.startswith("^"))  # order does not change a value
+            copy.device = ""
+        try:
+            graph = IsolatedGraph(sub.SerializeToString(), layout_pass=False)
+        except (GraphRunError, WorkerDied):
+            return None
+        try:
+            (value,) = graph.run([f"{name}:{index}"], {})
+        except (GraphRunError, WorkerDied):
+            return None
+        finally:
+            graph.close()
+        return to_float64(value) if value.dtype != object else None
+
+
+# Stateless ops whose value TensorFlow computes from their inputs alone; what a constant may be
+# made of beyond the numpy table. Placeholders (fed, or overridable defaults) never are.
+_NEVER_CONSTANT = {"Placeholder", "PlaceholderV2", "PlaceholderWithDefault"}
+
+
+def evaluable_by_tf(node: node_def_pb2.NodeDef) -> bool:
+    """Whether TensorFlow's registry says ``node`` is a pure function of its inputs: registered,
+    not stateful, no function attributes (no library code), and allowed by bnfold's run rule."""
+    if node.op in _NEVER_CONSTANT:
+        return False
+    op_def = op_def_registry.get(node.op)
+    if op_def is None or op_def.is_stateful or any(a.type in ("func", "list(func)") for a in op_def.attr):
+        return False
+    if any(a.type in (types_pb2.DT_RESOURCE, types_pb2.DT_VARIANT) or a.is_ref for a in [*op_def.input_arg, *op_def.output_arg]):
+        return False
+    from bnfold.runsafety import node_refusal
+
+    return node_refusal(node) is None
 
 
 def _arg_dtype(node: node_def_pb2.NodeDef, args: Sequence[op_def_pb2.OpDef.ArgDef], position: int) -> int | None:

@@ -66,6 +66,11 @@ class GraphIndex:
         """The graph's function library (kept as it is in the result)."""
         return self._template_source.library
 
+    @property
+    def versions(self):  # type: ignore[no-untyped-def]
+        """The graph's producer versions (how TensorFlow reads its nodes)."""
+        return self._template_source.versions
+
     def __contains__(self, name: str) -> bool:
         return name in self.nodes
 

@@ -156,7 +156,7 @@ def to_onnx(
     # The TF stage is exactly the .pb fold (same canonicalization, same records); the
     # check that matters is the one below, of the ONNX file against the original graph.
     result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds)
-    result.source = name
+    result.source, result.unchanged = name, False  # converted to ONNX: checked below, whatever the TF stage did
     in_names, out_names = result.inputs, result.outputs
     if not out_names:
         raise InputError(f"{name}: the graph has no outputs; name them with --outputs")

@@ -72,7 +72,7 @@ def print_result(result: FoldResult, console: Console) -> None:
     if others:
         console.print(f"other normalizations (not BN, nothing to fold): {len(others)} ({', '.join(s.name for s in others[:3])}{', ...' if len(others) > 3 else ''})")
     console.print(ops_table(result))
-    if result.onnx is not None and result.onnx.unchanged:
+    if result.unchanged or (result.onnx is not None and result.onnx.unchanged):
         console.print("nothing to fold: the model is written unchanged (nothing changed, so no check is needed)")
     table = verification_table(result)
     if table is not None:

@@ -36,6 +36,7 @@ class FoldResult:
     signature: Signature | None = None  # the source's serving signature (SavedModel/Keras/tf.function input)
     other_normalizations: list[SiteRecord] = field(default_factory=list)  # layer/instance norms: not BN, not counted
     foreign_ops: list[dict[str, str]] = field(default_factory=list)  # nodes bnfold would not run (runsafety): passed through untouched
+    unchanged: bool = False  # nothing folded or removed: the input graph is the result, and no check ran
 
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
@@ -57,4 +58,5 @@ class FoldResult:
             "training_bn": [vars(r) for r in self.training_bn],
             "other_normalizations": [s.to_json() for s in self.other_normalizations],
             "foreign_ops": self.foreign_ops,
+            "unchanged": self.unchanged or bool(self.onnx and self.onnx.unchanged),
         }

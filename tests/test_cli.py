@@ -134,11 +134,22 @@ def test_force_writes_despite_failure(tmp_path: Path) -> None:
     same_outputs(SAMPLES / "conv_keras3.pb", out)
 
 
-def test_training_mode_bn_fails_batch_independence(tmp_path: Path) -> None:
+def test_training_mode_bn_alone_is_skipped_and_the_graph_written_as_it_was(tmp_path: Path) -> None:
+    """Nothing to fold, nothing changed (#11): no check runs, so the batch dependence of the
+    model's own training-mode BN is the site's reason here (and doctor's BN_TRAINING_MODE)."""
     result = invoke("fold", SAMPLES / "skip_training_bn.pb", tmp_path / "o.pb")
-    assert result.exit_code == EXIT_VERIFY
-    assert "depends on the batch" in result.stderr
-    assert not (tmp_path / "o.pb").exists()
+    assert result.exit_code == 0, result.output
+    assert "nothing to fold: the model is written unchanged" in result.stdout
+    assert load_graph_def(tmp_path / "o.pb") == load_graph_def(SAMPLES / "skip_training_bn.pb")
+    assert "training" in result.stdout
+
+
+def test_training_mode_bn_fails_batch_independence(tmp_path: Path) -> None:
+    """The same training-mode BN, checked against itself (bnfold.verify): its outputs depend on the batch."""
+    import bnfold
+
+    check = bnfold.verify(SAMPLES / "skip_training_bn.pb", SAMPLES / "skip_training_bn.pb")
+    assert not check.passed and check.batch_independent is False and check.batch_error > 0.01
 
 
 def test_no_verify_writes_without_checking(tmp_path: Path) -> None:

@@ -326,7 +326,12 @@ def test_function_bodies_count(tmp_path: Path) -> None:
             tf.io.write_file(str(target), "pwned", name="hidden")
             return t * 2.0
 
-        tf.identity(body(x), name="output")
+        c = lambda v: tf.constant(np.asarray(v, np.float32))  # noqa: E731
+        # a BN to fold (into a standalone scale-and-shift), so that the graph changes and the check runs
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=tf.reshape(body(x), [-1, 1, 1, 4]), scale=c([1, 2, 3, 4]), offset=c([0] * 4), mean=c([0.5] * 4), variance=c([2] * 4), is_training=False
+        )[0]
+        tf.identity(y, name="output")
     graph_def = graph.as_graph_def()
     refusals = refused_nodes(graph_def, ["output"])
     assert [(r.node, r.op) for r in refusals if r.function] == [("hidden", "WriteFile")]
@@ -471,5 +476,5 @@ def test_saved_model_with_a_table_loads(tmp_path: Path) -> None:
     """Building the model's own tables and variables at load is what loading is for: not refused."""
     init = tf.lookup.KeyValueTensorInitializer(["a", "b"], [1, 2])
     src = saved_model(tmp_path / "sm", tf.lookup.StaticHashTable(init, -1))
-    result = fold(src)
-    assert result.verification is not None and result.verification.passed
+    result = fold(src)  # nothing to fold there: written as it was, and not refused
+    assert result.unchanged or (result.verification is not None and result.verification.passed)

@@ -181,3 +181,36 @@ def test_resnet50_cli_passes_and_zero_tolerance_fails(resnet50_pb: Path, tmp_pat
 def test_sample_models_are_small() -> None:
     for path in (ROOT / "sample_models").glob("*.pb"):
         assert path.stat().st_size < 1_000_000, path
+
+
+def _bn_with_fan_out_behind_a_string_input() -> None:
+    """A serving graph that decodes its input (strings bnfold cannot make up), then a conv and a BN
+    left in training mode: the one BN site is skipped, nothing changes."""
+    raw = tf.compat.v1.placeholder(tf.string, [None], name="image_bytes")
+    x = tf.reshape(tf.io.decode_raw(raw, tf.float32), [-1, 8, 8, 3])
+    w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+    y = tf.nn.conv2d(x, w, 1, "SAME", name="conv")
+    c = lambda v: tf.constant(np.asarray(v, np.float32))  # noqa: E731
+    y = tf.raw_ops.FusedBatchNormV3(x=y, scale=c([1] * 4), offset=c([0] * 4), mean=c([]), variance=c([]), is_training=True, name="bn")[0]
+    tf.identity(y, name="output")
+
+
+def test_nothing_changed_is_written_as_it_was_without_a_check(tmp_path: Path) -> None:
+    graph_def = _graph(_bn_with_fan_out_behind_a_string_input)
+    src, out, report = tmp_path / "in.pb", tmp_path / "out.pb", tmp_path / "report.json"
+    src.write_bytes(graph_def.SerializeToString())
+    result = runner.invoke(app, ["fold", str(src), str(out), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to fold: the model is written unchanged" in result.output
+    assert graph_pb2.GraphDef.FromString(out.read_bytes()) == graph_def
+    data = json.loads(report.read_text())
+    assert data["unchanged"] is True and data["verification"] is None
+    assert [s["action"] for s in data["sites"]] == ["skipped"] and "training" in data["sites"][0]["reason"]
+    # the API says the same, and gives the input graph back
+    folded = bnfold.fold(graph_def)
+    assert folded.unchanged and folded.graph_def is graph_def and folded.verification is None
+
+
+def test_a_fold_that_changes_the_graph_is_still_checked() -> None:
+    result = bnfold.fold(_graph(lambda: tf.identity(_conv_bn(tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")), name="y")))
+    assert not result.unchanged and result.verification is not None and result.verification.passed
