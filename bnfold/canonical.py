@@ -160,7 +160,6 @@ class ConstEvaluator:
             return None
         return None
 
-
     def _evaluate_in_tf(self, name: str, index: int) -> np.ndarray | None:
         """A constant computed by an op the table above does not mirror (``Dequantize``, ``Transpose``,
         ``ConcatV2``, ``Pack``, ``Fill``...), evaluated by TensorFlow itself, in native dtypes.
@@ -196,8 +195,14 @@ class ConstEvaluator:
 
 
 # Stateless ops whose value TensorFlow computes from their inputs alone; what a constant may be
-# made of beyond the numpy table. Placeholders (fed, or overridable defaults) never are.
-_NEVER_CONSTANT = {"Placeholder", "PlaceholderV2", "PlaceholderWithDefault"}
+# made of beyond the numpy table. Placeholders (fed, or overridable defaults) never are, nor is
+# TF1 control flow: which input a Merge forwards depends on which side runs, and a cond's
+# branches (momentum vs 1.0 in a training graph) are what the doctor and the switch pass read.
+_NEVER_CONSTANT = {
+    "Placeholder", "PlaceholderV2", "PlaceholderWithDefault",
+    "Switch", "RefSwitch", "_SwitchN", "Merge", "RefMerge", "Enter", "RefEnter", "Exit", "RefExit",
+    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
+}  # fmt: skip
 
 
 def evaluable_by_tf(node: node_def_pb2.NodeDef) -> bool:

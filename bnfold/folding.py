@@ -223,8 +223,16 @@ class Folder:
         k = -site.channel_axis if site.channel_axis is not None else 1
         # Keep the rank of the constants replaced: a (1, 1, C) Add broadcasts its input to rank 3.
         shape = (1,) * max(0, site.const_rank - k) + (-1,) + (1,) * (k - 1)
-        scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", site.scale.reshape(shape).astype(np_dtype), site.dtype)
-        shift_c = self.index.add_const(f"{site.name}/bnfold_shift/value", site.shift.reshape(shape).astype(np_dtype), site.dtype)
+
+        def constant(values: np.ndarray) -> np.ndarray:
+            # One value for every channel is written as a broadcast scalar of the same rank, as the
+            # chain had it: converters fuse a scalar multiply through a zero Pad into the next conv,
+            # not a per-channel one (TFLite: EfficientNetB0's input Rescaling gained a MUL, #11).
+            uniform = values.size > 0 and bool(np.all(values == values.flat[0]))
+            return (values.flat[:1].reshape((1,) * len(shape)) if uniform else values.reshape(shape)).astype(np_dtype)
+
+        scale_c = self.index.add_const(f"{site.name}/bnfold_scale/value", constant(site.scale), site.dtype)
+        shift_c = self.index.add_const(f"{site.name}/bnfold_shift/value", constant(site.shift), site.dtype)
         mul = make_node(
             self.index.unique_name(f"{site.name}/bnfold_scale"), "Mul", [site.input_ref, scale_c], {"T": _type_attr(site.dtype)}, end.device
         )

@@ -27,7 +27,9 @@ def _weights(form: str, rng: np.random.Generator) -> tf.Tensor:
     if form == "dequantize":  # uint8 storage, as a quantized face detector ships its weights
         lo, hi = float(w.min()), float(w.max())
         q = np.round((w - lo) / (hi - lo) * 255).astype(np.uint8)
-        return tf.raw_ops.Dequantize(input=tf.constant(q, tf.quint8), min_range=tf.constant(lo), max_range=tf.constant(hi), mode="MIN_COMBINED")
+        return tf.raw_ops.Dequantize(
+            input=tf.constant(q, tf.quint8), min_range=tf.constant(lo), max_range=tf.constant(hi), mode="MIN_COMBINED"
+        )
     if form == "transpose":  # stored as [C, 3, 3, 3] (another framework's layout)
         return tf.transpose(tf.constant(np.transpose(w, (3, 0, 1, 2))), [1, 2, 3, 0])
     if form == "concat":  # two halves of the output channels
@@ -41,7 +43,11 @@ def _bn_param(form: str, values: np.ndarray) -> tf.Tensor:
     if form == "const":
         return tf.constant(values.astype(np.float32))
     if form == "fill":  # one value for every channel
-        return tf.fill([C], tf.constant(float(values[0]), tf.float32)) if np.all(values == values[0]) else tf.constant(values.astype(np.float32))
+        return (
+            tf.fill([C], tf.constant(float(values[0]), tf.float32))
+            if np.all(values == values[0])
+            else tf.constant(values.astype(np.float32))
+        )
     if form == "pack":
         return tf.stack([tf.constant(np.float32(v)) for v in values])
     if form == "expand":
@@ -117,3 +123,24 @@ def test_a_constant_tensorflow_cannot_compute_is_not_a_constant() -> None:
     perm.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array([3], np.int32)))  # axis 3 of a 1-d tensor
     evaluator = ConstEvaluator(GraphIndex(graph_def))
     assert evaluator.is_const("scale") and evaluator.value("scale") is None
+
+
+def test_a_uniform_standalone_scale_stays_a_broadcast_scalar() -> None:
+    """Input rescaling (x / 255, then a Normalization with mean 0 and variance 1) before a zero Pad:
+    nothing to fold into, so it stays standalone, with one-value constants of the chain's rank, as
+    the chain had them; a converter fuses such a scalar through the Pad (TFLite did not fuse a
+    per-channel one: EfficientNetB0 gained a MUL, #11). Per-channel values stay per channel."""
+    for per_channel in (False, True):
+        g = tf.Graph()
+        with g.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 3], name="x")
+            scale = np.array([1 / 255, 2 / 255, 3 / 255], np.float32) if per_channel else np.float32(1 / 255)
+            y = (x * scale + 0.0 - tf.constant(np.zeros((1, 1, 1, 3), np.float32))) / tf.maximum(tf.sqrt(tf.ones((1, 1, 1, 3))), 1e-7)
+            y = tf.pad(y, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            tf.identity(tf.nn.conv2d(y, tf.constant(np.ones((3, 3, 3, 2), np.float32)), 1, "VALID"), name="output")
+        graph_def = g.as_graph_def()
+        result = bnfold.fold(graph_def)
+        assert [s.action for s in result.sites] == ["standalone"] and result.verification and result.verification.passed
+        consts = {n.name: tf.make_ndarray(n.attr["value"].tensor) for n in result.graph_def.node if n.name.endswith("bnfold_scale/value")}
+        (value,) = consts.values()
+        assert value.shape == ((1, 1, 1, 3) if per_channel else (1, 1, 1, 1))
