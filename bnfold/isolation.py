@@ -157,6 +157,9 @@ class Worker:
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # The worker imports this very bnfold, also when it was found through sys.path alone.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from bnfold.isolation import serve; serve()"],
             stdin=subprocess.PIPE,
