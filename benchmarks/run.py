@@ -141,9 +141,19 @@ def run_timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 def max_rss_mb(cmd: list[str]) -> float:
     """Maximum resident set size of ``cmd`` (GNU time -v), in MB."""
-    _, proc = run_timed(["/usr/bin/time", "-v", *cmd])
+    return timed_rss(cmd)[1]
+
+
+def timed_rss(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and maximum resident set size (MB, GNU time -v: the largest single process) of ``cmd``."""
+    elapsed, proc = run_timed(["/usr/bin/time", "-v", *cmd])
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return int(match.group(1)) / 1024 if match else float("nan")
+    return elapsed, int(match.group(1)) / 1024 if match else float("nan")
+
+
+def median_timed_rss(cmd: list[str], reps: int) -> tuple[float, float]:
+    runs = [timed_rss(cmd) for _ in range(reps)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def tf_latency(paths: dict[str, Path], batch: int, reps: int) -> dict[str, float]:
@@ -294,6 +304,77 @@ def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
     return row
 
 
+# -- the targets of issue #16 (ResNet50) ---------------------------------------------------------
+
+
+def targets(name: str, tmp: Path, reps: int = 3) -> dict[str, float]:
+    """The rows of issue #16: in-memory fold over the in-memory floor, the CLI with and without the check,
+    and ``bnfold in.pb out.onnx --no-verify`` against ``python -m tf2onnx.convert`` (wall and peak RSS)."""
+    from bnfold import api
+    from bnfold.onnx_export import DEFAULT_OPSET
+
+    path, _ = frozen(name)
+    data = path.read_bytes()
+    original = parse(path)
+    (tf_in,) = [s.name for s in find_inputs(original)]
+    (tf_out,) = find_outputs(original)
+    del original
+
+    def floor() -> None:
+        g = graph_pb2.GraphDef()
+        g.ParseFromString(data)
+        g.SerializeToString(deterministic=True)
+
+    def fold() -> None:
+        g = graph_pb2.GraphDef()
+        g.ParseFromString(data)
+        api.fold(g, verify_outputs=False).graph_def.SerializeToString(deterministic=True)
+
+    floor(), fold()
+    t: dict[str, float] = {"mem_floor_s": median_time(floor, 5), "mem_fold_s": median_time(fold, 5)}
+    print(f"[targets] in memory {t}", flush=True)
+    cli = [PY, "-m", "bnfold.cli", str(path)]
+    t["pb_noverify_s"], t["pb_noverify_mb"] = median_timed_rss([*cli, str(tmp / "t.pb"), "-q", "--no-verify"], reps)
+    t["pb_check_s"], t["pb_check_mb"] = median_timed_rss([*cli, str(tmp / "t.pb"), "-q"], reps)
+    print(f"[targets] pb {t}", flush=True)
+    t["onnx_noverify_s"], t["onnx_noverify_mb"] = median_timed_rss([*cli, str(tmp / "t.onnx"), "-q", "--no-verify"], reps)
+    t["tf2onnx_s"], t["tf2onnx_mb"] = median_timed_rss(
+        [PY, "-m", "tf2onnx.convert", "--graphdef", str(path), "--inputs", f"{tf_in}:0", "--outputs", f"{tf_out}:0",
+         "--opset", str(DEFAULT_OPSET), "--output", str(tmp / "t2.onnx")], reps
+    )  # fmt: skip
+    print(f"[targets] onnx {t}", flush=True)
+    return t
+
+
+def targets_table(t: dict[str, float], rows: list[dict], scale: list[dict], baseline_mb: float) -> list[str]:  # type: ignore[type-arg]
+    per_block = [s["fold_s"] / s["blocks"] * 1e6 for s in scale]
+    rss = [(r["rss_fold_mb"] - baseline_mb) / r["size_mb"] for r in rows]
+    status = {True: "met", False: "not met"}
+    fold_ratio = t["mem_fold_s"] / t["mem_floor_s"]
+    wall = t["onnx_noverify_s"] / t["tf2onnx_s"]
+    check = t["pb_check_s"] / t["pb_noverify_s"]
+    flat = per_block[-1] / per_block[0]
+    return [
+        "## Targets of issue #16 (ResNet50, median of the repeats, this run)",
+        "",
+        "| what | now | target | |",
+        "|---|---|---|---|",
+        f"| in-process fold (`bnfold.fold(gd, verify_outputs=False)` + serialize) over the in-memory floor (parse + serialize) | "
+        f"{fold_ratio:.2f}x ({t['mem_fold_s']:.2f} s vs {t['mem_floor_s']:.2f} s) | <= 1.3x | {status[fold_ratio <= 1.3]} |",
+        f"| `bnfold in.pb out.onnx --no-verify` over `python -m tf2onnx.convert` on the unfolded graph, wall | "
+        f"{wall:.2f}x ({t['onnx_noverify_s']:.1f} s vs {t['tf2onnx_s']:.1f} s) | <= 1.0x | {status[wall <= 1.0]} |",
+        f"| same, peak RSS | {t['onnx_noverify_mb'] / 1024:.1f} GB vs {t['tf2onnx_mb'] / 1024:.1f} GB | <= tf2onnx's | "
+        f"{status[t['onnx_noverify_mb'] <= t['tf2onnx_mb']]} |",
+        f"| `bnfold in.pb out.pb` with the check (graphs run in the worker process) over `--no-verify` | "
+        f"{check:.2f}x ({t['pb_check_s']:.1f} s vs {t['pb_noverify_s']:.1f} s; peak RSS {t['pb_check_mb']:.0f} vs {t['pb_noverify_mb']:.0f} MB, "
+        f"largest process) | <= 1.4x | {status[check <= 1.4]} |",
+        f"| per-block fold cost, {scale[0]['blocks']} -> {scale[-1]['blocks']} blocks (synthetic) | "
+        f"{' -> '.join(f'{v:.0f}' for v in per_block)} us ({flat:.2f}x) | flat within 10% | {status[abs(flat - 1) <= 0.1]} |",
+        f"| fold peak RSS over model size, above the TF baseline | {min(rss):.2f} to {max(rss):.2f}x | <= 1.5x | {status[max(rss) <= 1.5]} |",
+        "",
+    ]
+
+
 # -- scaling --------------------------------------------------------------------------------------
 
 
@@ -342,7 +423,7 @@ def ms(v: object) -> str:
     return f"{float(v) * 1000:.1f}"  # type: ignore[arg-type]
 
 
-def write_results(rows: list[dict], scale: list[dict], baseline_mb: float, total_s: float) -> str:  # type: ignore[type-arg]
+def write_results(rows: list[dict], scale: list[dict], baseline_mb: float, total_s: float, target: dict[str, float] | None = None) -> str:  # type: ignore[type-arg]
     import platform
 
     lines = [
@@ -355,6 +436,7 @@ def write_results(rows: list[dict], scale: list[dict], baseline_mb: float, total
         "Models: keras.applications, weights=None, BN statistics randomized (gamma U(0.5,1.5), beta N(0,0.3), "
         "mean N(0,0.3), var U(0.5,2)), 224x224x3 input (InceptionV3 too), frozen once with `bnfold.freeze.freeze_keras`.",
         "",
+        *(targets_table(target, rows, scale, baseline_mb) if target else []),
         "## BN removal and runtime ops",
         "",
         "| model | MB | BN sites | left: bnfold | left: optimize_for_inference | left: tf2onnx ONNX | left: bnfold ONNX | "
@@ -512,17 +594,20 @@ def main() -> None:
     rows = []
     WORK.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        target = targets("ResNet50", Path(tmp)) if "ResNet50" in args.models else None
         for name in args.models:
             rows.append(measure(name, args.reps, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     print("[scaling]", flush=True)
     scale = scaling()
     total = time.perf_counter() - start
-    text = write_results(rows, scale, baseline, total)
+    text = write_results(rows, scale, baseline, total, target)
     text += f"\nBaseline RSS (`import tensorflow, bnfold`): {baseline:.0f} MB.\n"
     args.out.write_text(text)
     chart(rows, args.out.with_name("results.png"))
-    (args.out.with_name("results.json")).write_text(json.dumps({"rows": rows, "scaling": scale, "baseline_mb": baseline}, indent=1))
+    (args.out.with_name("results.json")).write_text(
+        json.dumps({"rows": rows, "scaling": scale, "baseline_mb": baseline, "targets": target}, indent=1)
+    )
     print(text)
     print(f"total {total / 60:.1f} min")
 
