@@ -351,6 +351,8 @@ def attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
 def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:
     """Library functions a node runs: its op (a function call by name) and its function attributes
     (``f`` of ``PartitionedCall``, ``then_branch``/``else_branch``, ``cond``/``body`` of ``While``...)."""
+    if not functions:  # most frozen graphs: no library, nothing to look for in the attributes
+        return []
     called = [node.op] if node.op in functions else []
     for value in node.attr.values():
         called += [value.func.name] if value.HasField("func") else [f.name for f in value.list.func]
