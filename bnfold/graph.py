@@ -359,28 +359,42 @@ def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[st
     return [f for f in called if f in functions]
 
 
+def reachable_functions(
+    library: function_pb2.FunctionDefLibrary, seeds: Iterable[str], with_gradients: bool = False
+) -> list[str]:
+    """Library functions reached from ``seeds`` through calls in function bodies (and, with
+    ``with_gradients``, the gradient registered for each reached function), in visit order.
+    The one library walk the run rule and the dead-function pass share."""
+    bodies = {f.signature.name: f for f in library.function}
+    gradients = {g.function_name: g.gradient_func for g in library.gradient} if with_gradients else {}
+    names = set(bodies)
+    pending = [f for f in seeds if f in names]
+    reached: list[str] = []
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        reached.append(name)
+        for node in bodies[name].node_def:
+            pending += called_functions(node, names)
+        if gradients.get(name) in names:
+            pending.append(gradients[name])
+    return reached
+
+
 def live_library(graph_def: graph_pb2.GraphDef) -> function_pb2.FunctionDefLibrary:
     """The library cut to what the graph's nodes reach, transitively through function bodies and
     the gradients registered for reached functions; unreached functions and their gradients go.
     Gradients registered per op type are kept with their functions."""
     library = graph_def.library
-    bodies = {f.signature.name: f for f in library.function}
-    gradients = {g.function_name: g.gradient_func for g in library.gradient}
-    names = set(bodies)
-    pending = [f for node in graph_def.node for f in called_functions(node, names)]
-    pending += [g.gradient_func for g in library.registered_gradients if g.gradient_func in names]  # keyed by op type: kept
-    live: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in live:
-            continue
-        live.add(name)
-        pending += [f for node in bodies[name].node_def for f in called_functions(node, names)]
-        if gradients.get(name) in names:
-            pending.append(gradients[name])
+    names = {f.signature.name for f in library.function}
+    seeds = [f for node in graph_def.node for f in called_functions(node, names)]
+    seeds += [g.gradient_func for g in library.registered_gradients]  # keyed by op type: kept
+    live = set(reachable_functions(library, seeds, with_gradients=True))
     out = function_pb2.FunctionDefLibrary()
     out.function.extend(f for f in library.function if f.signature.name in live)
     out.gradient.extend(g for g in library.gradient if g.function_name in live)
     out.registered_gradients.extend(library.registered_gradients)
     return out
-

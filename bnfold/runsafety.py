@@ -53,7 +53,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
 
 from bnfold.errors import UnsafeModelError
-from bnfold.graph import called_functions, parse_input
+from bnfold.graph import called_functions, parse_input, reachable_functions
 
 # Rule 3: stateful ops whose state never leaves the process, each with why.
 HARMLESS_STATEFUL: dict[str, str] = {
@@ -183,6 +183,7 @@ def refused_nodes(
     """Every node that would run for ``fetches`` (all nodes when None) and the library ``functions``, that the rule refuses."""
     nodes = {n.name: n for n in graph_def.node}
     library = {f.signature.name: f for f in graph_def.library.function}
+    names = set(library)
     if fetches is None:
         running = list(nodes)
     else:
@@ -196,24 +197,18 @@ def refused_nodes(
             running.append(name)
             stack.extend(parse_input(ref)[0] for ref in nodes[name].input)
     refusals = []
-    pending: list[str] = [f for f in functions if f in library]
+    seeds: list[str] = list(functions)
     for name in running:
         node = nodes[name]
         reason = node_refusal(node, resources)
         if reason is not None:
             refusals.append(Refusal(node.name, node.op, reason))
-        pending += called_functions(node, set(library))
-    checked: set[str] = set()
-    while pending:
-        fname = pending.pop()
-        if fname in checked:
-            continue
-        checked.add(fname)
+        seeds += called_functions(node, names)
+    for fname in reachable_functions(graph_def.library, seeds):
         for node in library[fname].node_def:
             reason = node_refusal(node, resources)
             if reason is not None:
                 refusals.append(Refusal(node.name, node.op, reason, fname))
-            pending += called_functions(node, set(library))
     return refusals
 
 
