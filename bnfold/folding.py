@@ -17,7 +17,7 @@ from tensorflow.python.framework import dtypes
 from bnfold.affine import Affine, OtherNormalization, Unfoldable, as_step, data_format_axis, recognize
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
 from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
-from bnfold.graph import GraphIndex, attr, make_node, parse_input
+from bnfold.graph import ContentBuffer, GraphIndex, attr, collection_paused, make_node, parse_input
 
 __all__ = ["LINEAR_OPS", "Action", "Folder", "LinearSpec", "SiteRecord", "fold_graph"]
 
@@ -160,11 +160,12 @@ class Folder:
         scale, shift = self._expand(site, out_channels)
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} has {out_channels}"
-        folded = fold_after(weights, scale, shift, out_axes)
+        buffer = self._weight_buffer(linear, spec, weights)
+        folded = fold_after(weights, scale, shift, out_axes, out=buffer.array)
         overflow = _overflow(linear, folded)
         if overflow:
             return overflow
-        self._set_weights(linear, spec, folded.weights, site.name)
+        self._set_weights(linear, spec, buffer)
         self._end_with_bias(site, linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
@@ -200,12 +201,13 @@ class Folder:
         scale, shift = self._expand(site, weights.shape[in_axis])
         if scale is None or shift is None:
             return f"BN has {site.channels} channels, {linear.name} reads {weights.shape[in_axis]}"
-        folded = fold_before(weights, scale, shift, in_axis, _out_axes(linear, weights, out_axis))
+        buffer = self._weight_buffer(linear, spec, weights)
+        folded = fold_before(weights, scale, shift, in_axis, _out_axes(linear, weights, out_axis), out=buffer.array)
         overflow = _overflow(linear, folded)
         if overflow:
             return overflow
         self.index.set_input(linear.name, spec.data_slot, site.input_ref)
-        self._set_weights(self.index.node(linear.name), spec, folded.weights, site.name)
+        self._set_weights(self.index.node(linear.name), spec, buffer)
         self._remove_site(site, keep=None)
         if has_shift:
             self._add_bias_after(linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
@@ -272,11 +274,16 @@ class Folder:
     def _expand(site: Affine, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return fit_channels(site.scale, channels), fit_channels(site.shift, channels)
 
-    def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: np.ndarray, site: str) -> None:
+    @staticmethod
+    def _weight_buffer(linear: node_def_pb2.NodeDef, spec: LinearSpec, weights: np.ndarray) -> ContentBuffer:
+        """Where the new weights are computed: in the dtype the op reads them in, laid out as the graph stores them."""
+        dtype = consumer_dtype(linear, spec.weight_slot)
+        return ContentBuffer(weights.shape, dtypes.as_dtype(dtype).as_numpy_dtype if dtype else weights.dtype)
+
+    def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: ContentBuffer) -> None:
         """Point the linear op at new weights; the old constant is never edited (others may read it)."""
         old = linear.input[spec.weight_slot]
-        dtype = consumer_dtype(linear, spec.weight_slot) or dtypes.as_dtype(value.dtype).as_datatype_enum
-        value = value.astype(dtypes.as_dtype(dtype).as_numpy_dtype, copy=False)
+        dtype = consumer_dtype(linear, spec.weight_slot) or dtypes.as_dtype(value.array.dtype).as_datatype_enum
         const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtype)
         self.index.set_input(linear.name, spec.weight_slot, const)
         self.prune([parse_input(old)[0]])
@@ -402,11 +409,12 @@ def fold_graph_outcome(
     graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False, fed: set[str] | None = None
 ) -> FoldOutcome:
     """:func:`fold_graph`, also returning the other normalizations; ``fed`` names nodes a feed overrides."""
-    folder = Folder(graph_def, protected or set(), in_place=in_place, fed=fed)
-    records = folder.run()
-    if not any(r.action != "skipped" for r in records):
-        return FoldOutcome(graph_def, records, folder.others)
-    return FoldOutcome(folder.index.to_graph_def(), records, folder.others)
+    with collection_paused():
+        folder = Folder(graph_def, protected or set(), in_place=in_place, fed=fed)
+        records = folder.run()
+        if not any(r.action != "skipped" for r in records):
+            return FoldOutcome(graph_def, records, folder.others)
+        return FoldOutcome(folder.index.to_graph_def(), records, folder.others)
 
 
 def fold_graph(

@@ -7,9 +7,11 @@ folding stays linear in graph size however many sites a model has.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, tensor_pb2
@@ -17,7 +19,26 @@ from tensorflow.python.framework import dtypes, tensor_util
 
 from bnfold.comparison import parse_input
 
-__all__ = ["GraphIndex", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
+__all__ = ["ContentBuffer", "GraphIndex", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a pass over a whole graph.
+
+    A pass makes several small objects per node (index entries, edges, node
+    wrappers) and frees few, so the collector's full sweeps run again and again
+    over a heap that grows with the graph: on 1600 conv blocks that made each
+    block cost more the more blocks there were. The objects form no cycles worth
+    collecting mid-pass; collection resumes (as it was) when the pass ends.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def tensor_ref(node: str, index: int = 0) -> str:
@@ -47,14 +68,15 @@ class GraphIndex:
 
     def __init__(self, graph_def: graph_pb2.GraphDef, in_place: bool = False) -> None:
         self._template_source = graph_def  # versions and library of the result
-        self.nodes: dict[str, node_def_pb2.NodeDef] = {}
-        for node in graph_def.node:
-            self.nodes[node.name] = node
-        # In place: ``graph_def`` belongs to the caller's fold and becomes the result, so
-        # unchanged nodes are never copied and new constants are built inside it.
-        self._source = graph_def if in_place and len(self.nodes) == len(graph_def.node) else None
-        self._original: dict[str, node_def_pb2.NodeDef] = dict(self.nodes) if self._source is not None else {}
-        self._appended: list[node_def_pb2.NodeDef] = []  # built inside the source's node list, in order
+        self.nodes: dict[str, node_def_pb2.NodeDef] = {node.name: node for node in graph_def.node}
+        in_place = in_place and len(self.nodes) == len(graph_def.node)
+        # New constants are built inside the GraphDef that becomes the result: the source itself
+        # in place (it belongs to the caller's fold), else a new one. Either way the bytes of new
+        # weights are written once, never copied into the result afterwards.
+        self._target: graph_pb2.GraphDef | None = graph_def if in_place else None
+        self._in_place = in_place
+        self._original: dict[str, node_def_pb2.NodeDef] = dict(self.nodes) if in_place else {}
+        self._appended: list[node_def_pb2.NodeDef] = []  # built inside the target's node list, in order
         self._readded: set[str] = set()  # original names removed and then added again (they move to the end)
         self._consumers: dict[str, list[Consumer]] = defaultdict(list)
         for node in self.nodes.values():
@@ -215,14 +237,13 @@ class GraphIndex:
             n += 1
         return name
 
-    def add_const(self, name: str, value: np.ndarray, dtype: int) -> str:
+    def add_const(self, name: str, value: np.ndarray | ContentBuffer, dtype: int) -> str:
         """Add a Const node holding ``value`` and return its (unique) name."""
         name = self.unique_name(name)
-        if self._source is not None:
-            node = self._source.node.add()  # built where it will be written: its bytes are never copied again
-            self._appended.append(node)
-        else:
-            node = node_def_pb2.NodeDef()
+        if self._target is None:
+            self._target = graph_pb2.GraphDef()
+        node = self._target.node.add()  # built where it will be written: its bytes are never copied again
+        self._appended.append(node)
         node.name, node.op = name, "Const"
         node.attr["dtype"].type = dtype
         fill_tensor_proto(node.attr["value"].tensor, value, dtype)
@@ -232,22 +253,16 @@ class GraphIndex:
     def to_graph_def(self) -> graph_pb2.GraphDef:
         """The edited graph: original order, replaced nodes in place, new nodes at the end.
 
-        In place, the source GraphDef itself is edited into this result (same node
-        order as a copy would have) and returned; otherwise a new GraphDef is built.
+        In place, the source GraphDef itself is edited into this result and returned;
+        otherwise the result is the GraphDef the new constants were built in, with the
+        other nodes copied in. The index no longer mirrors a GraphDef afterwards.
         """
-        if self._source is not None:
-            return self._finish_in_place()
-        out = graph_pb2.GraphDef()
-        source = self._template_source
-        for field in ("versions", "library"):  # only fields the source has: an empty library is not written
-            if source.HasField(field):
-                getattr(out, field).CopyFrom(getattr(source, field))
-        out.node.extend(self.nodes.values())
-        return out
-
-    def _finish_in_place(self) -> graph_pb2.GraphDef:
-        graph = self._source
-        assert graph is not None
+        graph = self._target if self._target is not None else graph_pb2.GraphDef()
+        if not self._in_place:
+            source = self._template_source
+            for field in ("versions", "library"):  # only fields the source has: an empty library is not written
+                if source.HasField(field):
+                    getattr(graph, field).CopyFrom(getattr(source, field))
         nodes, container = self.nodes, graph.node
         rank = {name: i for i, name in enumerate(nodes)}
         placed: set[str] = set()
@@ -259,19 +274,54 @@ class GraphIndex:
                 placed.add(name)
             else:
                 stale.append(position)
-        for name, node in nodes.items():
-            if name not in placed:
-                container.add().CopyFrom(node)  # replaced or new nodes that live outside the graph: small ones
+        # Replaced nodes and, in a copy, every node the fold kept: small ones, but for the weights it kept.
+        container.extend(node for name, node in nodes.items() if name not in placed)
         # Stale nodes are emptied and renamed, one sort moves them to the end, and one cut drops them
         # (deleting each where it stands would be quadratic in graph size).
         for position in stale:
             container[position].Clear()
             container[position].name = _STALE
         end = len(rank)
-        container.sort(key=lambda n: rank.get(n.name, end))
+        if stale or slots:
+            container.sort(key=lambda n: rank.get(n.name, end))
         del container[end:]
-        self._source = None  # the index no longer mirrors the graph's node list
+        self._target, self._in_place, self._original, self._appended = None, False, {}, []
+        self._template_source = graph
         return graph
+
+
+class ContentBuffer:
+    """An array whose bytes sit right behind the wire header of a ``TensorProto.tensor_content``.
+
+    The Python protobuf runtime stores only ``bytes`` in a bytes field, so filling a proto
+    from an array costs two copies (``tobytes``, then the field's own). Parsing accepts any
+    buffer: with the header in front, the fold math writes the new weights into ``array``
+    and the proto takes them with one copy (:func:`fill_tensor_proto`).
+    """
+
+    _ALIGN = 16  # the array starts at this offset into the buffer, so the values are aligned
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header = b"\x22" + varint(nbytes)  # field 4 (tensor_content), wire type 2
+        self._raw = np.empty(self._ALIGN + nbytes, dtype=np.uint8)
+        self._start = self._ALIGN - len(header)
+        self._raw[self._start : self._ALIGN] = np.frombuffer(header, dtype=np.uint8)
+        self.array: np.ndarray = self._raw[self._ALIGN :].view(dtype).reshape(shape)
+
+    def write_content(self, proto: tensor_pb2.TensorProto) -> None:
+        proto.MergeFromString(memoryview(self._raw)[self._start :])  # type: ignore[arg-type]
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint: the length prefix of a length-delimited field."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)
 
 
 def tensor_proto(value: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
@@ -281,20 +331,26 @@ def tensor_proto(value: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
     return proto
 
 
-def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, dtype: int) -> None:
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray | ContentBuffer, dtype: int) -> None:
     """Write ``value`` into an empty ``proto`` (possibly one inside a graph).
 
     Writes the bytes directly: ``make_tensor_proto`` makes an extra converted
-    copy of every array, which is a large share of folding a 100 MB model.
+    copy of every array, which is a large share of folding a 100 MB model; a
+    :class:`ContentBuffer` saves one more.
     """
-    if value.dtype.kind == "O" or value.dtype != dtypes.as_dtype(dtype).as_numpy_dtype:
-        proto.CopyFrom(tensor_util.make_tensor_proto(value, dtype=dtype))
+    array = value.array if isinstance(value, ContentBuffer) else value
+    if array.dtype.kind == "O" or array.dtype != dtypes.as_dtype(dtype).as_numpy_dtype:
+        proto.CopyFrom(tensor_util.make_tensor_proto(array, dtype=dtype))
         return
     proto.dtype = dtype
-    for d in value.shape:
+    for d in array.shape:
         proto.tensor_shape.dim.add().size = d
-    if value.size:
-        proto.tensor_content = np.ascontiguousarray(value).tobytes()
+    if not array.size:
+        return
+    if isinstance(value, ContentBuffer):
+        value.write_content(proto)
+    else:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"

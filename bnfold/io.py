@@ -17,7 +17,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.errors import InputError, OutputError, first_line
 from bnfold.files import _umask, atomic_write, check_output_path, read_bytes, terminating_cleanly  # noqa: F401  (TF-free; re-exported)
-from bnfold.graph import parse_input
+from bnfold.graph import parse_input, varint
 
 TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
 VARIABLE_OPS = {"VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "ResourceGather", "AssignVariableOp"}
@@ -200,17 +200,6 @@ def write_graph_def(graph_def: graph_pb2.GraphDef, dst: str | os.PathLike[str]) 
     atomic_write(dst, write)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO) -> None:
     """Write exactly ``graph_def.SerializeToString(deterministic=True)``, one node at a time.
 
@@ -220,7 +209,7 @@ def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO) -> None:
     """
     for node in graph_def.node:
         data = node.SerializeToString(deterministic=True)
-        f.write(b"\n" + _varint(len(data)))  # field 1, wire type 2
+        f.write(b"\n" + varint(len(data)))  # field 1, wire type 2
         f.write(data)
         del data
     rest = graph_pb2.GraphDef()
