@@ -33,6 +33,7 @@ from bnfold.onnx_io import (
     needs_external,
     op_counts,
     opset_of,
+    serialize_within_limit,
     write_onnx,
 )
 from bnfold.result import FoldResult
@@ -136,10 +137,21 @@ def _fold(
 
 
 def check_output_model(model: onnx.ModelProto, name: str, result: Any) -> None:
-    """The folded model must pass onnx.checker and keep the input's opset and IR version."""
+    """The folded model must pass onnx.checker and keep the input's opset and IR version.
+
+    The model is serialized once, for the checker, and its size kept in
+    ``result.onnx.checked_bytes`` for :func:`plan_output` (upb's ``ByteSize()``
+    costs a serialization). Past 2 GB onnx.checker cannot take it in memory, and it
+    is not checked, as before.
+    """
+    data = serialize_within_limit(model)
+    stage = getattr(result, "onnx", None)
+    if stage is not None:
+        stage.checked_bytes = None if data is None else len(data)
+    if data is None:
+        return
     try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(data)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise VerificationError(f"{name}: the folded ONNX model fails onnx.checker: {first_line(exc)}", result) from None
 
@@ -152,7 +164,7 @@ def raise_if_failed(result: Any, name: str, force: bool) -> None:
 def plan_output(result: FoldResult, model: onnx.ModelProto, dst: Path) -> bool:
     """Decide whether OUT keeps its tensors external; name the data file in the report. Returns that decision."""
     stage = result.onnx
-    external = needs_external(model, bool(stage and stage.external_input))
+    external = needs_external(model, bool(stage and stage.external_input), stage.checked_bytes if stage is not None else None)
     if stage is not None:
         stage.external_data = str(data_file_for(dst)) if external else None
     return external

@@ -14,9 +14,10 @@ input/output ``x:0``. ``input_names``/``output_names`` in the report map each.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,17 +74,125 @@ def _quiet_converter():  # type: ignore[no-untyped-def]
 
 
 def convert(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """tf2onnx's own converter on a frozen graph; ``inputs``/``outputs`` are TF node or tensor names."""
-    import tf2onnx
+    """tf2onnx's own converter on a frozen graph; ``inputs``/``outputs`` are TF node or tensor names.
 
-    with _quiet_converter():
+    The stages are tf2onnx's (grappler, ``process_tf_graph``, its ONNX optimizers,
+    ``make_model``), called the way :func:`_convert_lean` says, without the copies
+    that made conversion cost more time and memory than the fold itself. Where one
+    of tf2onnx's optimizers fails, the conversion is redone by
+    ``tf2onnx.convert.from_graph_def``, which skips a failing optimizer.
+    """
+    in_tensors, out_tensors = [tensor_name(n) for n in inputs], [tensor_name(n) for n in outputs]
+    with _quiet_converter(), _collecting_only_new_objects():
         try:
-            model, _ = tf2onnx.convert.from_graph_def(
-                graph_def, input_names=[tensor_name(n) for n in inputs], output_names=[tensor_name(n) for n in outputs], opset=opset
-            )
+            model = _convert_lean(graph_def, in_tensors, out_tensors, opset)
+            if model is None:
+                import tf2onnx
+
+                model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=in_tensors, output_names=out_tensors, opset=opset)
         except Exception as exc:  # noqa: BLE001 - tf2onnx raises bare ValueError/RuntimeError/AssertionError for graphs it cannot convert
             raise InputError(f"tf2onnx cannot convert the graph at opset {opset}: {first_line(exc)}; try another --opset") from None
+        finally:
+            gc.collect()  # tf2onnx's graphs are reference cycles holding every weight: free them before the next stage
     return model
+
+
+def _convert_lean(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], opset: int) -> onnx.ModelProto | None:
+    """``tf2onnx.convert.from_graph_def`` without its waste; None where an ONNX optimizer failed.
+
+    Profiled on keras.applications ResNet50 (103 MB), ``from_graph_def`` spent
+    9-15 s and 6 GB of its 13 s and 7.8 GB in ``optimize_graph``, for two reasons:
+
+    - each of its 12 optimizers, in each of 2 rounds, runs on a ``copy.deepcopy``
+      of the whole graph, weights included, so that a failing optimizer can be
+      skipped (``catch_errors``), and the discarded copies are reference cycles
+      that wait for the garbage collector;
+    - after each optimizer ``Graph.update_proto`` rebuilds every node's
+      ``NodeProto``, and for a ``Const`` node that copies its weight into the
+      proto's arena again: with upb protobuf, a cleared repeated field does not
+      give its memory back until the message is freed, so each round leaked one
+      more copy of every weight (24 x 100 MB), and the copying itself was 4.1 s of
+      4.9 s (cProfile: ``RepeatedCompositeContainer.extend``).
+
+    Here the optimizers run in place (``catch_errors=False``; on an exception the
+    caller redoes the conversion the stock way), and ``Const`` nodes' protos are
+    not rebuilt: :meth:`tf2onnx.graph.Graph.make_graph` writes a ``Const`` as an
+    initializer from ``node.attr``, never from its ``NodeProto``, so the bytes of
+    those protos never reach the model (tests compare the result with
+    ``from_graph_def``'s). ``from_graph_def`` also imports the graph into a TF
+    session and freezes it, then discards the frozen copy (it optimizes the graph
+    it was given); that step is skipped, and the inputs it would filter out
+    (resource-typed placeholders) are read from the GraphDef.
+    """
+    import tensorflow as tf
+    from tf2onnx import optimizer, tf_loader
+    from tf2onnx.tfonnx import process_tf_graph
+
+    inputs = [n for n in inputs if not _is_resource_placeholder(graph_def, n)]
+    with tf.device("/cpu:0"):
+        with tf.Graph().as_default():
+            optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
+        with tf.Graph().as_default() as tf_graph:
+            tf.import_graph_def(optimized, name="")
+            del optimized
+            graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs, output_names=outputs)
+        del tf_graph
+        gc.collect()  # the TF graph and its C++ copy of the weights
+        _skip_const_protos(graph)
+        try:
+            graph = optimizer.optimize_graph(graph, catch_errors=False)
+        except Exception:  # noqa: BLE001 - an optimizer failed on a graph it may have half edited
+            return None
+        _skip_const_protos(graph)  # in case an optimizer returned another graph object
+        model = graph.make_model("converted from unknown")  # from_graph_def's doc string
+        del graph.update_proto  # break the cycle so the graph goes with the next collection
+    return model
+
+
+@contextmanager
+def _collecting_only_new_objects() -> Iterator[None]:
+    """Let ``gc.collect()`` inside the block visit only objects created in it.
+
+    tf2onnx's graphs (nodes point to their graph) and TF's are reference cycles,
+    so their weights wait for a full collection; with TensorFlow imported a full
+    collection walks millions of objects (0.3-0.6 s each on 2 cores). Freezing the
+    objects that exist when the conversion starts keeps each collection to what
+    the conversion made. Objects someone else froze are left as they are.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _skip_const_protos(graph: Any) -> None:
+    """Make ``graph.update_proto()`` rebuild the protos of all nodes but ``Const``s (see :func:`_convert_lean`).
+
+    Only this graph instance changes, not tf2onnx's classes; a graph an optimizer
+    creates anew gets tf2onnx's own method, which is slower but equal.
+    """
+
+    def update_proto(external_tensor_storage: Any = None) -> None:
+        for node in graph.get_nodes():
+            if not node.is_const():
+                node.update_proto(external_tensor_storage)
+
+    graph.update_proto = update_proto
+
+
+def _is_resource_placeholder(graph_def: graph_pb2.GraphDef, tensor: str) -> bool:
+    """What tf2onnx's ``inputs_without_resource`` drops, read from the node's ``dtype`` attribute."""
+    from tensorflow.core.framework import types_pb2
+
+    name = parse_input(tensor)[0]
+    node = next((n for n in graph_def.node if n.name == name), None)
+    if node is None or not node.op.startswith("Placeholder") or "dtype" not in node.attr:
+        return False
+    return bool(node.attr["dtype"].type == types_pb2.DT_RESOURCE)
 
 
 def tensor_name(ref: str) -> str:
@@ -146,16 +255,24 @@ def to_onnx(
     from bnfold.runsafety import check_runnable, trusting
     from bnfold.verification import find_inputs, needed_inputs, open_graph_runner
 
+    graph_def: graph_pb2.GraphDef | None = None
     if verify_outputs:  # the check's worker imports TensorFlow while tf2onnx converts
         from bnfold import isolation
 
         isolation.prestart()
-    loaded = load(source, trust_model=trust_model)
-    graph_def, name = loaded.graph_def, loaded.source
-    _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
-    # The TF stage is exactly the .pb fold (same canonicalization, same records); the
-    # check that matters is the one below, of the ONNX file against the original graph.
-    result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds)
+        loaded = load(source, trust_model=trust_model)
+        graph_def, name = loaded.graph_def, loaded.source
+        del loaded
+        _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
+        # The TF stage is exactly the .pb fold (same canonicalization, same records); the
+        # check that matters is the one below, of the ONNX file against the original graph.
+        result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds)
+    else:
+        # Nothing will run the original: api.fold loads it and folds that copy in place, so
+        # one GraphDef, not two, is alive while tf2onnx converts (a GraphDef passed in is copied).
+        result = api.fold(source, inputs, outputs, verify_outputs=False, feeds=feeds, trust_model=trust_model)
+        name = result.source
+        _check_feeds(feeds, set(result.inputs) | {s.name for s in find_inputs(result.graph_def)} | set(inputs or []))
     result.source, result.unchanged = name, False  # converted to ONNX: checked below, whatever the TF stage did
     in_names, out_names = result.inputs, result.outputs
     if not out_names:
@@ -167,20 +284,22 @@ def to_onnx(
             f"{name}: converting to ONNX",
             hint="tf2onnx evaluates constant subgraphs with TensorFlow; --trust-model converts it anyway",
         )
-    converted = convert(result.graph_def, in_names, out_names, opset)
+    model = convert(result.graph_def, in_names, out_names, opset)
     names = {n: tensor_name(n) for n in [*in_names, *out_names]}
-    model, onnx_sites = fold_model(converted, set(names.values()))
+    ops_before = op_counts(model)
+    model, onnx_sites = fold_model(model, set(names.values()), in_place=True)  # tf2onnx's output is ours to edit
     result.onnx = OnnxStage(
         opset=opset,
         converter=f"tf2onnx {_tf2onnx_version()}",
         sites=onnx_sites,
-        ops_before=op_counts(converted),
+        ops_before=ops_before,
         ops_after=op_counts(model),
         input_names={n: names[n] for n in in_names},
         output_names={n: names[n] for n in out_names},
     )
     _check_output_model(model, name, result)
     if verify_outputs:
+        assert graph_def is not None
         needed = needed_inputs(graph_def, out_names, set())
         specs = [s for s in find_inputs(graph_def) if s.name in in_names]
         specs = [s for s in specs if s.name in needed]

@@ -22,11 +22,13 @@ values: such a site is skipped with a reason.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from bnfold.foldmath import Action, Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
@@ -40,6 +42,9 @@ ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 # Constant subgraphs larger than this (elements of one value) are not evaluated: they are not weights anyone folds.
 MAX_CONST_ELEMENTS = 1 << 28
+# Floating-point initializers from this many elements up go to shape inference as type and dims only (see _shape_skeleton).
+SKELETON_MIN_ELEMENTS = 1024
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -56,6 +61,43 @@ def _subgraph_refs(graph: onnx.GraphProto) -> set[str]:
                     refs.update(inner.input)
                 refs |= _subgraph_refs(sub)
     return refs
+
+
+def _copy_fields(dst: Message, src: Message, skip: str) -> None:
+    """Copy every set field of ``src`` but ``skip`` into ``dst`` (which is empty)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _shape_skeleton(model: onnx.ModelProto, min_elements: int = SKELETON_MIN_ELEMENTS) -> onnx.ModelProto:
+    """``model`` as shape inference needs it: large floating-point initializers keep name, type and dims, not data.
+
+    ``onnx.shape_inference.infer_shapes`` serializes the model, parses it in C++
+    and serializes the result back: on a 100 MB model that was 0.6 s of the
+    ONNX fold's 0.7 s and three transient copies of the weights. Shape inference
+    reads an initializer's *values* only where they are a shape parameter
+    (Reshape's shape, Slice's starts, Resize's scales, Pad's pads...): integer
+    tensors or a handful of floats, all kept here. A weight's dims and type are all
+    it reads of one. Nothing is copied from the weights.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, skip="graph")
+    _copy_fields(skeleton.graph, model.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= min_elements:
+            stub = skeleton.graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton
 
 
 class ConstValues:
@@ -215,7 +257,7 @@ class OnnxFolder:
     def _infer_shapes(self) -> tuple[dict[str, list[int | None]], dict[str, int]]:
         """Tensor shapes (None: a symbolic dim) and element types from ONNX shape inference, where it can tell."""
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.model)
+            inferred = onnx.shape_inference.infer_shapes(_shape_skeleton(self.model))
         except Exception:  # noqa: BLE001 - shapes only refine what can be folded; without them fewer sites fold
             inferred = self.model
         shapes: dict[str, list[int | None]] = {}
@@ -688,10 +730,19 @@ class OnnxFolder:
             self.graph.initializer.extend(keep)
 
 
-def fold_model(model: onnx.ModelProto, protected: set[str] | None = None) -> tuple[onnx.ModelProto, list[SiteRecord]]:
-    """Fold every BN and per-channel Mul/Add/Sub/Div at a linear op; ``model`` is not modified."""
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+def fold_model(
+    model: onnx.ModelProto, protected: set[str] | None = None, *, in_place: bool = False
+) -> tuple[onnx.ModelProto, list[SiteRecord]]:
+    """Fold every BN and per-channel Mul/Add/Sub/Div at a linear op; ``model`` is not modified unless ``in_place``.
+
+    ``in_place`` is for a caller that owns the model (tf2onnx's output in
+    :func:`bnfold.onnx_export.to_onnx`): it saves a copy of every weight.
+    """
+    if in_place:
+        folded = model
+    else:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
     folder = OnnxFolder(folded, protected)
     records = folder.run()
     return folded, records
