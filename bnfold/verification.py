@@ -7,7 +7,9 @@ that ONNX and Keras checks share it without importing TensorFlow.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -113,19 +115,48 @@ def has_outputs(node: node_def_pb2.NodeDef, graph_def: graph_pb2.GraphDef) -> bo
     return False
 
 
-def runner_config() -> config_pb2.ConfigProto:
-    """Grappler's layout pass only, converting NCHW to NHWC on the CPU.
+def runner_config(layout: bool = True) -> config_pb2.ConfigProto:
+    """How the check's sessions run a graph: as written, with no optimizer rewriting it.
 
-    TensorFlow's CPU kernels run NCHW convolutions only through oneDNN, which
-    TensorFlow turns off on CPUs without AVX-512; the layout pass makes such
-    graphs runnable everywhere. It is exact (transposes around the op), and
-    both graphs of a check get it alike.
+    Grappler is off, and so is TensorFlow's classic graph optimizer (``L0``: no
+    constant folding, no common-subexpression elimination): they would rewrite
+    the very graphs being compared, and on ResNet50 they cost more than the run
+    itself (first ``session.run`` 1.09 s with grappler's meta optimizer and
+    ``L1``, 0.53 s without; peak RSS 1.95 GB -> 1.50 GB).
+
+    ``layout`` keeps grappler's layout pass, converting NCHW to NHWC on the
+    CPU: TensorFlow's CPU kernels run NCHW convolutions only through oneDNN,
+    which TensorFlow turns off on CPUs without AVX-512, and the layout pass
+    makes such graphs runnable everywhere. It is exact (transposes around the
+    op), and both graphs of a check get it alike. A graph without a
+    channels-first op (:func:`channels_first`) has nothing for it to do, so
+    the meta optimizer is not started at all.
     """
     config = config_pb2.ConfigProto()
+    config.graph_options.optimizer_options.opt_level = config_pb2.OptimizerOptions.L0
     rewrites = config.graph_options.rewrite_options
-    rewrites.optimizers.append("layout")
-    rewrites.cpu_layout_conversion = rewriter_config_pb2.RewriterConfig.NCHW_TO_NHWC
+    if layout:
+        rewrites.optimizers.append("layout")
+        rewrites.cpu_layout_conversion = rewriter_config_pb2.RewriterConfig.NCHW_TO_NHWC
+    else:
+        rewrites.disable_meta_optimizer = True
     return config
+
+
+def channels_first(graph_def: graph_pb2.GraphDef) -> bool:
+    """Whether an op of the graph or of its function library may work channels-first (``NCHW``, ``NCDHW``).
+
+    Decides whether the check needs grappler's layout pass (:func:`runner_config`).
+    A ``data_format`` a function body takes from its caller (an attribute
+    placeholder) counts as channels-first: unknown here, so the pass stays on.
+    """
+    bodies = (node for function in graph_def.library.function for node in function.node_def)
+    for node in itertools.chain(graph_def.node, bodies):
+        if "data_format" in node.attr:
+            value = node.attr["data_format"]
+            if value.placeholder or value.s.upper().startswith(b"NC"):
+                return True
+    return False
 
 
 class GraphRunner:
@@ -133,21 +164,23 @@ class GraphRunner:
 
     The worker keeps an abort inside TensorFlow from killing bnfold: the run
     ends in :class:`GraphAborted` (exit 4), and nothing is written.
-    Grappler is off but for its layout pass (:func:`runner_config`): the check
-    compares the graphs as written (as onnxruntime runs with optimizations off
-    for ONNX), and grappler's other rewrites cost more
-    than the run itself on large models (0.9 GB graph: 11 GB and 58 s with it,
-    5.9 GB and 10 s without).
+    Grappler is off but for its layout pass where the graph has a
+    channels-first op (:func:`runner_config`): the check compares the graphs
+    as written (as onnxruntime runs with optimizations off for ONNX), and
+    grappler's other rewrites cost more than the run itself on large models
+    (0.9 GB graph: 11 GB and 58 s with it, 5.9 GB and 10 s without).
     """
 
     errors: tuple[type[BaseException], ...] = (GraphRunError,)
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, which: str = "the graph") -> None:
+    def __init__(self, graph_def: graph_pb2.GraphDef, which: str = "the graph", serialized: bytes | None = None) -> None:
+        """``serialized``: ``graph_def.SerializeToString()`` when the caller has it already."""
         self.which = which
         self.graph_def = graph_def  # kept (not copied) for the run gate
         self.checked: set[tuple[str, ...]] = set()
+        data = graph_def.SerializeToString() if serialized is None else serialized
         try:
-            self.graph = IsolatedGraph(graph_def.SerializeToString())
+            self.graph = IsolatedGraph(data, channels_first=channels_first(graph_def))
         except WorkerDied as exc:
             raise self.died(exc) from None
 
@@ -174,10 +207,12 @@ class GraphAborted(VerificationError):
     """TensorFlow aborted (a C++ check failure, SIGABRT) or was killed while running a graph: exit 4."""
 
 
-def open_graph_runner(graph_def: graph_pb2.GraphDef, which: str, hint: str = "; --no-verify skips the check") -> GraphRunner:
+def open_graph_runner(
+    graph_def: graph_pb2.GraphDef, which: str, hint: str = "; --no-verify skips the check", serialized: bytes | None = None
+) -> GraphRunner:
     """Load a graph for checking; a graph TF cannot load is reported, not a crash."""
     try:
-        return GraphRunner(graph_def, which)
+        return GraphRunner(graph_def, which, serialized)
     except GraphRunner.errors as exc:
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
@@ -195,9 +230,9 @@ class FoldedGraphRunner(GraphRunner):
 
     errors: tuple[type[BaseException], ...] = ()  # no failure of the folded graph is "the model cannot run here": the original just ran
 
-    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+    def __init__(self, graph_def: graph_pb2.GraphDef, serialized: bytes | None = None) -> None:
         try:
-            super().__init__(graph_def, "the folded graph")
+            super().__init__(graph_def, "the folded graph", serialized)
         except GraphRunner.errors as exc:
             raise BrokenOutputError(f"TensorFlow cannot load the folded graph ({first_line(exc)}); {REPORT_BUG}") from None
 
@@ -334,11 +369,49 @@ def verify(
     options = CheckOptions(feeds, input_shapes or {}, rtol, atol, samples, seed, batch_check, on_batch)
     from bnfold.runsafety import trusting
 
+    folded_bytes = _Serialization(folded)
+
+    def open_original() -> GraphRunner:
+        data = original.SerializeToString()
+        folded_bytes.start()  # while the worker loads and runs the original, this process is idle but for this
+        return open_graph_runner(original, "the input graph", serialized=data)
+
     with trusting(trust_model):
-        return compare_runners(
-            lambda: open_graph_runner(original, "the input graph"),
-            lambda: FoldedGraphRunner(folded),
-            specs,
-            outputs,
-            options,
-        )
+        return compare_runners(open_original, lambda: FoldedGraphRunner(folded, folded_bytes.result()), specs, outputs, options)
+
+
+class _Serialization:
+    """``graph_def.SerializeToString()`` on a thread, so that it overlaps the worker running the other graph.
+
+    The check's parent waits on the worker's pipe (without the GIL) while the
+    original loads and runs; the folded graph's bytes (0.16 s on ResNet50) are
+    made meanwhile instead of after. A failure is raised by :meth:`result`.
+    """
+
+    def __init__(self, graph_def: graph_pb2.GraphDef) -> None:
+        self.graph_def: graph_pb2.GraphDef | None = graph_def
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="bnfold-serialize", daemon=True)
+
+    def _work(self) -> None:
+        try:
+            assert self.graph_def is not None
+            self.data = self.graph_def.SerializeToString()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller of result())
+            self.error = exc
+        self.graph_def = None
+
+    def start(self) -> None:
+        if self.thread.ident is None:
+            self.thread.start()
+
+    def result(self) -> bytes:
+        if self.thread.ident is None:  # never started: serialize here
+            self.thread.start()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None
+        data, self.data = self.data, None
+        return data

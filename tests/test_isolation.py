@@ -143,3 +143,58 @@ def test_bfloat16_and_string_tensors_cross_the_pipe() -> None:
     back_bf, back_str = decode_arrays(*encode_arrays([bf, strings]))
     assert back_bf.dtype == bf.dtype and np.array_equal(back_bf.astype(np.float32), bf.astype(np.float32))
     assert back_str.dtype == object and back_str.tolist() == strings.tolist()  # trailing NULs kept
+
+
+def _function_graph() -> tf.compat.v1.GraphDef:
+    """A graph that calls a library function (``StatefulPartitionedCall`` of a ``tf.function``), as TF2 exports do."""
+
+    @tf.function
+    def body(v: tf.Tensor) -> tf.Tensor:
+        return tf.nn.relu(v * 3.0 - 1.0)
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
+        tf.identity(body(x), name="y")
+    graph_def = graph.as_graph_def()
+    assert graph_def.library.function, "the test needs a function library"
+    return graph_def
+
+
+def _public_import(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    return graph.as_graph_def()
+
+
+@pytest.mark.parametrize("name", ["conv_fused_nhwc", "conv_fused_nchw", "conv_fp16", "conv3d_fused", "skip_training_bn", "functions"])
+def test_the_worker_imports_the_bytes_as_import_graph_def_does(name: str) -> None:
+    """``import_serialized`` hands the received bytes to TF's C importer without parsing them in Python:
+    the graph it builds is the one ``tf.graph_util.import_graph_def`` builds (defaults added, functions kept)."""
+    from sample_models.make_samples import SAMPLES, build
+
+    graph_def = _function_graph() if name == "functions" else build(SAMPLES[name])
+    imported = isolation.import_serialized(tf, graph_def.SerializeToString()).as_graph_def()
+    expected = _public_import(graph_def)
+    assert imported.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+def test_a_graph_with_functions_runs_in_the_worker() -> None:
+    runner = IsolatedGraph(_function_graph().SerializeToString(), channels_first=False)
+    try:
+        (value,) = runner.run(["y:0"], {"x:0": np.array([[0.0, 1.0, -1.0, 2.0]], np.float32)})
+    finally:
+        runner.close()
+    np.testing.assert_allclose(value, [[0.0, 2.0, 0.0, 5.0]])
+
+
+def test_a_graph_tensorflow_rejects_is_an_error_and_the_worker_lives_on() -> None:
+    """An input naming no node: TF's importer refuses it (``ValueError``, as ``import_graph_def`` raises), no abort."""
+    graph_def = tf.compat.v1.GraphDef()
+    node = graph_def.node.add(name="y", op="Identity", input=["nowhere:0"])
+    node.attr["T"].type = tf.float32.as_datatype_enum
+    with pytest.raises(isolation.GraphRunError, match="nowhere") as caught:
+        IsolatedGraph(graph_def.SerializeToString())
+    assert caught.value.kind == "ValueError"
+    assert any(w.alive for w in isolation._spare)  # kept for the next graph, not replaced

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2
 from test_keras import randomize_bn
 from typer.testing import CliRunner
@@ -214,3 +217,59 @@ def test_nothing_changed_is_written_as_it_was_without_a_check(tmp_path: Path) ->
 def test_a_fold_that_changes_the_graph_is_still_checked() -> None:
     result = bnfold.fold(_graph(lambda: tf.identity(_conv_bn(tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")), name="y")))
     assert not result.unchanged and result.verification is not None and result.verification.passed
+
+
+FORMATS = [None, b"NHWC", b"NCHW", b"NDHWC", b"NCDHW", b"NWC", b"NCW", "placeholder"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    top=st.lists(st.sampled_from(FORMATS), max_size=4),
+    bodies=st.lists(st.lists(st.sampled_from(FORMATS), max_size=3), max_size=2),
+)
+def test_the_layout_pass_is_kept_where_an_op_may_be_channels_first(top: list, bodies: list[list]) -> None:
+    """The check starts grappler (its layout pass only) for a graph with a channels-first op anywhere, in
+    function bodies too, and where a body takes its ``data_format`` from the caller; else not at all."""
+    from bnfold.verification import channels_first
+
+    def fill(node: Any, value: object) -> None:
+        if value == "placeholder":
+            node.attr["data_format"].placeholder = "data_format"
+        elif value is not None:
+            node.attr["data_format"].s = value  # type: ignore[assignment]
+
+    graph_def = graph_pb2.GraphDef()
+    for i, value in enumerate(top):
+        fill(graph_def.node.add(name=f"n{i}", op="Conv2D"), value)
+    for j, body in enumerate(bodies):
+        function = graph_def.library.function.add()
+        function.signature.name = f"f{j}"
+        for i, value in enumerate(body):
+            fill(function.node_def.add(name=f"b{i}", op="Conv2D"), value)
+    wanted = any(v == "placeholder" or (v is not None and v.startswith(b"NC")) for v in [*top, *(v for b in bodies for v in b)])
+    assert channels_first(graph_def) == wanted
+    assert [("data_format" in n.attr) for n in graph_def.node] == [v is not None for v in top]  # read, never added
+
+
+def test_the_check_runs_graphs_without_optimizers() -> None:
+    """No grappler pass but the layout pass (and that only for channels-first graphs), no constant folding."""
+    from tensorflow.core.protobuf import config_pb2
+
+    from bnfold.verification import runner_config
+
+    for layout in (True, False):
+        config = runner_config(layout)
+        assert config.graph_options.optimizer_options.opt_level == config_pb2.OptimizerOptions.L0
+        rewrites = config.graph_options.rewrite_options
+        assert rewrites.disable_meta_optimizer is not layout
+        assert list(rewrites.optimizers) == (["layout"] if layout else [])
+
+
+@pytest.mark.parametrize("name", ["conv_fused_nchw", "conv_fused_nhwc", "conv3d_fused"])
+def test_channels_first_and_last_graphs_pass_the_check(name: str) -> None:
+    from bnfold.verification import channels_first
+
+    graph_def = build(SAMPLES[name])
+    assert channels_first(graph_def) == (name == "conv_fused_nchw")
+    result = bnfold.fold(graph_def)
+    assert result.verification is not None and result.verification.passed and result.verification.batch_independent is True
