@@ -19,7 +19,7 @@ from bnfold import io, isolation
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import fold_graph_outcome
 from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
-from bnfold.freeze import DEFAULT_SIGNATURE, Signature, load
+from bnfold.freeze import DEFAULT_SIGNATURE, Loaded, Signature, load
 from bnfold.graph import op_counts, parse_input
 from bnfold.result import FoldResult
 from bnfold.runsafety import check_runnable, refused_nodes
@@ -58,6 +58,7 @@ def fold(
     training_bn: str = "keep",
     signature: str = DEFAULT_SIGNATURE,
     trust_model: bool = False,
+    stream_constants: bool = False,
 ) -> FoldResult:
     """Fold every BN of a frozen graph into the conv/dense ops around it.
 
@@ -81,10 +82,20 @@ def fold(
     session resources) raise :class:`~bnfold.errors.UnsafeModelError` unless
     ``trust_model``; with ``verify_outputs=False`` nothing runs, and such nodes
     pass through untouched, listed in ``result.foreign_ops``.
+
+    ``stream_constants`` (a binary ``.pb`` path, no check): large constants stay in the
+    file and the fold's new weights are computed when written (:mod:`bnfold.streaming`),
+    so memory stays near the size of the graph without its weights. The result then
+    holds stubs: pass it to :func:`write_result` (which fills them), not to other code.
     """
     if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
         isolation.prestart()
-    loaded = load(source, signature, trust_model=trust_model)
+    contents = None
+    if stream_constants and not verify_outputs and _is_graph_file(source):
+        graph, contents = io.load_graph_def_streaming(source)
+        loaded = Loaded(graph, str(source))
+    else:
+        loaded = load(source, signature, trust_model=trust_model)
     graph_def, name = loaded.graph_def, loaded.source
     _check_names(graph_def, inputs, "--inputs")
     _check_names(graph_def, outputs, "--outputs")
@@ -104,7 +115,7 @@ def fold(
     # no copy of the model is made (bnfold IN OUT --no-verify, the fastest path).
     owned = loaded.graph_def is not source or canonical is not graph_def
     outcome = fold_graph_outcome(
-        canonical, protected, in_place=owned and not verify_outputs, fed={parse_input(k)[0] for k in feeds or {}}
+        canonical, protected, in_place=owned and not verify_outputs, fed={parse_input(k)[0] for k in feeds or {}}, contents=contents
     )
     folded, sites = outcome.graph_def, outcome.sites
     reference = canonical if any(r.rewritten for r in rewrites) else graph_def
@@ -123,6 +134,7 @@ def fold(
         signature=loaded.signature,
         other_normalizations=outcome.others,
         foreign_ops=[r.to_json() for r in refused_nodes(graph_def)],
+        contents=contents,
     )
     if _left_as_it_was(result, graph_def, resolutions, rewrites):
         # Nothing folded, nothing removed: the graph is written as it came, and a graph identical
@@ -149,6 +161,11 @@ def fold(
         if not result.verification.passed and not force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
     return result
+
+
+def _is_graph_file(source: GraphSource) -> bool:
+    """A path :func:`bnfold.freeze.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
+    return isinstance(source, str | os.PathLike) and Path(source).is_file() and Path(source).suffix.lower() not in (".keras", ".h5", ".hdf5")
 
 
 def _left_as_it_was(
@@ -199,6 +216,10 @@ def write_result(result: FoldResult, dst: str | os.PathLike[str]) -> None:
             inputs={n: f"{n}:0" for n in result.inputs},
             outputs={parse_input(n)[0]: f"{parse_input(n)[0]}:{parse_input(n)[1]}" for n in result.outputs},
         )
+        if result.contents is not None:
+            from bnfold.streaming import materialize_all
+
+            materialize_all(result.graph_def, result.contents)
         io.write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, Path(dst))
     else:
-        io.write_graph_def(result.graph_def, dst)
+        io.write_graph_def(result.graph_def, dst, result.contents)

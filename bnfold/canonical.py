@@ -15,7 +15,7 @@ import numpy as np
 from tensorflow.core.framework import node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
-from bnfold.graph import GraphIndex, attr, const_array, parse_input
+from bnfold.graph import GraphIndex, attr, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
 
@@ -75,7 +75,7 @@ class ConstEvaluator:
             return None
         try:
             if node.op == "Const":
-                return const_array(attr(node, "value").tensor)
+                return self.index.const_value(node)
             if node.op in PASS_THROUGH:
                 return self.raw(node.input[index if node.op == "IdentityN" else 0])
             value = self.value(ref)
@@ -131,7 +131,7 @@ class ConstEvaluator:
         inputs = [r for r in node.input if not r.startswith("^")]
         try:
             if op == "Const":
-                return to_float64(const_array(attr(node, "value").tensor))
+                return to_float64(self.index.const_value(node))
             if op in PASS_THROUGH:
                 return self.value(inputs[index if op == "IdentityN" else 0])
             if op not in _EVALUABLE:
@@ -177,7 +177,7 @@ class ConstEvaluator:
         sub.versions.CopyFrom(self.index.versions)
         for node in self.index.walk(name):
             copy = sub.node.add()
-            copy.CopyFrom(node)
+            copy.CopyFrom(self.index.full_node(node))
             del copy.input[:]
             copy.input.extend(r for r in node.input if not r.startswith("^"))  # order does not change a value
             copy.device = ""

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
-from bnfold.formats import check_output_format, is_saved_model_destination, output_path
+from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_destination, output_path
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
@@ -209,16 +209,18 @@ def fold_command(
             switch_options["training_bn"] = training_bn
         if switch_options and any(str(p).lower().endswith(".onnx") for p in (src, dst) if p is not None):
             raise UsageError("--set/--training-bn: not supported with ONNX input or output yet; fold to .pb first")
-        from bnfold import onnx_export
-
-        onnx_mode = onnx_export.is_onnx_path(src) or onnx_export.is_onnx_path(dst)
-        if onnx_export.is_onnx_path(src) and dst is not None and not onnx_export.is_onnx_path(dst):
+        onnx_mode = is_onnx_path(src) or is_onnx_path(dst)
+        if onnx_mode:  # not for a TF-only run: importing onnx costs its memory (#16)
+            from bnfold import onnx_export
+        if is_onnx_path(src) and dst is not None and not is_onnx_path(dst):
             raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
         if opset is not None and not onnx_mode:
             raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
         if signature is not None and onnx_mode:
             raise UsageError("--signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert")
         source_options: dict[str, Any] = {} if onnx_mode else {"signature": signature or "serving_default"}
+        if no_verify and not onnx_mode and (dst is None or dry_run or dst.suffix.lower() == ".pb"):
+            source_options["stream_constants"] = True  # weights stay in the file until written (bnfold.streaming)
         model = None
         try:
             with verification_progress(quiet) as on_batch:
@@ -253,7 +255,8 @@ def fold_command(
         except VerificationError as exc:
             if exc.result is not None and not quiet:
                 rep.print_result(exc.result, out)  # type: ignore[arg-type]
-                onnx_export.print_stage(exc.result, out)
+                if onnx_mode:
+                    onnx_export.print_stage(exc.result, out)
             if report is not None and exc.result is not None:
                 rep.write_json(exc.result, report)  # type: ignore[arg-type]
             if dry_run:
@@ -263,7 +266,8 @@ def fold_command(
         external = dst is not None and not dry_run and model is not None and onnx_export.plan_output(result, model, dst)
         if not quiet:
             rep.print_result(result, out)
-            onnx_export.print_stage(result, out)
+            if onnx_mode:
+                onnx_export.print_stage(result, out)
         warn_foreign_ops(result, quiet)
         if report is not None:
             rep.write_json(result, report)
@@ -280,6 +284,8 @@ def fold_command(
             api.write_result(result, dst)
             if not quiet:
                 out.print(f"wrote {dst}")
+        if result.contents is not None:
+            result.contents.close()
 
     _run(debug, body)
 

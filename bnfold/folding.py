@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
@@ -18,6 +19,9 @@ from bnfold.affine import Affine, OtherNormalization, Unfoldable, as_step, data_
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
 from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
 from bnfold.graph import ContentBuffer, GraphIndex, attr, collection_paused, make_node, parse_input
+
+if TYPE_CHECKING:
+    from bnfold.streaming import Contents
 
 __all__ = ["LINEAR_OPS", "Action", "Folder", "LinearSpec", "SiteRecord", "fold_graph"]
 
@@ -72,9 +76,14 @@ class Folder:
     """One fold of one graph: holds the index, the evaluator and the records."""
 
     def __init__(
-        self, graph_def: graph_pb2.GraphDef, protected: set[str], in_place: bool = False, fed: set[str] | None = None
+        self,
+        graph_def: graph_pb2.GraphDef,
+        protected: set[str],
+        in_place: bool = False,
+        fed: set[str] | None = None,
+        contents: Contents | None = None,
     ) -> None:
-        self.index = GraphIndex(graph_def, in_place=in_place)
+        self.index = GraphIndex(graph_def, in_place=in_place, contents=contents)
         self.ev = ConstEvaluator(self.index)
         self.protected = protected
         self.fed = fed or set()
@@ -165,7 +174,7 @@ class Folder:
         overflow = _overflow(linear, folded)
         if overflow:
             return overflow
-        self._set_weights(linear, spec, buffer)
+        self._set_weights(linear, spec, buffer, folded)
         self._end_with_bias(site, linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
         self._last_linear = linear.name
         return None
@@ -207,7 +216,7 @@ class Folder:
         if overflow:
             return overflow
         self.index.set_input(linear.name, spec.data_slot, site.input_ref)
-        self._set_weights(self.index.node(linear.name), spec, buffer)
+        self._set_weights(self.index.node(linear.name), spec, buffer, folded)
         self._remove_site(site, keep=None)
         if has_shift:
             self._add_bias_after(linear.name, folded.bias, _data_axis(linear, spec), spec.rank)
@@ -280,11 +289,21 @@ class Folder:
         dtype = consumer_dtype(linear, spec.weight_slot)
         return ContentBuffer(weights.shape, dtypes.as_dtype(dtype).as_numpy_dtype if dtype else weights.dtype)
 
-    def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: ContentBuffer) -> None:
-        """Point the linear op at new weights; the old constant is never edited (others may read it)."""
+    def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: ContentBuffer, folded: Folded) -> None:
+        """Point the linear op at new weights; the old constant is never edited (others may read it).
+
+        Where the old weights were left in the model file (bnfold.streaming), the new ones are
+        kept as how to compute them from those, and computed again when the graph is written.
+        """
         old = linear.input[spec.weight_slot]
         dtype = consumer_dtype(linear, spec.weight_slot) or dtypes.as_dtype(value.array.dtype).as_datatype_enum
-        const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtype)
+        lazy = self.index.lazy_value(old)
+        if lazy is not None and folded.factor is not None:
+            from bnfold.streaming import ScaledTensor
+
+            const = self.index.add_stub(f"{linear.name}/bnfold_weights", ScaledTensor(lazy, folded.factor, value.array.dtype), dtype)
+        else:
+            const = self.index.add_const(f"{linear.name}/bnfold_weights", value, dtype)
         self.index.set_input(linear.name, spec.weight_slot, const)
         self.prune([parse_input(old)[0]])
 
@@ -406,11 +425,17 @@ class FoldOutcome:
 
 
 def fold_graph_outcome(
-    graph_def: graph_pb2.GraphDef, protected: set[str] | None = None, *, in_place: bool = False, fed: set[str] | None = None
+    graph_def: graph_pb2.GraphDef,
+    protected: set[str] | None = None,
+    *,
+    in_place: bool = False,
+    fed: set[str] | None = None,
+    contents: Contents | None = None,
 ) -> FoldOutcome:
-    """:func:`fold_graph`, also returning the other normalizations; ``fed`` names nodes a feed overrides."""
+    """:func:`fold_graph`, also returning the other normalizations; ``fed`` names nodes a feed overrides;
+    ``contents`` holds the values of the graph's stubs (bnfold.streaming), and of the new ones."""
     with collection_paused():
-        folder = Folder(graph_def, protected or set(), in_place=in_place, fed=fed)
+        folder = Folder(graph_def, protected or set(), in_place=in_place, fed=fed, contents=contents)
         records = folder.run()
         if not any(r.action != "skipped" for r in records):
             return FoldOutcome(graph_def, records, folder.others)

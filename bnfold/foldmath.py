@@ -38,6 +38,7 @@ class Folded:
 
     weights: np.ndarray
     bias: np.ndarray
+    factor: np.ndarray | None = None  # what the weights were multiplied by: W' = scaled(W, factor), to compute them again
 
 
 def to_float64(value: np.ndarray) -> np.ndarray:
@@ -124,7 +125,7 @@ def fold_after(
     old = np.zeros(1) if bias is None else to_float64(bias).reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         new_bias = old * scale + shift
-    return Folded(scaled(weights, factor, out), np.asarray(new_bias, dtype=np.float64).reshape(-1))
+    return Folded(scaled(weights, factor, out), np.asarray(new_bias, dtype=np.float64).reshape(-1), factor)
 
 
 def fold_before(
@@ -150,7 +151,8 @@ def fold_before(
         channels = int(np.prod([w64.shape[a] for a in out_axes]))
         extra = moved.reshape(-1, channels).sum(axis=0)
         new_bias = extra if bias is None else to_float64(bias).reshape(-1) + extra
-    return Folded(scaled(weights, broadcast(scale, weights.ndim, in_axis), out), np.asarray(new_bias, dtype=np.float64))
+    factor = broadcast(scale, weights.ndim, in_axis)
+    return Folded(scaled(weights, factor, out), np.asarray(new_bias, dtype=np.float64), factor)
 
 
 def storable(folded: Folded, dtype: np.dtype | type, what: str) -> str | None:

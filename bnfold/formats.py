@@ -50,6 +50,11 @@ def is_saved_model_destination(dst: str | os.PathLike[str]) -> bool:
     return not Path(dst).suffix
 
 
+def is_onnx_path(path: str | os.PathLike[str] | None) -> bool:
+    """A path bnfold reads or writes as ONNX, told without importing onnx (a .pb run never needs it)."""
+    return path is not None and Path(path).suffix.lower() == ".onnx"
+
+
 def check_output_format(dst: str | os.PathLike[str]) -> None:
     """Refuse an OUT whose suffix names no format bnfold writes (exit 2), before any work is done."""
     if is_saved_model_destination(dst):

@@ -12,12 +12,16 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, tensor_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from bnfold.comparison import parse_input
+
+if TYPE_CHECKING:
+    from bnfold.streaming import Contents, LazyTensor
 
 __all__ = ["ContentBuffer", "GraphIndex", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
 
@@ -66,8 +70,9 @@ class GraphIndex:
     caller's GraphDef are shared, never edited: every edit replaces a node.
     """
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, in_place: bool = False) -> None:
+    def __init__(self, graph_def: graph_pb2.GraphDef, in_place: bool = False, contents: Contents | None = None) -> None:
         self._template_source = graph_def  # versions and library of the result
+        self.contents = contents  # values of large constants left in the model file (bnfold.streaming)
         self.nodes: dict[str, node_def_pb2.NodeDef] = {node.name: node for node in graph_def.node}
         in_place = in_place and len(self.nodes) == len(graph_def.node)
         # New constants are built inside the GraphDef that becomes the result: the source itself
@@ -101,6 +106,31 @@ class GraphIndex:
 
     def node(self, name: str) -> node_def_pb2.NodeDef:
         return self.nodes[name]
+
+    def const_value(self, node: node_def_pb2.NodeDef) -> np.ndarray:
+        """A ``Const`` node's value, read from the model file where the graph holds a stub of it."""
+        lazy = self.contents.get(node) if self.contents is not None else None
+        if lazy is not None:
+            return lazy.read()
+        return const_array(attr(node, "value").tensor)
+
+    def lazy_value(self, ref: str) -> LazyTensor | None:
+        """The values behind ``ref`` when they are a stub's (through ops that only forward them), else None."""
+        if self.contents is None:
+            return None
+        from bnfold.canonical import PASS_THROUGH
+
+        node, port = self.producer(ref)
+        while node is not None and node.op in PASS_THROUGH:
+            inputs = self.data_inputs(node)
+            if not inputs:
+                return None
+            node, port = self.producer(inputs[port if node.op == "IdentityN" else 0])
+        return self.contents.get(node) if node is not None and node.op == "Const" and port == 0 else None
+
+    def full_node(self, node: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
+        """``node`` with its values in it (a copy where it is a stub), for a graph TensorFlow will run."""
+        return self.contents.materialized(node) if self.contents is not None else node
 
     def producer(self, ref: str) -> tuple[node_def_pb2.NodeDef | None, int]:
         """The node behind an input string, and which of its outputs it is."""
@@ -247,6 +277,23 @@ class GraphIndex:
         node.name, node.op = name, "Const"
         node.attr["dtype"].type = dtype
         fill_tensor_proto(node.attr["value"].tensor, value, dtype)
+        self.add(node)
+        return node.name
+
+    def add_stub(self, name: str, lazy: LazyTensor, dtype: int) -> str:
+        """Add a Const whose values stay outside the graph (computed when written, bnfold.streaming)."""
+        from bnfold.streaming import stub_tensor
+
+        assert self.contents is not None, "stubs need the model file's contents"
+        name = self.unique_name(name)
+        if self._target is None:
+            self._target = graph_pb2.GraphDef()
+        node = self._target.node.add()
+        self._appended.append(node)
+        node.name, node.op = name, "Const"
+        node.attr["dtype"].type = dtype
+        stub_tensor(node.attr["value"].tensor, lazy, dtype)
+        self.contents.add(name, lazy)
         self.add(node)
         return node.name
 

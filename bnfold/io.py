@@ -10,17 +10,45 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.errors import InputError, OutputError, first_line
 from bnfold.files import _umask, atomic_write, check_output_path, read_bytes, terminating_cleanly  # noqa: F401  (TF-free; re-exported)
-from bnfold.graph import parse_input, varint
+from bnfold.graph import parse_input
+
+if TYPE_CHECKING:
+    from bnfold.streaming import Contents
 
 TEXT_SUFFIXES = {".pbtxt", ".pbtext", ".txt"}
 VARIABLE_OPS = {"VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "ResourceGather", "AssignVariableOp"}
+
+
+def load_graph_def_streaming(path: str | os.PathLike[str]) -> tuple[graph_pb2.GraphDef, Contents | None]:
+    """A binary GraphDef read node by node, its large constants left in the file (:mod:`bnfold.streaming`),
+    with the same checks as :func:`load_graph_def`; a file that cannot be read that way is read whole."""
+    path = Path(path)
+    if path.suffix.lower() not in TEXT_SUFFIXES and path.is_file():
+        from bnfold.streaming import read_graph_def
+
+        try:
+            parsed = read_graph_def(path)
+        except OSError:
+            parsed = None  # read whole below, which reports why
+        if parsed is not None and parsed[0].node:
+            graph_def, contents = parsed
+            try:
+                check_versions(graph_def, str(path))
+                check_graph(graph_def, str(path))
+            except BaseException:
+                contents.close()
+                raise
+            return graph_def, contents
+        if parsed is not None:
+            parsed[1].close()
+    return load_graph_def(path), None
 
 
 def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
@@ -186,32 +214,39 @@ def graph_def_bytes(graph_def: graph_pb2.GraphDef, text: bool) -> bytes:
     return graph_def.SerializeToString(deterministic=True)
 
 
-def write_graph_def(graph_def: graph_pb2.GraphDef, dst: str | os.PathLike[str]) -> None:
+def write_graph_def(graph_def: graph_pb2.GraphDef, dst: str | os.PathLike[str], contents: Contents | None = None) -> None:
+    """Write ``.pb``/``.pbtxt`` atomically; ``contents`` fills the graph's stubs (:mod:`bnfold.streaming`)."""
     dst = Path(dst)
     if dst.suffix.lower() in TEXT_SUFFIXES:
+        if contents is not None:
+            from bnfold.streaming import materialize_all
+
+            materialize_all(graph_def, contents)
         data = graph_def_bytes(graph_def, True)
         atomic_write(dst, lambda tmp: tmp.write_bytes(data))
         return
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            stream_graph_def(graph_def, f)
+            stream_graph_def(graph_def, f, contents)
+        if contents is not None:
+            contents.source.check_unchanged()  # the values spliced in are the ones the graph was read with
 
     atomic_write(dst, write)
 
 
-def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO) -> None:
+def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO, contents: Contents | None = None) -> None:
     """Write exactly ``graph_def.SerializeToString(deterministic=True)``, one node at a time.
 
     A GraphDef is its nodes (field 1, length-delimited) followed by its other
     fields (library, versions), so the serialized model never has to sit in
-    memory whole: the largest piece held is one node.
+    memory whole: the largest piece held is one node. A stub's values
+    (``contents``) are spliced into its record as it is written.
     """
+    from bnfold.streaming import write_node
+
     for node in graph_def.node:
-        data = node.SerializeToString(deterministic=True)
-        f.write(b"\n" + varint(len(data)))  # field 1, wire type 2
-        f.write(data)
-        del data
+        write_node(node, f, contents)
     rest = graph_pb2.GraphDef()
     for descriptor, value in graph_def.ListFields():
         if descriptor.name == "node":

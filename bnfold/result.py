@@ -37,6 +37,9 @@ class FoldResult:
     other_normalizations: list[SiteRecord] = field(default_factory=list)  # layer/instance norms: not BN, not counted
     foreign_ops: list[dict[str, str]] = field(default_factory=list)  # nodes bnfold would not run (runsafety): passed through untouched
     unchanged: bool = False  # nothing folded or removed: the input graph is the result, and no check ran
+    # Values of large constants left in the model file (bnfold.streaming); graph_def then holds their
+    # stubs, and api.write_result splices them in.
+    contents: Any = field(default=None, repr=False, compare=False)
 
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
