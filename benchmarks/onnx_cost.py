@@ -77,15 +77,19 @@ def commands(pb: Path, tmp: Path, inp: str, out: str) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def timed_rss(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS in MB (GNU time -v: the largest single process) of one run."""
+def timed_rss(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS in MB (GNU time -v: the largest single process) and CPU seconds (user + system) of one run.
+
+    CPU seconds move less than wall time with the load of a shared machine.
+    """
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return elapsed, int(match.group(1)) / 1024 if match else float("nan")
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return elapsed, int(match.group(1)) / 1024 if match else float("nan"), cpu
 
 
 def interleaved(name: str, repeats: int, baseline: Path | None) -> dict[str, Any]:
@@ -93,17 +97,18 @@ def interleaved(name: str, repeats: int, baseline: Path | None) -> dict[str, Any
     inp, out = io_names(pb)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     with tempfile.TemporaryDirectory(prefix="onnx_cost_") as tmp:
-        arms = {k: (v, env) for k, v in commands(pb, Path(tmp), inp, out).items()}
-        if baseline is not None:
+        arms = {k: (v, env, ROOT) for k, v in commands(pb, Path(tmp), inp, out).items()}
+        if baseline is not None:  # run from the baseline checkout: `python -m` puts the working directory first on sys.path
             base_cmd = [*arms["bnfold"][0][:-3], str(Path(tmp) / "baseline.onnx"), "-q", "--no-verify"]
-            arms["bnfold_baseline"] = (base_cmd, {**env, "PYTHONPATH": str(baseline)})
-        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in arms}
+            arms["bnfold_baseline"] = (base_cmd, {**env, "PYTHONPATH": str(baseline.resolve())}, baseline.resolve())
+        runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in arms}
         load = [os.getloadavg()[0]]
         order = list(arms)
         for rep in range(repeats):
             for key in order if rep % 2 == 0 else order[::-1]:
                 runs[key].append(timed_rss(*arms[key]))
-                print(f"[{name}] {key} run {rep + 1}: {runs[key][-1][0]:.1f} s, {runs[key][-1][1]:.0f} MB", flush=True)
+                wall, rss, cpu = runs[key][-1]
+                print(f"[{name}] {key} run {rep + 1}: {wall:.1f} s, {rss:.0f} MB, {cpu:.1f} CPU s", flush=True)
             load.append(os.getloadavg()[0])
     medians = {k: {"wall_s": statistics.median(r[0] for r in v), "peak_rss_mb": statistics.median(r[1] for r in v)} for k, v in runs.items()}
     b, t = medians["bnfold"], medians["tf2onnx"]
@@ -111,10 +116,11 @@ def interleaved(name: str, repeats: int, baseline: Path | None) -> dict[str, Any
         "model": name,
         "model_mb": round(pb.stat().st_size / 1e6, 1),
         "repeats": repeats,
-        "runs": {k: [{"wall_s": round(w, 2), "peak_rss_mb": round(m)} for w, m in v] for k, v in runs.items()},
-        "median": {k: {"wall_s": round(v["wall_s"], 2), "peak_rss_mb": round(v["peak_rss_mb"])} for k, v in medians.items()},
+        "runs": {k: [{"wall_s": round(w, 2), "peak_rss_mb": round(m), "cpu_s": round(c, 2)} for w, m, c in v] for k, v in runs.items()},
+        "median": {k: {"wall_s": round(v["wall_s"], 2), "peak_rss_mb": round(v["peak_rss_mb"]), "cpu_s": round(v["cpu_s"], 2)} for k, v in medians.items()},
         "wall_ratio": round(b["wall_s"] / t["wall_s"], 3),
         "rss_ratio": round(b["peak_rss_mb"] / t["peak_rss_mb"], 3),
+        "cpu_ratio": round(b["cpu_s"] / t["cpu_s"], 3),
         "load_1min": [round(x, 2) for x in load],
     }
 
@@ -165,6 +171,8 @@ def child(tool: str, pb: str, inp: str, out: str, dst: str) -> None:
         for part in path:
             owner = getattr(owner, part)
         fn = getattr(owner, last)
+        if hasattr(fn, "__wrapped__"):
+            return  # the same function under another module's name, already timed
 
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -250,16 +258,21 @@ def main() -> None:
         return
     results = [interleaved(name, args.repeats, args.baseline) for name in args.models]
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=1) + "\n")
-    print("\n| model | bnfold --no-verify | tf2onnx CLI | wall ratio | RSS ratio | load (1 min) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\nmedians of {args.repeats}, interleaved; wall s / peak RSS / CPU s (user + system)")
+    print("| model | bnfold --no-verify | tf2onnx CLI | wall ratio | RSS ratio | CPU ratio | load (1 min) |")
+    print("|---|---|---|---|---|---|---|")
+
+    def cell(m: dict[str, float]) -> str:
+        return f"{m['wall_s']:.1f} s, {m['peak_rss_mb'] / 1024:.2f} GB, {m['cpu_s']:.1f} s"
+
     for r in results:
         b, t = r["median"]["bnfold"], r["median"]["tf2onnx"]
-        print(f"| {r['model']} | {b['wall_s']:.1f} s, {b['peak_rss_mb'] / 1024:.2f} GB | {t['wall_s']:.1f} s, {t['peak_rss_mb'] / 1024:.2f} GB | "
-              f"{r['wall_ratio']:.2f}x | {r['rss_ratio']:.2f}x | {min(r['load_1min']):.1f}-{max(r['load_1min']):.1f} |")  # fmt: skip
+        print(f"| {r['model']} | {cell(b)} | {cell(t)} | {r['wall_ratio']:.2f}x | {r['rss_ratio']:.2f}x | {r['cpu_ratio']:.2f}x | "
+              f"{min(r['load_1min']):.1f}-{max(r['load_1min']):.1f} |")  # fmt: skip
         if "bnfold_baseline" in r["median"]:
             base = r["median"]["bnfold_baseline"]
-            print(f"|   baseline bnfold | {base['wall_s']:.1f} s, {base['peak_rss_mb'] / 1024:.2f} GB | | "
-                  f"{base['wall_s'] / t['wall_s']:.2f}x | {base['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | |")  # fmt: skip
+            print(f"| {r['model']}, baseline bnfold | {cell(base)} | | {base['wall_s'] / t['wall_s']:.2f}x | "
+                  f"{base['peak_rss_mb'] / t['peak_rss_mb']:.2f}x | {base['cpu_s'] / t['cpu_s']:.2f}x | |")  # fmt: skip
 
 
 if __name__ == "__main__":
