@@ -485,7 +485,7 @@ def main() -> None:
     if _runs_a_tf_graph(argv):
         from bnfold import isolation
 
-        isolation.prestart()  # the check's worker imports TensorFlow while this process does
+        isolation.prefer_fork()  # the check's worker is forked once this process has TensorFlow: no second import
     app(args=argv, prog_name="bnfold")
 
 

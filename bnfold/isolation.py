@@ -25,6 +25,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from typing import IO, Any
 
 import numpy as np
@@ -151,16 +153,25 @@ def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
 
 
 class Worker:
-    """One child process that imports TensorFlow and runs one graph at a time."""
+    """One child process with TensorFlow that runs one graph at a time.
+
+    Forked from this process where that is safe (:func:`prefer_fork`), so
+    that it starts with the TensorFlow this process has imported already;
+    else a new interpreter that imports TensorFlow itself.
+    """
 
     def __init__(self) -> None:
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
+        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log) if _can_fork() else self._spawn()
+        _started.append(self)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         # The worker imports this very bnfold, also when it was found through sys.path alone.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-        self.process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-c", "from bnfold.isolation import serve; serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -169,7 +180,6 @@ class Worker:
             cwd=os.getcwd(),
             start_new_session=True,  # a terminal's Ctrl-C reaches bnfold, which then ends the worker
         )
-        _started.append(self)
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -229,6 +239,127 @@ class Worker:
 
 _spare: list[Worker] = []
 _started: list[Worker] = []  # every worker of this process, for the exit handler
+
+
+# -- forked workers ---------------------------------------------------------------------------
+
+
+def _os_threads() -> int:
+    """Threads of this process, as the kernel counts them (-1 where it cannot be read)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
+_THREADS_AT_IMPORT = _os_threads()  # numpy, imported above, has started its BLAS threads by now
+_fork_preferred = False
+
+
+def prefer_fork() -> None:
+    """Fork workers from this process from now on, wherever :func:`_can_fork` finds it safe.
+
+    The command line calls this as it starts: a worker forked once this
+    process has imported TensorFlow starts with that TensorFlow, where a new
+    interpreter imports it again (4.3 s of CPU on 2 cores; while this process
+    imports its own, the two imports share the cores). The API leaves it off,
+    since a caller's process may hold threads and descriptors a child should
+    not inherit.
+    """
+    global _fork_preferred
+    if sys.platform.startswith("linux"):
+        _fork_preferred = True
+    else:  # no fork: a new interpreter now, whose TensorFlow import overlaps this process's
+        prestart()
+
+
+def _can_fork() -> bool:
+    """Whether a fork is safe now: Linux, TensorFlow imported, and no thread started since numpy's.
+
+    A forked child has only the forking thread; a lock another thread held
+    stays locked in it forever. TensorFlow starts no thread when imported (TF
+    2.21: the process has as many threads after ``import tensorflow`` as
+    before), but its runtime does (eager context, sessions), and so do
+    onnxruntime and Python threads: any such thread means a new interpreter instead.
+    """
+    if not _fork_preferred or not sys.platform.startswith("linux") or "tensorflow" not in sys.modules:
+        return False
+    threads = _os_threads()
+    return 0 < threads <= _THREADS_AT_IMPORT and threading.active_count() == 1
+
+
+class _Forked:
+    """A forked worker, seen through the part of ``subprocess.Popen`` that :class:`Worker` uses."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.pid, self.stdin, self.stdout = pid, stdin, stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._reap(os.WNOHANG)
+        return self.returncode
+
+    def _reap(self, flags: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:  # reaped already
+            self.returncode = self.returncode if self.returncode is not None else -signal.SIGKILL
+            return
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is None:
+                self._reap(0)
+            elif time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+            else:
+                time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _fork(log: IO[bytes]) -> _Forked:
+    """Fork a worker that serves requests on a pipe, its stderr (and stdout) going to ``log``."""
+    request_read, request_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    inherited = [f.fileno() for w in _started for f in (w.process.stdin, w.process.stdout, w.log) if f is not None and not f.closed]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the worker: never returns to the caller's stack
+        code = 1
+        try:
+            os.setsid()  # a terminal's Ctrl-C reaches bnfold, which then ends the worker
+            for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers (clean-up of its writes) are not ours
+                signal.signal(sig, signal.SIG_DFL)
+            for fd in (request_write, reply_read, *inherited):  # other ends and other workers' pipes: EOF must reach them
+                os.close(fd)
+            os.dup2(log.fileno(), 2)
+            os.dup2(log.fileno(), 1)
+            os.dup2(request_read, 0)
+            sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            serve(os.fdopen(request_read, "rb"), os.fdopen(reply_write, "wb"))
+            code = 0
+        except BaseException:  # noqa: BLE001 - the worker's last words, for the parent to report
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(request_read)
+    os.close(reply_write)
+    return _Forked(pid, os.fdopen(request_write, "wb"), os.fdopen(reply_read, "rb"))
 
 
 def prestart() -> None:
@@ -358,15 +489,17 @@ def import_serialized(tf: Any, data: bytes) -> Any:
     return graph
 
 
-def serve() -> None:
+def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
     Anything the graph or TensorFlow prints to stdout goes to stderr instead,
-    so it cannot be taken for an answer.
+    so it cannot be taken for an answer. A forked worker passes its pipes.
     """
-    reply = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    requests = sys.stdin.buffer
+    if reply is None:
+        reply = os.fdopen(os.dup(1), "wb")
+        os.dup2(2, 1)
+    if requests is None:
+        requests = sys.stdin.buffer
     import tensorflow as tf
 
     from bnfold.verification import ABORT_RETRIES, runner_config

@@ -7,6 +7,7 @@ process, pytest would die with it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,65 @@ def test_a_graph_tensorflow_rejects_is_an_error_and_the_worker_lives_on() -> Non
         IsolatedGraph(graph_def.SerializeToString())
     assert caught.value.kind == "ValueError"
     assert any(w.alive for w in isolation._spare)  # kept for the next graph, not replaced
+
+
+FORK_SCRIPT = r"""
+import json, sys, threading, time
+from bnfold import isolation
+isolation.prefer_fork()
+import numpy as np
+import tensorflow as tf
+
+data = open(sys.argv[1], "rb").read()  # building a graph here would start TF's graph-runner thread
+facts = {}
+
+first = isolation.IsolatedGraph(data, channels_first=False)
+second = isolation.IsolatedGraph(data, channels_first=False)  # forked while the first worker is held
+facts["kinds"] = [type(g.worker.process).__name__ for g in (first, second)]
+(value,) = second.run(["y:0"], {"x:0": np.ones((2, 3), np.float32)})
+facts["value"] = value.tolist()
+started = time.monotonic()
+first.worker.stop()  # EOF on its pipe must reach it: the second worker holds no copy of the first's pipe
+facts["first_stopped"] = [first.worker.process.returncode, time.monotonic() - started < 5]
+second.close()
+
+stop = threading.Event()
+thread = threading.Thread(target=stop.wait)
+thread.start()
+facts["with_a_thread"] = type(isolation.Worker().process).__name__
+stop.set()
+thread.join()
+
+tf.constant(1.0) + 1.0  # the eager runtime starts its thread pools
+facts["after_eager_ops"] = type(isolation.Worker().process).__name__
+print(json.dumps(facts))
+"""
+
+
+def test_the_command_line_forks_its_worker_only_while_no_thread_runs(tmp_path: Path) -> None:
+    """``prefer_fork`` (the CLI's choice): a worker forked from a process that has TensorFlow imported and
+    has started no thread since numpy; a new interpreter once a Python thread or TF's runtime runs."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3], name="x")
+        tf.identity(x * 2.0 + 1.0, name="y")
+    path = tmp_path / "g.pb"
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["kinds"] == ["_Forked", "_Forked"]
+    assert facts["value"] == [[3.0, 3.0, 3.0]] * 2
+    assert facts["first_stopped"] == [0, True]  # ended by EOF (exit 0), not killed after the 10 s wait
+    assert facts["with_a_thread"] == "Popen" and facts["after_eager_ops"] == "Popen"
+
+
+def test_this_process_never_forks_once_tensorflow_has_run() -> None:
+    """pytest's process has run TF eagerly (threads): even with the preference set, it spawns."""
+    tf.constant(1.0) + 1.0
+    preferred = isolation._fork_preferred
+    try:
+        isolation.prefer_fork()
+        assert not isolation._can_fork()
+    finally:
+        isolation._fork_preferred = preferred
