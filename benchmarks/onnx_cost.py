@@ -110,7 +110,7 @@ def interleaved(name: str, repeats: int, baseline: Path | None) -> dict[str, Any
                 wall, rss, cpu = runs[key][-1]
                 print(f"[{name}] {key} run {rep + 1}: {wall:.1f} s, {rss:.0f} MB, {cpu:.1f} CPU s", flush=True)
             load.append(os.getloadavg()[0])
-    medians = {k: {"wall_s": statistics.median(r[0] for r in v), "peak_rss_mb": statistics.median(r[1] for r in v)} for k, v in runs.items()}
+    medians = {k: {key: statistics.median(r[i] for r in v) for i, key in enumerate(("wall_s", "peak_rss_mb", "cpu_s"))} for k, v in runs.items()}
     b, t = medians["bnfold"], medians["tf2onnx"]
     return {
         "model": name,

@@ -100,8 +100,10 @@ def convert(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str]
 def _convert_lean(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], opset: int) -> onnx.ModelProto | None:
     """``tf2onnx.convert.from_graph_def`` without its waste; None where an ONNX optimizer failed.
 
-    Profiled on keras.applications ResNet50 (103 MB), ``from_graph_def`` spent
-    9-15 s and 6 GB of its 13 s and 7.8 GB in ``optimize_graph``, for two reasons:
+    Profiled on bnfold's folded keras.applications ResNet50 (103 MB),
+    ``from_graph_def`` took 12.7 s and peaked at 7.8 GB RSS; ``optimize_graph`` was
+    9.4 s and 5.7 GB of that (``python -m tf2onnx.convert`` on the unfolded graph:
+    11.5 of 21 s, 5.9 GB), for two reasons:
 
     - each of its 12 optimizers, in each of 2 rounds, runs on a ``copy.deepcopy``
       of the whole graph, weights included, so that a failing optimizer can be
@@ -112,7 +114,8 @@ def _convert_lean(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: lis
       proto's arena again: with upb protobuf, a cleared repeated field does not
       give its memory back until the message is freed, so each round leaked one
       more copy of every weight (24 x 100 MB), and the copying itself was 4.1 s of
-      4.9 s (cProfile: ``RepeatedCompositeContainer.extend``).
+      the 4.9 s that ``optimize_graph`` took even without the deep copies
+      (cProfile: ``RepeatedCompositeContainer.extend``).
 
     Here the optimizers run in place (``catch_errors=False``; on an exception the
     caller redoes the conversion the stock way), and ``Const`` nodes' protos are
