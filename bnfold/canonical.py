@@ -62,11 +62,13 @@ class ConstEvaluator:
         self.index = index
         self._memo: dict[str, dict[int, np.ndarray | None]] = {}
         self._const_memo: dict[str, bool] = {}
+        self._contains_memo: dict[str, dict[frozenset[str], bool]] = {}
 
     def forget(self, name: str) -> None:
         """Drop memoized values of a node that an edit replaced."""
         self._memo.pop(name, None)
         self._const_memo.pop(name, None)
+        self._contains_memo.pop(name, None)
 
     def raw(self, ref: str) -> np.ndarray | None:
         """The value in the tensor's own dtype (used for weights, to cast back)."""
@@ -120,8 +122,13 @@ class ConstEvaluator:
         return known
 
     def contains_op(self, ref: str, ops: set[str]) -> bool:
-        """Whether the constant subgraph behind ``ref`` holds one of ``ops``."""
-        return any(node.op in ops for node in self.index.walk(parse_input(ref)[0]))
+        """Whether the constant subgraph behind ``ref`` holds one of ``ops`` (memoized like values)."""
+        name = parse_input(ref)[0]
+        memo = self._contains_memo.setdefault(name, {})
+        key = frozenset(ops)
+        if key not in memo:
+            memo[key] = any(node.op in ops for node in self.index.walk(name))
+        return memo[key]
 
     def _evaluate(self, name: str, index: int) -> np.ndarray | None:
         node = self.index.nodes.get(name)

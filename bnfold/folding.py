@@ -18,7 +18,7 @@ from tensorflow.python.framework import dtypes
 from bnfold.affine import Affine, OtherNormalization, Unfoldable, as_step, data_format_axis, recognize
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
 from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
-from bnfold.graph import ContentBuffer, GraphIndex, attr, collection_paused, make_node, parse_input
+from bnfold.graph import ContentBuffer, GraphIndex, Scratch, attr, collection_paused, make_node, parse_input
 
 if TYPE_CHECKING:
     from bnfold.streaming import Contents
@@ -89,6 +89,7 @@ class Folder:
         self.fed = fed or set()
         self.records: list[SiteRecord] = []
         self.others: list[SiteRecord] = []  # layer/instance norms: reported apart, never as BN sites
+        self.scratch = Scratch()  # new weights are computed here, one kernel after the other
         self._last_linear: str | None = None
 
     # -- driver --------------------------------------------------------------
@@ -283,11 +284,10 @@ class Folder:
     def _expand(site: Affine, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return fit_channels(site.scale, channels), fit_channels(site.shift, channels)
 
-    @staticmethod
-    def _weight_buffer(linear: node_def_pb2.NodeDef, spec: LinearSpec, weights: np.ndarray) -> ContentBuffer:
+    def _weight_buffer(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, weights: np.ndarray) -> ContentBuffer:
         """Where the new weights are computed: in the dtype the op reads them in, laid out as the graph stores them."""
         dtype = consumer_dtype(linear, spec.weight_slot)
-        return ContentBuffer(weights.shape, dtypes.as_dtype(dtype).as_numpy_dtype if dtype else weights.dtype)
+        return ContentBuffer(weights.shape, dtypes.as_dtype(dtype).as_numpy_dtype if dtype else weights.dtype, self.scratch)
 
     def _set_weights(self, linear: node_def_pb2.NodeDef, spec: LinearSpec, value: ContentBuffer, folded: Folded) -> None:
         """Point the linear op at new weights; the old constant is never edited (others may read it).
@@ -400,8 +400,7 @@ class Folder:
             if controls:
                 if not self._is_constant_read(node):
                     continue
-                for reader in controls:
-                    self.index.drop_control_input(reader.node, name)
+                self.index.drop_control_readers(name)
             stack.extend(parse_input(r)[0] for r in node.input)
             self.index.remove(name)
             self.ev.forget(name)

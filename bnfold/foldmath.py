@@ -79,9 +79,18 @@ def broadcast(vector: np.ndarray, ndim: int, axes: int | Sequence[int], shape: S
 
 
 def all_finite(values: np.ndarray) -> bool:
-    """Whether every value is finite, without a whole-kernel boolean temporary: min and max carry NaN and inf."""
+    """Whether every value is finite, without a whole-kernel boolean temporary.
+
+    A sum of squares (one BLAS pass) carries NaN and inf; when it overflows on finite
+    values, min and max decide.
+    """
     if values.size == 0:
         return True
+    if values.dtype in (np.float32, np.float64) and values.flags.c_contiguous:
+        flat = values.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.vdot(flat, flat)):
+                return True
     try:
         return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
     except TypeError:  # a dtype without min/max

@@ -23,7 +23,7 @@ from bnfold.comparison import parse_input
 if TYPE_CHECKING:
     from bnfold.streaming import Contents, LazyTensor
 
-__all__ = ["ContentBuffer", "GraphIndex", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
+__all__ = ["ContentBuffer", "GraphIndex", "Scratch", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
 
 
 @contextmanager
@@ -84,6 +84,7 @@ class GraphIndex:
         self._appended: list[node_def_pb2.NodeDef] = []  # built inside the target's node list, in order
         self._readded: set[str] = set()  # original names removed and then added again (they move to the end)
         self._consumers: dict[str, list[Consumer]] = defaultdict(list)
+        self._stale_controls: dict[str, set[str]] = {}  # reader -> ^inputs to drop (drop_control_readers)
         for node in self.nodes.values():
             self._link(node)
 
@@ -244,6 +245,32 @@ class GraphIndex:
         node.input[slot] = ref
         self.replace(node)
 
+    def drop_control_readers(self, source: str) -> None:
+        """Remove ``^source`` from every node that has it.
+
+        The readers are rewritten once, when the graph is built (:meth:`to_graph_def`):
+        a Keras graph's final ``NoOp`` waits on hundreds of constants, and copying it
+        for each constant a fold removes was quadratic. Until then the stale control
+        inputs are in no edge list, and no pass reads control inputs by name.
+        """
+        edges = self._consumers.get(source)
+        if not edges:
+            return
+        for c in edges:
+            if c.control:
+                self._stale_controls.setdefault(c.node, set()).add(f"^{source}")
+        edges[:] = [c for c in edges if not c.control]
+
+    def _drop_stale_controls(self) -> None:
+        for name, refs in self._stale_controls.items():
+            if name in self.nodes:
+                node = self._own_copy(name)
+                kept = [ref for ref in node.input if ref not in refs]
+                del node.input[:]
+                node.input.extend(kept)
+                self.nodes[name] = node
+        self._stale_controls.clear()
+
     def drop_control_input(self, name: str, source: str) -> None:
         """Remove ``^source`` from ``name``'s inputs.
 
@@ -304,6 +331,7 @@ class GraphIndex:
         otherwise the result is the GraphDef the new constants were built in, with the
         other nodes copied in. The index no longer mirrors a GraphDef afterwards.
         """
+        self._drop_stale_controls()
         graph = self._target if self._target is not None else graph_pb2.GraphDef()
         if not self._in_place:
             source = self._template_source
@@ -348,17 +376,34 @@ class ContentBuffer:
 
     _ALIGN = 16  # the array starts at this offset into the buffer, so the values are aligned
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, scratch: Scratch | None = None) -> None:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         header = b"\x22" + varint(nbytes)  # field 4 (tensor_content), wire type 2
-        self._raw = np.empty(self._ALIGN + nbytes, dtype=np.uint8)
+        self._raw = scratch.take(self._ALIGN + nbytes) if scratch is not None else np.empty(self._ALIGN + nbytes, dtype=np.uint8)
         self._start = self._ALIGN - len(header)
         self._raw[self._start : self._ALIGN] = np.frombuffer(header, dtype=np.uint8)
         self.array: np.ndarray = self._raw[self._ALIGN :].view(dtype).reshape(shape)
 
     def write_content(self, proto: tensor_pb2.TensorProto) -> None:
         proto.MergeFromString(memoryview(self._raw)[self._start :])  # type: ignore[arg-type]
+
+
+class Scratch:
+    """One buffer that each new kernel of a fold is computed in, in turn, before the graph copies it.
+
+    Fresh memory for every kernel costs a page fault per 4 KiB on first touch, which on
+    a 100 MB model took longer than the arithmetic; a buffer reused from kernel to
+    kernel is touched once. Only the last :meth:`take` is valid.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.uint8)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if self._buffer.size < nbytes:
+            self._buffer = np.empty(nbytes, dtype=np.uint8)
+        return self._buffer[:nbytes]
 
 
 def varint(value: int) -> bytes:
@@ -413,15 +458,31 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     """
     content = tensor.tensor_content
     if content and _LITTLE_ENDIAN:
-        try:
-            np_dtype = np.dtype(dtypes.as_dtype(tensor.dtype).as_numpy_dtype)
-        except TypeError:
-            np_dtype = None
-        if np_dtype is not None and (np_dtype.kind in "fiub" or np_dtype.name == "bfloat16"):
+        np_dtype = _plain_dtype(tensor.dtype)
+        if np_dtype is not None:
             shape = [d.size for d in tensor.tensor_shape.dim]
-            if all(d >= 0 for d in shape) and int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize == len(content):
+            count = 1
+            for d in shape:
+                count *= d
+            if min(shape, default=0) >= 0 and count * np_dtype.itemsize == len(content):
                 return np.frombuffer(content, dtype=np_dtype).reshape(shape)
     return tensor_util.MakeNdarray(tensor)
+
+
+_PLAIN_DTYPES: dict[int, np.dtype | None] = {}
+
+
+def _plain_dtype(dtype: int) -> np.dtype | None:
+    """The numpy dtype whose bytes ``tensor_content`` holds as they are (numbers), else None; looked up once per enum."""
+    if dtype not in _PLAIN_DTYPES:
+        try:
+            np_dtype: np.dtype | None = np.dtype(dtypes.as_dtype(dtype).as_numpy_dtype)
+        except TypeError:
+            np_dtype = None
+        if np_dtype is not None and not (np_dtype.kind in "fiub" or np_dtype.name == "bfloat16"):
+            np_dtype = None
+        _PLAIN_DTYPES[dtype] = np_dtype
+    return _PLAIN_DTYPES[dtype]
 
 
 def make_node(
