@@ -7,6 +7,7 @@ input is never touched.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -142,15 +143,21 @@ def _missing_attr(node: node_def_pb2.NodeDef) -> str | None:
     TensorFlow can abort the whole process when it runs such a node, so it is
     refused before verification runs anything. Unknown (custom) ops pass.
     """
+    for name in _required_attrs(node.op):
+        if name not in node.attr:
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _required_attrs(op: str) -> tuple[str, ...]:
+    """The attributes of ``op`` without a default, read from the registry once per op type."""
     from tensorflow.python.framework import op_def_registry
 
-    op_def = op_def_registry.get(node.op)
+    op_def = op_def_registry.get(op)
     if op_def is None:
-        return None
-    for attr in op_def.attr:
-        if not attr.HasField("default_value") and attr.name not in node.attr:
-            return attr.name
-    return None
+        return ()
+    return tuple(a.name for a in op_def.attr if not a.HasField("default_value"))
 
 
 def write_saved_model(graph_def: graph_pb2.GraphDef, signature: str, inputs: dict[str, str], outputs: dict[str, str], dst: Path) -> None:
