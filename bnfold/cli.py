@@ -89,13 +89,21 @@ def verification_progress(quiet: bool) -> Iterator[Callable[[int, int], None] | 
     if quiet or not err.is_terminal:
         yield None
         return
-    with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
-        task = progress.add_task("verify", total=None)
+    # Shown from the first batch on: its refresh thread would keep the check's worker from being forked.
+    progress = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err, transient=True)
+    task = None
 
-        def on_batch(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def on_batch(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("verify", total=None)
+        progress.update(task, completed=done, total=total)
 
+    try:
         yield on_batch
+    finally:
+        progress.stop()
 
 
 def warn_foreign_ops(result: object, quiet: bool) -> None:

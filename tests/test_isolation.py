@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -261,3 +262,58 @@ def test_this_process_never_forks_once_tensorflow_has_run() -> None:
         assert not isolation._can_fork()
     finally:
         isolation._fork_preferred = preferred
+
+
+PROGRESS_SCRIPT = r"""
+import sys
+from bnfold import cli, isolation
+
+kinds = []
+started = isolation.Worker.__init__
+
+
+def record(self):
+    started(self)
+    kinds.append(type(self.process).__name__)
+
+
+isolation.Worker.__init__ = record
+sys.argv = ["bnfold", sys.argv[1], sys.argv[2]]
+try:
+    cli.main()
+finally:
+    with open(sys.argv[2] + ".kinds", "w") as f:
+        f.write(",".join(kinds))
+"""
+
+
+def test_on_a_terminal_the_progress_bar_shows_and_the_worker_is_still_forked(tmp_path: Path) -> None:
+    """The bar's refresh thread starts with the first batch, after the worker was forked."""
+    import pty
+
+    src, out = tmp_path / "in.pb", tmp_path / "out.pb"
+    src.write_bytes(conv_bn_graph(abort=False).SerializeToString())
+    leader, follower = pty.openpty()
+    seen = bytearray()
+
+    def drain() -> None:  # read while it runs: a full terminal buffer would block its writes
+        try:
+            while chunk := os.read(leader, 65536):
+                seen.extend(chunk)
+        except OSError:  # EIO: the terminal's other side is closed and drained
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", PROGRESS_SCRIPT, str(src), str(out)],
+            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+        reader.join(timeout=30)
+        os.close(leader)
+    assert proc.returncode == 0, seen.decode(errors="replace")[-3000:]
+    assert b"verifying" in seen and b"wrote" in seen
+    assert (tmp_path / "out.pb.kinds").read_text() == "_Forked"
