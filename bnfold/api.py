@@ -24,7 +24,7 @@ from bnfold.graph import op_counts, parse_input
 from bnfold.result import FoldResult
 from bnfold.runsafety import check_runnable, refused_nodes
 from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
-from bnfold.verification import failure_message, find_inputs, find_outputs, verify
+from bnfold.verification import CheckOptions, PendingCheck, failure_message, find_inputs, find_outputs
 
 # A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.
 GraphSource = Any
@@ -114,13 +114,16 @@ def fold(
     # A graph bnfold loaded itself and will not verify against is folded in place:
     # no copy of the model is made (bnfold IN OUT --no-verify, the fastest path).
     owned = loaded.graph_def is not source or canonical is not graph_def
-    outcome = fold_graph_outcome(
-        canonical, protected, in_place=owned and not verify_outputs, fed={parse_input(k)[0] for k in feeds or {}}, contents=contents
-    )
-    folded, sites = outcome.graph_def, outcome.sites
     reference = canonical if any(r.rewritten for r in rewrites) else graph_def
     fed = {parse_input(k)[0] for k in feeds or {}}
-    feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **(feeds or {})}
+    check_feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **(feeds or {})}
+    check = None
+    if verify_outputs:  # the input graph's half of the check runs in the worker while this process folds
+        options = CheckOptions(check_feeds, input_shapes or {}, rtol, atol, samples, seed, True, on_batch)
+        gate = lambda: check_runnable(reference, out_names, f"{name}: the check")  # noqa: E731
+        check = PendingCheck(reference, inputs, out_names, options, trust_model, gate)
+    outcome = fold_graph_outcome(canonical, protected, in_place=owned and not verify_outputs, fed=fed, contents=contents)
+    folded, sites = outcome.graph_def, outcome.sites
     result = FoldResult(
         graph_def=folded,
         sites=sites,
@@ -141,23 +144,8 @@ def fold(
         # to the input needs no proof (nor inputs bnfold cannot make up).
         result.graph_def, result.ops_after, result.unchanged = graph_def, dict(ops_before), True
         return result
-    if verify_outputs and not trust_model:
-        check_runnable(reference, out_names, f"{name}: the check")
-    if verify_outputs:
-        result.verification = verify(
-            reference,
-            folded,
-            inputs,
-            out_names,
-            feeds=feeds,
-            input_shapes=input_shapes,
-            rtol=rtol,
-            atol=atol,
-            samples=samples,
-            seed=seed,
-            on_batch=on_batch,
-            trust_model=trust_model,
-        )
+    if check is not None:
+        result.verification = check.finish(folded)
         if not result.verification.passed and not force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
     return result

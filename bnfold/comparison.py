@@ -242,6 +242,28 @@ def compare_runners(
     Runners are opened one after the other, so only one model is loaded at a
     time: a TF session holds its own copies of every weight.
     """
+    return run_candidate(run_reference(open_reference, specs, outputs, options), open_candidate, specs, outputs, options)
+
+
+@dataclass
+class ReferenceRun:
+    """The first half of :func:`compare_runners`: the inputs made, and what the reference model gave for them.
+
+    A caller that has the reference before the candidate (the TF check: the
+    input graph before the fold is done) runs this half first.
+    """
+
+    result: Verification
+    per_sample: list[dict[str, np.ndarray]]
+    expected: list[list[np.ndarray]]
+    tick: Callable[[], None]
+    total: int
+
+
+def run_reference(
+    open_reference: Callable[[], Runner], specs: dict[str, InputSpec], outputs: list[str], options: CheckOptions
+) -> ReferenceRun:
+    """Make the inputs and run the reference model on each batch; the model is closed before this returns."""
     feeds, on_batch = options.feeds, options.on_batch
     fed_names = {parse_input(k)[0] for k in feeds}
     result = Verification(samples=options.samples)
@@ -278,11 +300,19 @@ def compare_runners(
             ) from None
     finally:
         reference.close()
+    return ReferenceRun(result, per_sample, expected_all, tick, total)
+
+
+def run_candidate(
+    reference: ReferenceRun, open_candidate: Callable[[], Runner], specs: dict[str, InputSpec], outputs: list[str], options: CheckOptions
+) -> Verification:
+    """The second half of :func:`compare_runners`: run the candidate on the same inputs, compare, check batch independence."""
+    result, per_sample, tick = reference.result, reference.per_sample, reference.tick
     candidate = open_candidate()
     try:
         actual_all = [_run_batch(candidate, outputs, batch, tick) for batch in per_sample]
         checks: dict[str, OutputCheck] = {}
-        for expected, actual in zip(expected_all, actual_all, strict=True):
+        for expected, actual in zip(reference.expected, actual_all, strict=True):
             for name, a, b in zip(outputs, expected, actual, strict=False):
                 a = np.asarray(a)
                 d_rtol, d_atol = TOLERANCES.get(a.dtype.name, TOLERANCES["float32"])
@@ -298,8 +328,8 @@ def compare_runners(
         if options.batch_check:
             tick()
             _check_batch_independence(candidate, outputs, per_sample[0], actual_all[0], specs, result)
-        if on_batch is not None:
-            on_batch(total, total)
+        if options.on_batch is not None:
+            options.on_batch(reference.total, reference.total)
     finally:
         candidate.close()
     return result

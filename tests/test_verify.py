@@ -273,3 +273,45 @@ def test_channels_first_and_last_graphs_pass_the_check(name: str) -> None:
     assert channels_first(graph_def) == (name == "conv_fused_nchw")
     result = bnfold.fold(graph_def)
     assert result.verification is not None and result.verification.passed and result.verification.batch_independent is True
+
+
+def test_the_input_graph_runs_while_the_fold_runs_and_errors_wait_for_finish() -> None:
+    """``PendingCheck`` (what ``bnfold.fold`` starts before folding): the input graph's half runs on a thread;
+    what makes the check impossible is raised by ``finish``, not when it starts (a fold that changes nothing
+    needs no check); a check never finished leaves the worker to the next one."""
+    from bnfold.comparison import CheckOptions
+    from bnfold.verification import PendingCheck
+
+    blocked = PendingCheck(_graph(_bn_with_fan_out_behind_a_string_input), None, ["output"], CheckOptions())
+    assert blocked.thread is None
+    with pytest.raises(VerificationError, match="is a string"):
+        blocked.finish(graph_pb2.GraphDef())
+
+    graph_def = build(Spec(seed=3))
+    abandoned = PendingCheck(graph_def, None, None, CheckOptions())  # as when the fold raises
+    assert abandoned.thread is not None
+    abandoned.thread.join(timeout=120)
+    assert abandoned.reference is not None and abandoned.error is None
+
+    pending = PendingCheck(graph_def, None, None, CheckOptions(samples=2))
+    folded = bnfold.fold(graph_def, verify_outputs=False).graph_def
+    result = pending.finish(folded)
+    assert result.passed and result.samples == 2 and result.batch_independent is True
+    assert result.outputs and all(o.name == "output" for o in result.outputs)
+    assert not pending.thread.is_alive()
+
+
+def test_a_failing_gate_is_reported_by_finish_and_nothing_runs() -> None:
+    from bnfold.comparison import CheckOptions
+    from bnfold.errors import UnsafeModelError
+    from bnfold.verification import PendingCheck
+
+    def refuse() -> None:
+        raise UnsafeModelError("refused for the test")
+
+    pending = PendingCheck(build(Spec(seed=4)), None, None, CheckOptions(), gate=refuse)
+    assert pending.thread is None
+    with pytest.raises(UnsafeModelError, match="refused for the test"):
+        pending.finish(build(Spec(seed=4)))
+    trusted = PendingCheck(build(Spec(seed=4)), None, None, CheckOptions(), trust_model=True, gate=refuse)
+    assert trusted.thread is not None and trusted.finish(build(Spec(seed=4))).passed
