@@ -152,11 +152,6 @@ def timed_rss(cmd: list[str]) -> tuple[float, float]:
     return elapsed, int(match.group(1)) / 1024 if match else float("nan")
 
 
-def median_timed_rss(cmd: list[str], reps: int) -> tuple[float, float]:
-    runs = [timed_rss(cmd) for _ in range(reps)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
 def tf_latency(paths: dict[str, Path], batch: int, reps: int) -> dict[str, float]:
     """Median seconds per run of each graph, the graphs interleaved run by run."""
     runners, names = {}, {}
@@ -338,16 +333,31 @@ def targets(name: str, tmp: Path, reps: int = 3) -> dict[str, float]:
     t["mem_floor_cpu_s"], t["mem_fold_cpu_s"] = median_time(floor, 5, time.process_time), median_time(fold, 5, time.process_time)
     print(f"[targets] in memory {t}", flush=True)
     cli = [PY, "-m", "bnfold.cli", str(path)]
-    t["pb_noverify_s"], t["pb_noverify_mb"] = median_timed_rss([*cli, str(tmp / "t.pb"), "-q", "--no-verify"], reps)
-    t["pb_check_s"], t["pb_check_mb"] = median_timed_rss([*cli, str(tmp / "t.pb"), "-q"], reps)
-    print(f"[targets] pb {t}", flush=True)
-    t["onnx_noverify_s"], t["onnx_noverify_mb"] = median_timed_rss([*cli, str(tmp / "t.onnx"), "-q", "--no-verify"], reps)
-    t["tf2onnx_s"], t["tf2onnx_mb"] = median_timed_rss(
-        [PY, "-m", "tf2onnx.convert", "--graphdef", str(path), "--inputs", f"{tf_in}:0", "--outputs", f"{tf_out}:0",
-         "--opset", str(DEFAULT_OPSET), "--output", str(tmp / "t2.onnx")], reps
+    pb = interleaved({"pb_noverify": [*cli, str(tmp / "t.pb"), "-q", "--no-verify"], "pb_check": [*cli, str(tmp / "t.pb"), "-q"]}, reps)
+    print(f"[targets] pb {pb}", flush=True)
+    onnx = interleaved(
+        {
+            "onnx_noverify": [*cli, str(tmp / "t.onnx"), "-q", "--no-verify"],
+            "tf2onnx": [PY, "-m", "tf2onnx.convert", "--graphdef", str(path), "--inputs", f"{tf_in}:0", "--outputs", f"{tf_out}:0",
+                        "--opset", str(DEFAULT_OPSET), "--output", str(tmp / "t2.onnx")],
+        },
+        reps,
     )  # fmt: skip
-    print(f"[targets] onnx {t}", flush=True)
+    print(f"[targets] onnx {onnx}", flush=True)
+    for key, (wall, rss) in {**pb, **onnx}.items():
+        t[f"{key}_s"], t[f"{key}_mb"] = wall, rss
     return t
+
+
+def interleaved(commands: dict[str, list[str]], reps: int) -> dict[str, tuple[float, float]]:
+    """Median wall seconds and peak RSS (MB) of each command, the commands run in turn (rotating which goes
+    first), so that a change in the machine's load falls on all of them alike."""
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+    keys = list(commands)
+    for rep in range(reps):
+        for key in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
+            runs[key].append(timed_rss(commands[key]))
+    return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
 
 
 def targets_table(t: dict[str, float], rows: list[dict], scale: list[dict], baseline_mb: float) -> list[str]:  # type: ignore[type-arg]
