@@ -355,8 +355,12 @@ def _fork(log: IO[bytes]) -> _Forked:
     request_read, request_write = os.pipe()
     reply_read, reply_write = os.pipe()
     inherited = [f.fileno() for w in _started for f in (w.process.stdin, w.process.stdout, w.log) if f is not None and not f.closed]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # what is buffered is written once, by this process
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
     pid = os.fork()
     if pid == 0:  # the worker: never returns to the caller's stack
         code = 1
