@@ -116,9 +116,18 @@ class SourceFile:
     def read_into(self, offset: int, view: memoryview) -> None:
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            try:
+                if hasattr(os, "preadv"):
+                    n = os.preadv(self._fd, [view[done:]], offset + done)
+                else:  # no preadv (Windows): a seek and a read, bnfold reads from one thread
+                    os.lseek(self._fd, offset + done, os.SEEK_SET)
+                    chunk = os.read(self._fd, len(view) - done)
+                    view[done : done + len(chunk)] = chunk
+                    n = len(chunk)
+            except OSError as exc:
+                raise InputError(f"{self.path}: cannot read it any more ({exc.strerror or exc})") from None
             if n <= 0:
-                raise InputError(f"{self.path}: the file became shorter while bnfold read it")
+                raise InputError(f"{self.path}: the file became shorter while bnfold read it; run again")
             done += n
 
     def check_unchanged(self) -> None:

@@ -181,6 +181,18 @@ def test_an_input_changed_while_folding_is_refused_and_nothing_written(tmp_path:
     result.contents.close()
 
 
+def test_an_input_cut_while_folding_is_one_error_and_nothing_written(tmp_path: Path) -> None:
+    src = tmp_path / "in.pb"
+    src.write_bytes(build(Spec(cin=4, cout=8)).SerializeToString(deterministic=True))
+    with stubs_from(16):
+        result = api.fold(src, verify_outputs=False, stream_constants=True)
+    os.truncate(src, 100)  # the values the stubs stand for are gone
+    with pytest.raises(InputError, match="shorter while bnfold read it|changed while bnfold read it"):
+        api.write_result(result, tmp_path / "out.pb")
+    assert [p.name for p in tmp_path.iterdir()] == ["in.pb"]
+    result.contents.close()
+
+
 def test_cli_no_verify_writes_what_the_checked_fold_writes(tmp_path: Path) -> None:
     src = tmp_path / "in.pb"
     src.write_bytes(build(Spec(cin=3, cout=300)).SerializeToString(deterministic=True))  # 3x3x3x300 float32 > 64 KiB
