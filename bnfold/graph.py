@@ -23,7 +23,7 @@ from bnfold.comparison import parse_input
 if TYPE_CHECKING:
     from bnfold.streaming import Contents, LazyTensor
 
-__all__ = ["ContentBuffer", "GraphIndex", "Scratch", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
+__all__ = ["ContentBuffer", "GraphIndex", "Scratch", "plain_dtype", "collection_paused", "varint", "attr", "const_array", "make_node", "op_counts", "parse_input", "tensor_ref"]
 
 
 @contextmanager
@@ -458,7 +458,7 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     """
     content = tensor.tensor_content
     if content and _LITTLE_ENDIAN:
-        np_dtype = _plain_dtype(tensor.dtype)
+        np_dtype = plain_dtype(tensor.dtype)
         if np_dtype is not None:
             shape = [d.size for d in tensor.tensor_shape.dim]
             count = 1
@@ -472,7 +472,7 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
 _PLAIN_DTYPES: dict[int, np.dtype | None] = {}
 
 
-def _plain_dtype(dtype: int) -> np.dtype | None:
+def plain_dtype(dtype: int) -> np.dtype | None:
     """The numpy dtype whose bytes ``tensor_content`` holds as they are (numbers), else None; looked up once per enum."""
     if dtype not in _PLAIN_DTYPES:
         try:

@@ -28,11 +28,10 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from google.protobuf import message
 from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2
-from tensorflow.python.framework import dtypes
 
 from bnfold.errors import BrokenOutputError, InputError
 from bnfold.foldmath import scaled
-from bnfold.graph import ContentBuffer, varint
+from bnfold.graph import ContentBuffer, plain_dtype, varint
 
 STUB = b"\xff"  # the content of a stub: one byte, never the size of a tensor this large
 LARGE = 64 * 1024  # bytes of tensor_content from which a constant stays in the file
@@ -185,7 +184,7 @@ def is_stub(node: node_def_pb2.NodeDef, lazy: LazyTensor) -> bool:
         return False
     tensor = node.attr["value"].tensor
     shape = tuple(d.size for d in tensor.tensor_shape.dim)
-    return tensor.tensor_content == STUB and shape == tuple(lazy.shape) and _numpy_dtype(tensor.dtype) == lazy.dtype
+    return tensor.tensor_content == STUB and shape == tuple(lazy.shape) and plain_dtype(tensor.dtype) == lazy.dtype
 
 
 def stub_tensor(tensor: tensor_pb2.TensorProto, lazy: LazyTensor, dtype: int) -> None:
@@ -194,14 +193,6 @@ def stub_tensor(tensor: tensor_pb2.TensorProto, lazy: LazyTensor, dtype: int) ->
     for d in lazy.shape:
         tensor.tensor_shape.dim.add().size = d
     tensor.tensor_content = STUB
-
-
-def _numpy_dtype(dtype: int) -> np.dtype | None:
-    try:
-        np_dtype = np.dtype(dtypes.as_dtype(dtype).as_numpy_dtype)
-    except TypeError:
-        return None
-    return np_dtype if np_dtype.kind in "fiub" or np_dtype.name == "bfloat16" else None
 
 
 # -- the wire format, as far as a Const's tensor_content ------------------------------------
@@ -383,7 +374,7 @@ def _add_node(graph: graph_pb2.GraphDef, data: bytes, data_at: int, contents: Co
             head, tail = splice(buf, 0, len(buf), path, len(STUB))
             node.ParseFromString(head + STUB + tail)
             tensor = node.attr["value"].tensor if "value" in node.attr else None
-            np_dtype = _numpy_dtype(tensor.dtype) if tensor is not None else None
+            np_dtype = plain_dtype(tensor.dtype) if tensor is not None else None
             if node.op == "Const" and tensor is not None and np_dtype is not None:
                 lazy = FileTensor(contents.source, data_at + path[-1].start, tuple(d.size for d in tensor.tensor_shape.dim), np_dtype)
                 if all(d >= 0 for d in lazy.shape) and lazy.nbytes == path[-1].end - path[-1].start:
