@@ -296,13 +296,7 @@ class GraphIndex:
 
     def add_const(self, name: str, value: np.ndarray | ContentBuffer, dtype: int) -> str:
         """Add a Const node holding ``value`` and return its (unique) name."""
-        name = self.unique_name(name)
-        if self._target is None:
-            self._target = graph_pb2.GraphDef()
-        node = self._target.node.add()  # built where it will be written: its bytes are never copied again
-        self._appended.append(node)
-        node.name, node.op = name, "Const"
-        node.attr["dtype"].type = dtype
+        node = self._new_const(name, dtype)
         fill_tensor_proto(node.attr["value"].tensor, value, dtype)
         self.add(node)
         return node.name
@@ -312,17 +306,21 @@ class GraphIndex:
         from bnfold.streaming import stub_tensor
 
         assert self.contents is not None, "stubs need the model file's contents"
-        name = self.unique_name(name)
+        node = self._new_const(name, dtype)
+        stub_tensor(node.attr["value"].tensor, lazy, dtype)
+        self.contents.add(node.name, lazy)
+        self.add(node)
+        return node.name
+
+    def _new_const(self, name: str, dtype: int) -> node_def_pb2.NodeDef:
+        """An empty Const under a unique name, built inside the result: its bytes are never copied again."""
         if self._target is None:
             self._target = graph_pb2.GraphDef()
         node = self._target.node.add()
         self._appended.append(node)
-        node.name, node.op = name, "Const"
+        node.name, node.op = self.unique_name(name), "Const"
         node.attr["dtype"].type = dtype
-        stub_tensor(node.attr["value"].tensor, lazy, dtype)
-        self.contents.add(name, lazy)
-        self.add(node)
-        return node.name
+        return node
 
     def to_graph_def(self) -> graph_pb2.GraphDef:
         """The edited graph: original order, replaced nodes in place, new nodes at the end.
