@@ -17,6 +17,7 @@ TensorFlow import overlaps the fold.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -27,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
@@ -38,6 +40,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+T = TypeVar("T")
 HEADER = struct.Struct(">IQ")  # JSON header length, payload length
 # A fatal log line as absl/glog writes it: "F0000 00:00:1796237763.342586    3783 file.cc:737] text"
 _GLOG_FATAL = re.compile(r"^F\d{4} [\d:.]+\s+\d+ [^\s\]]+:\d+\] (.*)$")
@@ -165,9 +168,11 @@ class Worker:
     else a new interpreter that imports TensorFlow itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, onednn: bool = True) -> None:
+        """``onednn=False``: a new interpreter with TensorFlow's oneDNN kernels off (:data:`ABORT_POLICY`)."""
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
-        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log) if _can_fork() else self._spawn()
+        self.onednn = onednn
+        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log) if onednn and _can_fork() else self._spawn()
         _started.append(self)
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
@@ -176,6 +181,8 @@ class Worker:
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if not self.onednn:
+            env["TF_ENABLE_ONEDNN_OPTS"] = "0"
         # The worker imports this very bnfold, also when it was found through sys.path alone.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
@@ -403,7 +410,7 @@ def acquire() -> Worker:
 
 
 def release(worker: Worker) -> None:
-    if worker.alive and not _spare:
+    if worker.alive and worker.onednn and not _spare:
         _spare.append(worker)
     else:
         worker.stop()
@@ -419,27 +426,74 @@ def _stop_workers() -> None:
             worker.process.wait()
 
 
-class IsolatedGraph:
-    """A GraphDef loaded in a worker: ``run`` fetches tensors for feeds, as a ``Session.run`` would."""
+ABORT_RETRIES = 3  # how often one process runs a graph that TensorFlow aborts (AbortedError), see ABORT_POLICY
+ABORT_POLICY = """\
+TensorFlow's oneDNN kernels abort a run now and then ("could not create a primitive descriptor
+for the reorder primitive", AbortedError), in a process that ran many graphs; the same run then
+aborts again in that process, or passes. The one answer, for bnfold and its tests alike: run it
+up to ABORT_RETRIES times (TensorFlow's contract: an aborted op may be retried); if every try
+aborts, run the graph in a new interpreter with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0), which has no
+such kernels, and keep it there. So an abort never decides an answer: the graph's values do."""
 
-    def __init__(self, graph_bytes: bytes, layout_pass: bool = True, channels_first: bool = True) -> None:
+
+def run_retrying_aborts(tf: Any, run: Callable[[], T]) -> T:
+    """``run()``, tried again on ``AbortedError`` up to :data:`ABORT_RETRIES` times (:data:`ABORT_POLICY`)."""
+    for attempt in range(ABORT_RETRIES):
+        try:
+            return run()
+        except tf.errors.AbortedError:
+            if attempt == ABORT_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+class IsolatedGraph:
+    """A GraphDef loaded in a worker: ``run`` fetches tensors for feeds, as a ``Session.run`` would.
+
+    A run that TensorFlow keeps aborting moves the graph to a worker with
+    oneDNN off (:data:`ABORT_POLICY`), which needs the graph's bytes again:
+    ``reload`` makes them (a caller that keeps the ``GraphDef`` anyway, so
+    that this object need not hold a second copy); without it the bytes are kept.
+    """
+
+    def __init__(
+        self,
+        graph_bytes: bytes,
+        layout_pass: bool = True,
+        channels_first: bool = True,
+        reload: Callable[[], bytes] | None = None,
+        onednn: bool = True,
+    ) -> None:
         """``layout_pass``: run as the check does (:func:`bnfold.verification.runner_config`), with grappler's
         layout pass where ``channels_first`` says the graph may need it; else with TensorFlow's default options."""
-        self.worker = acquire()
+        self.load = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first}
+        self.reload = reload if reload is not None else (lambda: graph_bytes)
+        self.worker = self._start(graph_bytes, onednn)
+
+    def _start(self, graph_bytes: bytes, onednn: bool) -> Worker:
+        worker = acquire() if onednn else Worker(onednn=False)
         try:
-            self.worker.request({"op": "load", "layout_pass": layout_pass, "channels_first": channels_first}, graph_bytes)
+            worker.request(self.load, graph_bytes)
         except GraphRunError:
-            release(self.worker)  # the worker answered: it holds no graph and serves the next one
+            release(worker)  # the worker answered: it holds no graph and serves the next one
             raise
         except BaseException:  # died, or interrupted halfway through the exchange
-            self._drop()
+            worker.stop()
             raise
+        return worker
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = list(feeds)
         meta, payload = encode_arrays([feeds[n] for n in names])
+        header = {"op": "run", "fetches": fetches, "feeds": names, "arrays": meta}
         try:
-            head, body = self.worker.request({"op": "run", "fetches": fetches, "feeds": names, "arrays": meta}, payload)
+            head, body = self.worker.request(header, payload)
+        except GraphRunError as exc:
+            if exc.kind != "AbortedError" or not self.worker.onednn:
+                raise
+            self.close()
+            self.worker = self._start(self.reload(), onednn=False)
+            return self.run(fetches, feeds)
         except WorkerDied:
             self._drop()
             raise
@@ -457,6 +511,15 @@ class IsolatedGraph:
             self._drop()
             return
         release(self.worker)
+
+
+def run_without_onednn(graph_bytes: bytes, fetches: list[str], feeds: dict[str, np.ndarray], channels_first: bool = True) -> list[np.ndarray]:
+    """One run in a worker with oneDNN off: the last step of :data:`ABORT_POLICY` for a caller that ran the graph itself."""
+    graph = IsolatedGraph(graph_bytes, channels_first=channels_first, onednn=False)
+    try:
+        return graph.run(fetches, feeds)
+    finally:
+        graph.close()
 
 
 # -- the worker's side ----------------------------------------------------------------------
@@ -550,7 +613,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         requests = sys.stdin.buffer
     import tensorflow as tf
 
-    from bnfold.verification import ABORT_RETRIES, runner_config
+    from bnfold.verification import runner_config
 
     try:
         _warm_up(tf, runner_config)
@@ -576,15 +639,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                     raise ValueError("no graph is loaded")
                 values = decode_arrays(head["arrays"], payload)
                 feeds = dict(zip(head["feeds"], values, strict=True))
-                for attempt in range(ABORT_RETRIES):
-                    try:
-                        outputs = session.run(head["fetches"], feeds)
-                        break
-                    except tf.errors.AbortedError:
-                        # TF's contract: an aborted op may be retried. oneDNN aborts now and then on CPUs it
-                        # supports only partly ("could not create a primitive descriptor" for fp16/bf16).
-                        if attempt == ABORT_RETRIES - 1:
-                            raise
+                outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
                 meta, data = encode_arrays(outputs)
                 _send(reply, {"ok": True, "arrays": meta}, data)
             elif head["op"] == "unload":

@@ -187,7 +187,7 @@ class GraphRunner:
         self.checked: set[tuple[str, ...]] = set()
         data = graph_def.SerializeToString() if serialized is None else serialized
         try:
-            self.graph = IsolatedGraph(data, channels_first=channels_first(graph_def))
+            self.graph = IsolatedGraph(data, channels_first=channels_first(graph_def), reload=graph_def.SerializeToString)
         except WorkerDied as exc:
             raise self.died(exc) from None
 
@@ -224,7 +224,6 @@ def open_graph_runner(
         raise VerificationError(f"TensorFlow cannot load {which} ({first_line(exc)}){hint}") from None
 
 
-ABORT_RETRIES = 3  # how often a run that TensorFlow aborts (AbortedError) is tried
 REPORT_BUG = "this is a bug in bnfold: please report it with the input model"
 
 

@@ -708,7 +708,6 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch) -> No
 
 
 # -- published frozen graphs: no false alarms ----------------------------------------------
-REALWORLD_TF = Path(__file__).resolve().parents[2] / "shared" / "realworld" / "tf"
 # every warning checked by hand against the file (see notes): a 1-channel BN whose constants are exactly 0/1 (and gamma 1, beta 0)
 REALWORLD_WARNINGS = {
     "ONE/res/TensorFlowTests/NET_0003/test.pbtxt": [("BN_STATS_AT_INIT", "warning", ["FusedBatchNorm"])],
@@ -716,11 +715,10 @@ REALWORLD_WARNINGS = {
 }
 
 
-@pytest.mark.skipif(not REALWORLD_TF.is_dir(), reason="../shared/realworld is not beside the project")
-def test_doctor_on_every_published_tf_graph_raises_no_error() -> None:
-    files = sorted(p for p in REALWORLD_TF.rglob("*") if p.suffix in (".pb", ".pbtxt"))
+def test_doctor_on_every_published_tf_graph_raises_no_error(realworld: Path) -> None:
+    files = sorted(p for p in (realworld / "tf").rglob("*") if p.suffix in (".pb", ".pbtxt"))
     assert len(files) == 15
     for path in files:
-        relative = path.relative_to(REALWORLD_TF).as_posix()
+        relative = path.relative_to(realworld / "tf").as_posix()
         report = diagnose(path)
         assert [f for f in found(report) if f[1] != "info"] == REALWORLD_WARNINGS.get(relative, []), (relative, report.findings)

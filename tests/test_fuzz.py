@@ -34,7 +34,6 @@ def fuzz_settings(request: pytest.FixtureRequest) -> settings:
     return settings(
         max_examples=request.config.getoption("--fuzz-examples"),
         deadline=None,
-        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
 

@@ -17,8 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.onnx_api import fold_onnx, fold_onnx_file
 
-REALWORLD = ROOT.parent / "shared" / "realworld" / "onnx"
-
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     options = ort.SessionOptions()
@@ -378,7 +376,19 @@ def cli(*args: object, block_tf: bool = False, cwd: Path = ROOT) -> subprocess.C
 
 
 def test_onnx_fold_inspect_doctor_and_api_work_where_tensorflow_cannot_be_imported(tmp_path: Path) -> None:
-    src = REALWORLD / "conv1d_bn1d.dynamo_noopt.onnx"
+    """Models built here (no published file needed): three Conv1d+BN as torch exports them, and two BN in training mode."""
+    rng = np.random.default_rng(5)
+    nodes, inits, h = [], [], "x"
+    for i in range(3):
+        nodes += [helper.make_node("Conv", [h, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1]), bn(f"bn{i}", f"c{i}", f"h{i}")]
+        inits += [init(f"w{i}", rng.standard_normal((4, 2 if i == 0 else 4, 3))), init(f"b{i}", rng.standard_normal(4)), *bn_inits(f"bn{i}", 4, rng)]
+        h = f"h{i}"
+    nodes.append(helper.make_node("Relu", [h], ["y"]))
+    src = tmp_path / "conv1d_bn.onnx"
+    onnx.save(model(nodes, inits, ["N", 2, 16]), str(src))
+    train_nodes = [bn("t0", "x", "t", training_mode=1), bn("t1", "t", "y", training_mode=1)]
+    train = tmp_path / "train_mode_bn.onnx"
+    onnx.save(model(train_nodes, bn_inits("t0", 2, rng) + bn_inits("t1", 2, rng), ["N", 2, 16], opset=17), str(train))
     out = tmp_path / "out.onnx"
     proc = cli(src, out, "-q", block_tf=True)
     assert proc.returncode == 0, proc.stderr
@@ -386,7 +396,7 @@ def test_onnx_fold_inspect_doctor_and_api_work_where_tensorflow_cannot_be_import
     proc = cli("inspect", src, "-q", block_tf=True)
     assert proc.returncode == 0, proc.stderr
     findings = tmp_path / "f.json"
-    proc = cli("doctor", REALWORLD / "train_mode_bn.legacy_train.onnx", "--json", findings, block_tf=True)
+    proc = cli("doctor", train, "--json", findings, block_tf=True)
     assert proc.returncode == 1, proc.stderr
     assert [f["code"] for f in json.loads(findings.read_text())["findings"]].count("BN_TRAINING_MODE") == 2
     api = BLOCK_TF + (

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 import tf2onnx
-from conftest import ROOT
+from conftest import realworld_files, realworld_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -36,7 +36,7 @@ from bnfold.onnx_fold import _shape_skeleton, fold_model
 from bnfold.onnx_io import load_onnx
 from bnfold.verification import find_inputs, find_outputs
 
-REALWORLD = ROOT.parent / "shared" / "realworld" / "onnx"
+REALWORLD = realworld_path("onnx")
 
 
 def structure(model: onnx.ModelProto) -> tuple[object, ...]:
@@ -201,7 +201,8 @@ def _inferred(model: onnx.ModelProto) -> dict[str, str]:
     return {v.name: str(v.type) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in REALWORLD.glob("*.onnx")))
+@pytest.mark.realworld
+@pytest.mark.parametrize("name", realworld_files("onnx", "*.onnx"))
 @pytest.mark.parametrize("min_elements", [1, 1024])
 def test_shape_skeleton_infers_what_the_whole_model_does(name: str, min_elements: int) -> None:
     """Shape inference on the skeleton (weights as type and dims only) gives every shape the whole model gives."""

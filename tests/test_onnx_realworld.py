@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT
+from conftest import realworld_files, realworld_path
 
 from bnfold.onnx_api import fold_onnx, fold_onnx_file
 
-REALWORLD = ROOT.parent / "shared" / "realworld" / "onnx"
-FILES = sorted(p.name for p in REALWORLD.glob("*.onnx"))
+REALWORLD = realworld_path("onnx")
+FILES = realworld_files("onnx", "*.onnx")
+pytestmark = pytest.mark.realworld
 
 # What the manifest says each file exercises, as the action of every BN site (in graph order).
 EXPECTED: dict[str, list[str]] = {

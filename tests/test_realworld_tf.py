@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, assert_close, run_graph
+from conftest import assert_close, realworld_path, run_graph
 from tensorflow.core.framework import graph_pb2
 
 import bnfold
@@ -23,7 +23,7 @@ from bnfold.errors import VerificationError
 from bnfold.io import load_graph_def
 from bnfold.verification import find_inputs, find_outputs
 
-REALWORLD = ROOT.parent / "shared" / "realworld" / "tf"
+REALWORLD = realworld_path("tf")
 KWS = REALWORLD / "ML-KWS-for-MCU" / "Pretrained_models"
 ONE = REALWORLD / "ONE" / "res" / "TensorFlowTests"
 AMD = REALWORLD / "AMDMIGraphX" / "test" / "tf" / "models"
@@ -47,7 +47,7 @@ EXPECTED: dict[str, tuple[int, int, int, str | None]] = {
     "ONE/res/TensorFlowTests/UNIT_FusedBatchNorm_001/test.pbtxt": (0, 1, 0, None),
 }
 
-pytestmark = pytest.mark.skipif(not REALWORLD.is_dir(), reason="../shared/realworld is not beside the project")
+pytestmark = pytest.mark.realworld
 
 
 def wav_bytes(seconds: float = 1.0, rate: int = 16000, seed: int = 0) -> bytes:

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, assert_close, run_graph
+from conftest import assert_close, run_graph
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 from typer.testing import CliRunner
@@ -408,12 +408,10 @@ def test_rule_over_the_registry() -> None:
     assert 500 < len(refused) < 800, len(refused)
 
 
-def test_real_world_graphs_pass_the_gate() -> None:
+def test_real_world_graphs_pass_the_gate(realworld: Path) -> None:
     """Frozen graphs from the wild keep their check: a TF1 dynamic_rnn (TensorArrayV3) is step-local, not refused."""
-    models = ROOT.parent / "shared" / "realworld" / "tf" / "ML-KWS-for-MCU" / "Pretrained_models"
+    models = realworld / "tf" / "ML-KWS-for-MCU" / "Pretrained_models"
     paths = [models / "CRNN" / "CRNN_S.pb", models / "DS_CNN" / "DS_CNN_S.pb"]
-    if not all(p.exists() for p in paths):
-        pytest.skip("shared/realworld models not present")
     for path in paths:
         graph_def = load_graph_def(path)
         assert refused_nodes(graph_def) == [], path

@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_graph
+from conftest import realworld_files, run_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 from test_cli import invoke
 from test_properties import SETTINGS, specs
-from test_realworld_tf import REALWORLD
 from test_robustness import _graph_with_functions
 
 from bnfold import api, streaming
@@ -90,7 +89,7 @@ def _bn_conv_bn(seed: int) -> graph_pb2.GraphDef:
     return graph.as_graph_def()
 
 
-@settings(max_examples=10, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_weights_folded_twice_are_computed_from_the_stub_of_the_first_fold(seed: int) -> None:
     graph_def = _bn_conv_bn(seed)
@@ -121,11 +120,10 @@ def test_library_versions_and_unknown_fields_are_kept(tmp_path: Path) -> None:
     assert streamed == whole
 
 
-@pytest.mark.skipif(not REALWORLD.is_dir(), reason="../shared/realworld is not beside the project")
-@pytest.mark.parametrize("path", sorted(p.relative_to(REALWORLD).as_posix() for p in REALWORLD.rglob("*.pb")))
-def test_published_graphs_stream_to_the_same_bytes(path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", realworld_files("tf", "*.pb"))
+def test_published_graphs_stream_to_the_same_bytes(path: str, tmp_path: Path, realworld: Path) -> None:
     with stubs_from(256):
-        whole, streamed, stubs = fold_both_ways(REALWORLD / path, tmp_path)
+        whole, streamed, stubs = fold_both_ways(realworld / "tf" / path, tmp_path)
     assert streamed == whole
     assert stubs > 0 or "AMDMIGraphX" in path  # AMD's fixtures hold no constant of 256 bytes
 
@@ -216,7 +214,7 @@ def test_a_cut_file_is_the_same_one_line_error(tmp_path: Path, cut: int) -> None
     assert str(src) in result.stderr and not (tmp_path / "out.pb").exists()
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
     dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8"]),
