@@ -6,6 +6,7 @@ Every user error is one line on stderr and a documented exit code (README:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -480,6 +481,21 @@ def _silence_native_logs() -> None:
     sys.stderr = os.fdopen(saved, "w", buffering=1)
 
 
+def _foreign_output_to_debug(debug: bool) -> None:
+    """Python warnings and log records of the libraries bnfold drives are shown with ``--debug`` only.
+
+    They are not bnfold's output: Keras warns about ``input_shape`` on every Keras 2
+    ``.h5`` it loads, tf_keras that HDF5 is legacy, TensorFlow that compiled metrics
+    are not built, tf2onnx logs each pass. None asks the user to act; whatever goes
+    wrong reaches the user as bnfold's own one-line error and exit code. Without
+    ``--debug``, warnings become log records and every record below CRITICAL is
+    dropped; with it, both are printed on stderr as Python prints them.
+    """
+    if not debug:
+        logging.captureWarnings(True)
+        logging.disable(logging.ERROR)
+
+
 def main() -> None:
     """Console entry point: ``bnfold IN OUT`` means ``bnfold fold IN OUT``."""
     argv = sys.argv[1:]
@@ -488,6 +504,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "--debug" not in argv:
         _silence_native_logs()
+    _foreign_output_to_debug("--debug" in argv)
     if argv and argv[0] not in COMMANDS:
         argv = ["fold", *argv]
     if _runs_a_tf_graph(argv):

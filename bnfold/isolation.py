@@ -294,15 +294,23 @@ def prefer_fork() -> None:
     since a caller's process may hold threads and descriptors a child should
     not inherit.
     """
-    global _fork_preferred
+    global _fork_preferred, _THREADS_AT_IMPORT
     if sys.platform.startswith("linux"):
+        # Imported here, so that the threads its import starts count as known ones: none of TensorFlow's
+        # own, but TF imports scipy where it is installed, whose OpenBLAS starts its thread pool (fork-safe:
+        # OpenBLAS stops its pool around a fork); counted from numpy's import, no worker was ever forked.
+        # A process that had TensorFlow already may have run it (threads): its count stays numpy's.
+        if "tensorflow" not in sys.modules:
+            import tensorflow  # noqa: F401
+
+            _THREADS_AT_IMPORT = max(_THREADS_AT_IMPORT, _os_threads())
         _fork_preferred = True
     else:  # no fork: a new interpreter now, whose TensorFlow import overlaps this process's
         prestart()
 
 
 def _can_fork() -> bool:
-    """Whether a fork is safe now: Linux, TensorFlow imported, and no thread started since numpy's.
+    """Whether a fork is safe now: Linux, TensorFlow imported, and no thread started since its import (numpy's, scipy's BLAS pools).
 
     A forked child has only the forking thread; a lock another thread held
     stays locked in it forever. TensorFlow starts no thread when imported (TF

@@ -168,7 +168,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model.save(root / "small.keras")
     onnx_path = root / "model.onnx"
     assert runner.invoke(app, ["fold", str(MODEL), str(onnx_path), "-q", "--no-verify"]).exit_code == 0
-    return {"pb": MODEL, "onnx": onnx_path, "keras": root / "small.keras"}
+    # A Keras 2 file as users have them: Sequential with input_shape on its first layer, saved by tf_keras
+    # (loading it makes Keras warn "Do not pass an input_shape/input_dim argument to a layer").
+    tf_keras = pytest.importorskip("tf_keras")
+    k2 = tf_keras.Sequential(
+        [tf_keras.layers.Conv2D(4, 3, input_shape=(8, 8, 3)), tf_keras.layers.BatchNormalization(), tf_keras.layers.ReLU()]
+    )
+    k2.save(root / "keras2.h5")
+    return {"pb": MODEL, "onnx": onnx_path, "keras": root / "small.keras", "h5": root / "keras2.h5"}
 
 
 PATHS = {
@@ -177,6 +184,9 @@ PATHS = {
     "fold onnx -> onnx": ("fold", "{onnx}", "out.onnx"),
     "fold keras -> pb (frozen first)": ("fold", "{keras}", "out.pb"),
     "fold pb -> SavedModel": ("fold", "{pb}", "out"),
+    "fold Keras 2 h5 -> pb": ("fold", "{h5}", "out.pb"),
+    "fold Keras 2 h5 -> h5": ("fold", "{h5}", "out.h5"),
+    "fold Keras 2 h5 -> onnx": ("fold", "{h5}", "out.onnx"),
     "inspect": ("inspect", "{pb}"),
     "doctor": ("doctor", "{pb}"),
 }
@@ -187,7 +197,11 @@ def _args(template: tuple[str, ...], sources: dict[str, Path]) -> list[str]:
 
 
 # Each CLI path is run once (a subprocess each costs a TensorFlow start-up): three quiet, three not.
-@pytest.mark.parametrize("path", ["fold pb -> pb (checked in TF)", "fold onnx -> onnx", "inspect", "fold pb -> SavedModel"])
+QUIET_PATHS = ["fold pb -> pb (checked in TF)", "fold onnx -> onnx", "inspect", "fold pb -> SavedModel"]
+QUIET_PATHS += ["fold Keras 2 h5 -> pb", "fold Keras 2 h5 -> h5", "fold Keras 2 h5 -> onnx", "fold pb -> onnx (checked in onnxruntime)"]
+
+
+@pytest.mark.parametrize("path", QUIET_PATHS)
 def test_quiet_prints_nothing_on_success(tmp_path: Path, sources: dict[str, Path], path: str) -> None:
     proc = bnfold_process(*_args(PATHS[path], sources), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -195,6 +209,13 @@ def test_quiet_prints_nothing_on_success(tmp_path: Path, sources: dict[str, Path
     assert proc.stderr == "", proc.stderr
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ([PATHS[path][2]] if PATHS[path][0] == "fold" else [])
+
+
+def test_library_warnings_are_shown_with_debug_only(tmp_path: Path, sources: dict[str, Path]) -> None:
+    """What -q hides above is really there: Keras' and tf_keras' warnings on a Keras 2 .h5, shown with --debug."""
+    proc = bnfold_process(*_args(PATHS["fold Keras 2 h5 -> h5"], sources), "-q", "--debug", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "UserWarning" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("path", ["fold pb -> onnx (checked in onnxruntime)", "fold keras -> pb (frozen first)", "doctor"])
