@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -317,3 +318,66 @@ def test_on_a_terminal_the_progress_bar_shows_and_the_worker_is_still_forked(tmp
     assert proc.returncode == 0, seen.decode(errors="replace")[-3000:]
     assert b"verifying" in seen and b"wrote" in seen
     assert (tmp_path / "out.pb.kinds").read_text() == "_Forked"
+
+
+# -- TensorFlow's intermittent aborts: one policy (isolation.ABORT_POLICY) ---------------------------------------
+
+
+def test_an_aborted_run_is_tried_again_and_the_last_abort_is_raised() -> None:
+    """``run_retrying_aborts``: an AbortedError (TF's "try again") is retried ABORT_RETRIES times, then raised."""
+    calls: list[int] = []
+
+    def aborts_twice() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise tf.errors.AbortedError(None, None, "could not create a primitive descriptor for the reorder primitive")
+        return "ran"
+
+    assert isolation.ABORT_RETRIES >= 3
+    assert isolation.run_retrying_aborts(tf, aborts_twice) == "ran" and len(calls) == 3
+    calls.clear()
+
+    def always_aborts() -> str:
+        calls.append(1)
+        raise tf.errors.AbortedError(None, None, "aborted")
+
+    with pytest.raises(tf.errors.AbortedError):
+        isolation.run_retrying_aborts(tf, always_aborts)
+    assert len(calls) == isolation.ABORT_RETRIES
+    calls.clear()
+
+    def invalid() -> str:
+        calls.append(1)
+        raise tf.errors.InvalidArgumentError(None, None, "no kernel")
+
+    with pytest.raises(tf.errors.InvalidArgumentError):  # any other error is an answer: never retried
+        isolation.run_retrying_aborts(tf, invalid)
+    assert len(calls) == 1
+
+
+def test_the_fallback_runs_channels_first_graphs_with_onednn_off_and_the_same_outputs() -> None:
+    """The policy's last step: a new interpreter with TF_ENABLE_ONEDNN_OPTS=0 (read from the live process),
+    which still runs an NCHW conv + BN graph (grappler's layout pass) to the outputs of this process's run."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3, 6, 6], name="x")
+        w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+        y = tf.nn.conv2d(x, w, 1, "SAME", data_format="NCHW")
+        ones, zeros = tf.ones([4]), tf.zeros([4])
+        y = tf.compat.v1.nn.fused_batch_norm(y, ones * 1.5, zeros + 0.2, zeros + 0.1, ones * 2.0, is_training=False, data_format="NCHW")[0]
+        tf.identity(y, name="y")
+    graph_def = graph.as_graph_def()
+    feeds = {"x:0": np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    runner = IsolatedGraph(graph_def.SerializeToString(), onednn=False)
+    try:
+        assert not runner.worker.onednn
+        environ = Path(f"/proc/{runner.worker.process.pid}/environ").read_bytes().split(b"\0")
+        assert b"TF_ENABLE_ONEDNN_OPTS=0" in environ
+        (folded_off,) = runner.run(["y:0"], feeds)
+    finally:
+        runner.close()
+    assert not runner.worker.alive  # a oneDNN-off worker is not kept for other graphs
+    (expected,) = run_graph(graph_def, feeds, ["y:0"])
+    np.testing.assert_allclose(folded_off, expected, rtol=1e-5, atol=1e-5)
+    (again,) = isolation.run_without_onednn(graph_def.SerializeToString(), ["y:0"], feeds)
+    np.testing.assert_array_equal(again, folded_off)
