@@ -883,54 +883,16 @@ def is_keras_path(path: str | os.PathLike[str] | None) -> bool:
 
 
 def load_model(path: Path, trust_model: bool = False) -> Any:
-    """A ``.keras`` with Keras 3 (safe mode); an ``.h5`` saved by Keras 3 with Keras 3, one saved by Keras 2 with tf_keras.
+    """The model as its author saved it: :func:`bnfold.freeze.load_keras_model` (Keras 2 files with tf_keras).
 
-    Unless ``trust_model``, the config is first checked for code (Lambda layers,
-    foreign modules) by :func:`bnfold.freeze.check_keras_file`: tf_keras has no
-    safe mode for ``.h5``.
+    An ``.h5`` written by Keras 2 is folded with tf_keras, so the ``.h5``
+    written back loads where the input did.
     """
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+    from bnfold.freeze import load_keras_model
+
     if path.is_dir():
         raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
-    if not trust_model:
-        from bnfold.freeze import check_keras_file
-
-        check_keras_file(path)
-    errors = []
-    legacy = path.suffix.lower() in (".h5", ".hdf5") and _written_by_keras2(path)
-    if not legacy:
-        try:
-            return keras.saving.load_model(str(path), compile=False, safe_mode=not trust_model, custom_objects=custom_objects())
-        except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
-            errors.append(f"keras: {first_line(exc)[:200]}")
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        try:
-            import tf_keras
-        except ImportError:
-            if legacy:
-                return keras.saving.load_model(str(path), compile=False, custom_objects=custom_objects())
-            raise InputError(
-                f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files"
-            ) from None
-        try:
-            return tf_keras.models.load_model(str(path), compile=False, custom_objects=custom_objects(tf_keras))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"tf_keras: {first_line(exc)[:200]}")
-    raise InputError(f"{path}: not a loadable Keras model ({'; '.join(errors)})")
-
-
-def _written_by_keras2(path: Path) -> bool:
-    """An .h5 saved by Keras 2 (tf_keras) is folded with tf_keras, so the .h5 written back loads where the input did."""
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            version = f.attrs.get("keras_version", b"")
-    except Exception:  # noqa: BLE001 - not HDF5: the loaders report it
-        return False
-    version = version.decode() if isinstance(version, bytes) else str(version)
-    return version.startswith("2.")
+    return load_keras_model(path, trust_model, custom_objects)
 
 
 def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None) -> None:
