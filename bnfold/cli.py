@@ -480,6 +480,24 @@ def _silence_native_logs() -> None:
     sys.stderr = os.fdopen(saved, "w", buffering=1)
 
 
+def _silence_library_logs() -> None:
+    """TensorFlow's and Keras' Python log lines (``ERROR:tensorflow:``, ``WARNING:tensorflow:``) and warnings.
+
+    They describe the libraries' own work (a restore that retries, a legacy
+    format, metrics not built), never bnfold's result, and would stand beside or
+    bury its one-line errors. A disabled logger stays disabled when TensorFlow
+    configures its handlers on import. ``--debug`` keeps everything.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("tensorflow", "tf_keras", "keras", "absl", "h5py", "tf2onnx"):
+        logger = logging.getLogger(name)
+        logger.disabled = True
+        logger.setLevel(logging.CRITICAL + 1)  # and its children (tf2onnx.tfonnx, ...), which inherit the level
+
+
 def main() -> None:
     """Console entry point: ``bnfold IN OUT`` means ``bnfold fold IN OUT``."""
     argv = sys.argv[1:]
@@ -488,6 +506,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "--debug" not in argv:
         _silence_native_logs()
+        _silence_library_logs()
     if argv and argv[0] not in COMMANDS:
         argv = ["fold", *argv]
     if _runs_a_tf_graph(argv):
