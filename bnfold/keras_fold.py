@@ -41,6 +41,8 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 BN_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
 FORM = "Keras BatchNormalization"
 Ref = tuple[str, int, int]  # (layer name, node index, tensor index), as configs write an inbound tensor
+# tf_keras writes a constant argument of an op layer (tf.tile(const, ...)) as [CONSTANT_VALUE, -1, value, kwargs].
+CONSTANT_VALUE = "_CONSTANT_VALUE"
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,15 @@ def _ref_of(item: Any, keras3: bool) -> Ref | None:
             name, node, tensor = item["config"]["keras_history"]
             return (name, int(node), int(tensor))
         return None
-    if isinstance(item, list) and len(item) >= 3 and isinstance(item[0], str) and isinstance(item[1], int) and isinstance(item[2], int):
+    if (
+        isinstance(item, list)
+        and len(item) >= 3
+        and isinstance(item[0], str)
+        and type(item[1]) is int
+        and type(item[2]) is int
+        and item[0] != CONSTANT_VALUE
+        and item[1] >= 0
+    ):
         return (item[0], item[1], item[2])
     return None
 
@@ -297,7 +307,8 @@ class _Scope:
         if self.keras3 and isinstance(node, dict):
             return dict(node.get("kwargs", {}))
         if not self.keras3 and isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3:
-            return dict(node[0][3])
+            kwargs = node[0][3]
+            return dict(kwargs) if isinstance(kwargs, dict) else {}
         return {}
 
     def layer(self, name: str) -> Any:

@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,28 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     return model, external
 
 
+def known_dim(dim: Any) -> int | None:
+    """An ONNX ``TensorShapeProto.Dimension`` as a size, or None where the model leaves it unknown.
+
+    The spec's unknown is a ``dim_param`` (symbolic) or neither field set;
+    exporters say it other ways too: ``dim_value: -1`` (PaddlePaddle, some
+    TF converters) and ``dim_value: 0`` (older converters that write 0 for a
+    free batch). No model input or weight is a zero-length axis on purpose, so
+    a size must be positive to be known. A shape with no dims is a scalar, and
+    a missing shape an unknown rank; both are read by the caller.
+    """
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    return None
+
+
+def dims_of(tensor_type: Any) -> list[int | None] | None:
+    """A tensor type's shape with unknown dims as None (:func:`known_dim`); None for an unknown rank."""
+    if not tensor_type.HasField("shape"):
+        return None
+    return [known_dim(d) for d in tensor_type.shape.dim]
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """Graph inputs that are not initializers, as :class:`~bnfold.comparison.InputSpec` (symbolic dims: None)."""
     inits = {t.name for t in model.graph.initializer}
@@ -195,7 +218,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else np.dtype(object)
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else None
+        shape = dims_of(tensor)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
