@@ -224,6 +224,31 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 # -- running -------------------------------------------------------------------------------
+def _free_unknown_dims(model: onnx.ModelProto) -> Any:
+    """Make an input's ``-1``/``0`` dims symbolic for the session the check runs; returns what puts them back.
+
+    onnxruntime holds a fed tensor to every ``dim_value`` (0 included), so a
+    model that says "unknown" with 0 could not be checked at all. Only the
+    session sees the change: the model written is the exporter's, as it came.
+    """
+    changed = []
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        for i, dim in enumerate(tensor.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                changed.append((dim, dim.dim_value))
+                dim.dim_param = f"bnfold_unknown_{value.name}_{i}"
+
+    def restore() -> None:
+        for dim, size in changed:
+            dim.dim_value = size
+
+    return restore
+
+
+
 class OrtRunner:
     """One onnxruntime session with graph optimizations off, fed and fetched by caller-side names.
 
@@ -240,6 +265,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
+        restore = _free_unknown_dims(model)
         try:
             data = serialize_within_limit(model)
             if data is not None:
@@ -253,6 +279,8 @@ class OrtRunner:
                     self.session = ort.InferenceSession(os.path.join(tmp, "m.onnx"), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        finally:
+            restore()
         self.names = names or {}
         self.inputs = {i.name for i in self.session.get_inputs()}
 
