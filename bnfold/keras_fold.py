@@ -838,7 +838,13 @@ def fold_keras(
     name = source or f"<{type(model).__name__} {getattr(model, 'name', '')}>"
     if _model_kind(model) is None:
         raise subclassed_error(model, name)
-    plan = plan_model(model, FoldOptions(standalone_affine=standalone_affine))
+    try:
+        plan = plan_model(model, FoldOptions(standalone_affine=standalone_affine))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a config form the reader does not know
+        raise InputError(
+            f"{name}: cannot read the layer graph in the model's config ({type(exc).__name__}: {first_line(exc)[:200]}); "
+            "fold it as a graph (out.pb) or save it with a current Keras"
+        ) from None
     new_model = _rebuild(model, plan, name)
     _carry_compile(model, new_model)
     result = FoldResult(
@@ -1020,7 +1026,8 @@ def keras_reason(exc: BaseException) -> str:
     marker = "Exception encountered:"
     while marker in text:
         text = text.split(marker, 1)[1]
-    return first_line(text.strip() or str(exc))[:300]
+    text = text.strip()
+    return (text.splitlines()[0] if text else first_line(exc))[:300]
 
 
 def as_keras3(legacy: Any, src: Path, dst: Path, options: CheckOptions) -> Any:

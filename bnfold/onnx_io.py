@@ -18,9 +18,9 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx

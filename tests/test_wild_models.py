@@ -345,3 +345,44 @@ def test_checkpoint_prefix_found_like_saver_restore(directory_checkpoint: Path) 
     assert prefix == str(d) + os.sep and note is not None and "/home/author" in note
     assert find_prefix(Path(f"{d}/.index")) == (str(d) + "/", None)
     assert find_prefix(Path(f"{d}/.data-00000-of-00001")) == (str(d) + "/", None)
+
+
+# -- Keras output reads every form the functional deserializer reads ---------------------------------
+def forms_model(k: object) -> object:
+    """A nested model called twice, a shared conv whose BN follows only one call, a layer called with
+    tensors in kwargs (MultiHeadAttention's query/value/key), a list input (Add, Concatenate)."""
+    layers = k.layers  # type: ignore[attr-defined]
+    inner_in = k.Input((8, 8, 4), name="inner_in")  # type: ignore[attr-defined]
+    h = layers.BatchNormalization(name="inner_bn")(layers.Conv2D(4, 3, padding="same", use_bias=False, name="inner_conv")(inner_in))
+    inner = k.Model(inner_in, h, name="inner")  # type: ignore[attr-defined]
+    x = k.Input((8, 8, 3), name="x")  # type: ignore[attr-defined]
+    c = layers.BatchNormalization(name="stem_bn")(layers.Conv2D(4, 1, name="stem")(x))
+    a, b = inner(c), inner(layers.ReLU(name="relu")(c))
+    shared = layers.Conv2D(4, 1, use_bias=False, name="shared")
+    s1, s2 = layers.BatchNormalization(name="after_shared")(shared(a)), shared(b)
+    seq = layers.Reshape((64, 4), name="seq")(layers.Add(name="add")([s1, s2]))
+    att = layers.MultiHeadAttention(2, 4, name="mha")(query=seq, value=seq, key=seq)
+    out = layers.Concatenate(name="cat")([layers.Flatten(name="f1")(att), layers.Flatten(name="f2")(s2)])
+    model = k.Model(x, out)  # type: ignore[attr-defined]
+    _set_bn_stats(model, 7)
+    _set_bn_stats(inner, 8)
+    return model
+
+
+@pytest.mark.parametrize("which", ["keras", "tf_keras"])
+def test_keras_output_reads_nested_shared_and_kwargs_forms(tmp_path: Path, which: str) -> None:
+    import keras
+
+    k = keras if which == "keras" else tf_keras
+    src = tmp_path / ("m.keras" if which == "keras" else "m.h5")
+    model = forms_model(k)
+    model.save(src)
+    dst = tmp_path / ("o.keras" if which == "keras" else "o.h5")
+    result = bnfold.fold_file(src, dst)
+    actions = {s.name: s.action for s in result.sites}
+    assert actions == {"inner/inner_bn": "folded", "stem_bn": "folded", "after_shared": "skipped"}
+    reason = next(s.reason for s in result.sites if s.name == "after_shared")
+    assert reason is not None and "shared is called 2 times" in reason
+    folded = keras.saving.load_model(dst, compile=False) if which == "keras" else tf_keras.models.load_model(dst, compile=False)
+    data = np.random.default_rng(9).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    assert_close(np.asarray(model(data, training=False)), np.asarray(folded(data, training=False)))
