@@ -276,12 +276,13 @@ def to_onnx(
 
         isolation.prestart()
         loaded = load(source, trust_model=trust_model)
-        graph_def, name = loaded.graph_def, loaded.source
+        graph_def, name, signature = loaded.graph_def, loaded.source, loaded.signature
         del loaded
         _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
         # The TF stage is exactly the .pb fold (same canonicalization, same records); the
         # check that matters is the one below, of the ONNX file against the original graph.
         result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds, **switch_options)
+        result.signature = signature  # the source's (a SavedModel's or Keras model's), as .pb output reports it
     else:
         # Nothing will run the original: api.fold loads it and folds that copy in place, so
         # one GraphDef, not two, is alive while tf2onnx converts (a GraphDef passed in is copied).
