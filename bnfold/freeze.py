@@ -312,13 +312,22 @@ def _plain_dtype(value: Any) -> str | None:
     return value
 
 
-def _layer_refs(value: Any) -> list[str]:
-    """Layer names of ``input_layers``/``output_layers``: ``[name, 0, 0]`` or a list of them (Keras 3 writes one bare)."""
+def _layer_refs(value: Any) -> list[str] | None:
+    """Layer names of ``input_layers``/``output_layers``: ``[name, 0, 0]`` or a list of them (Keras 3 writes one bare).
+
+    None for a structure whose order the loaded model's flat list need not
+    follow (a dict of inputs): such a model is not compared.
+    """
     if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str) and isinstance(value[1], int):
         return [value[0]]
+    if not isinstance(value, list):
+        return None
     names: list[str] = []
-    for item in value if isinstance(value, list) else []:
-        names.extend(_layer_refs(item))
+    for item in value:
+        inner = _layer_refs(item)
+        if inner is None:
+            return None
+        names.extend(inner)
     return names
 
 
@@ -362,14 +371,16 @@ def declared_signature(config: Any) -> tuple[list[TensorDecl], list[TensorDecl]]
             return None
         return inputs, ([TensorDecl(name_of(rest[-1]), None, None)] if rest else [])
     by_name = {name_of(e): e for e in layers}
+    input_names, output_names = _layer_refs(inner.get("input_layers")), _layer_refs(inner.get("output_layers"))
+    if input_names is None or output_names is None:
+        return None
     inputs = []
-    for name in _layer_refs(inner.get("input_layers")):
+    for name in input_names:
         entry = by_name.get(name)
         if entry is None:
             return None
         inputs.append(decl(entry, name))
-    outputs = [TensorDecl(name, None, None) for name in _layer_refs(inner.get("output_layers"))]
-    return inputs, outputs
+    return inputs, [TensorDecl(name, None, None) for name in output_names]
 
 
 def _loaded_decls(tensors: list[Any]) -> list[TensorDecl]:

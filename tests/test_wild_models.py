@@ -386,3 +386,40 @@ def test_keras_output_reads_nested_shared_and_kwargs_forms(tmp_path: Path, which
     folded = keras.saving.load_model(dst, compile=False) if which == "keras" else tf_keras.models.load_model(dst, compile=False)
     data = np.random.default_rng(9).standard_normal((2, 8, 8, 3)).astype(np.float32)
     assert_close(np.asarray(model(data, training=False)), np.asarray(folded(data, training=False)))
+
+
+# -- the declared signature, against real Keras tensors ---------------------------------------------
+dims = st.lists(st.one_of(st.none(), st.integers(1, 64)), min_size=1, max_size=4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=dims, change=st.sampled_from(["none", "rank", "dim", "dtype", "name"]))
+def test_signature_difference_finds_every_kind_of_change(shape: list[int | None], change: str) -> None:
+    import keras
+
+    from bnfold.freeze import TensorDecl
+
+    tensor = keras.Input(shape=tuple(shape), name="audio", dtype="float32")
+    declared = TensorDecl("audio", (None, *shape), "float32")
+    if change == "rank":
+        declared = TensorDecl("audio", (None, None, *shape), "float32")
+    elif change == "dim":
+        known = [i for i, d in enumerate(shape) if d is not None]
+        if not known:  # the loader knows no dim: a file that declares one known is different
+            declared = TensorDecl("audio", (None, *[7] * len(shape)), "float32")
+        else:
+            dims_changed = list(shape)
+            dims_changed[known[0]] = int(dims_changed[known[0]] or 0) + 1
+            declared = TensorDecl("audio", (None, *dims_changed), "float32")
+    elif change == "dtype":
+        declared = TensorDecl("audio", (None, *shape), "float16")
+    elif change == "name":
+        declared = TensorDecl("speech", (None, *shape), "float32")
+    why = signature_difference(([declared], []), [tensor], [])
+    if change == "none":
+        assert why is None
+    else:
+        assert why is not None and "input" in why
+    # an unknown dim in the file's declaration accepts whatever the loader knows
+    loose = TensorDecl(None, (None,) * (len(shape) + 1), None)
+    assert signature_difference(([loose], []), [tensor], []) is None
