@@ -423,3 +423,18 @@ def test_signature_difference_finds_every_kind_of_change(shape: list[int | None]
     # an unknown dim in the file's declaration accepts whatever the loader knows
     loose = TensorDecl(None, (None,) * (len(shape) + 1), None)
     assert signature_difference(([loose], []), [tensor], []) is None
+
+
+def test_keras2_file_without_tf_keras_is_one_line_naming_the_package(tmp_path: Path) -> None:
+    src = tmp_path / "seq.h5"
+    keras2_sequential(src)
+    # tf_keras made unimportable in the child (sys.modules[...] = None), as on a machine without it
+    script = "import sys; sys.modules['tf_keras'] = None; from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(src), str(tmp_path / "o.pb")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 3, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "written by Keras 2." in lines[0] and "pip install tf_keras" in lines[0], done.stderr
+    assert not (tmp_path / "o.pb").exists()
