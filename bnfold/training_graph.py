@@ -148,7 +148,12 @@ def open_artifacts(path: Path, checkpoint: Path | None = None) -> Artifacts:
         elif _present(str(path)[: -len(".meta")]):
             prefix = str(path)[: -len(".meta")]
         else:
-            prefix, note = find_prefix(path.parent)
+            try:
+                prefix, note = find_prefix(path.parent)
+            except InputError:
+                raise InputError(
+                    f"{path}: no checkpoint beside this .meta; give it with --checkpoint PREFIX (like model.ckpt-1000)"
+                ) from None
     else:
         if checkpoint is not None:
             raise UsageError(f"--checkpoint: {path} is already a checkpoint; --checkpoint goes with a .meta file")
