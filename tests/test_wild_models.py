@@ -116,7 +116,10 @@ def constant_value_model(path: Path) -> object:
     y = tf_keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(x)
     y = tf_keras.layers.BatchNormalization(name="bn")(y)
     tiled = tf.tile(np.array([[1.5, -2.0]], np.float32), [tf.shape(y)[0], 1])  # constant first argument
-    z = tf_keras.layers.Concatenate(name="cat")([tf_keras.layers.Flatten(name="flat")(y), tiled])
+    # a scalar integer constant: [_CONSTANT_VALUE, -1, 1000000, kwargs] has the shape of a [layer, node, tensor] reference
+    rows = tf.minimum(1_000_000, tf.shape(y)[0])  # the batch size, computed from a scalar constant first argument
+    counts = tf.cast(tf.tile(np.array([[3, 0]], np.int32), [rows, 1]), tf.float32)
+    z = tf_keras.layers.Concatenate(name="cat")([tf_keras.layers.Flatten(name="flat")(y), tiled, counts])
     model = tf_keras.Model(x, z)
     _set_bn_stats(model)
     model.save(path, save_format="h5")
@@ -127,7 +130,8 @@ def test_constant_value_inbound_nodes_fold_to_keras_output(tmp_path: Path) -> No
     src = tmp_path / "tile.h5"
     original = constant_value_model(src)
     with h5py.File(src) as handle:
-        assert "_CONSTANT_VALUE" in handle.attrs["model_config"]  # the form under test
+        text = handle.attrs["model_config"]
+        assert '["_CONSTANT_VALUE", -1, 1000000,' in text and '["_CONSTANT_VALUE", -1, [[1.5, -2.0]],' in text  # the forms under test
     result = bnfold.fold_file(src, tmp_path / "tile_folded.h5")
     assert result.count("folded") == 1 and result.verification is not None and result.verification.passed
     folded = tf_keras.models.load_model(tmp_path / "tile_folded.h5", compile=False)
