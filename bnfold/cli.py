@@ -216,8 +216,8 @@ def fold_command(
             switch_options["set_flags"] = _flags(set_)
         if training_bn != "keep":
             switch_options["training_bn"] = training_bn
-        if switch_options and any(str(p).lower().endswith(".onnx") for p in (src, dst) if p is not None):
-            raise UsageError("--set/--training-bn: not supported with ONNX input or output yet; fold to .pb first")
+        if switch_options and is_onnx_path(src):
+            raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         onnx_mode = is_onnx_path(src) or is_onnx_path(dst)
         if onnx_mode:  # not for a TF-only run: importing onnx costs its memory (#16)
             from bnfold import onnx_export

@@ -178,11 +178,24 @@ def image_spatial_axes(shape: list[int | None]) -> tuple[int, int] | None:
     return (1, 2) if nhwc else (2, 3)
 
 
+# Words that mark a boolean input as a training flag: the check feeds it false (inference) on every route,
+# and doctor assumes false for it.
+TRAINING_WORDS = ("train", "learning_phase", "phase", "mode")
+
+
+def looks_like_training_flag(name: str) -> bool:
+    """Whether an input's name says it selects training behaviour (``is_training``, ``phase_train``, ``mode``)."""
+    low = name.split(":")[0].lower().rsplit("/", 1)[-1]
+    return any(word in low for word in TRAINING_WORDS)
+
+
 def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     np_dtype = np.dtype(spec.dtype)
     shape: list[int | None]
     if shape_override is not None:
         shape, how = list(shape_override), "--input-shape"
+    elif spec.shape is None and np_dtype.kind == "b" and looks_like_training_flag(spec.name):
+        shape, how = [], "a training flag of unknown rank: a scalar"
     elif spec.shape is None:
         raise VerificationError(f"input {spec.name!r} has unknown rank; give --input-shape {spec.name}=D0,D1,... or --no-verify")
     else:

@@ -697,7 +697,7 @@ def _diagnose_checkpoint(
     findings = tg.check_updates(graph) + tg.check_momentum(graph)
     at_init, missing = tg.check_stats_at_init(graph, artifacts.reader)
     findings += at_init
-    notes = []
+    notes = [artifacts.note] if artifacts.note else []
     if missing:
         notes.append(
             f"the checkpoint has no value for {len(missing)} moving-statistics variable(s) ({', '.join(missing[:3])}); not checked"

@@ -19,6 +19,7 @@ in how an inbound tensor is written, which :class:`_Scope` hides.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 BN_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
 FORM = "Keras BatchNormalization"
 Ref = tuple[str, int, int]  # (layer name, node index, tensor index), as configs write an inbound tensor
+# tf_keras writes a constant argument of an op layer (tf.tile(const, ...)) as [CONSTANT_VALUE, -1, value, kwargs].
+CONSTANT_VALUE = "_CONSTANT_VALUE"
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,15 @@ def _ref_of(item: Any, keras3: bool) -> Ref | None:
             name, node, tensor = item["config"]["keras_history"]
             return (name, int(node), int(tensor))
         return None
-    if isinstance(item, list) and len(item) >= 3 and isinstance(item[0], str) and isinstance(item[1], int) and isinstance(item[2], int):
+    if (
+        isinstance(item, list)
+        and len(item) >= 3
+        and isinstance(item[0], str)
+        and type(item[1]) is int
+        and type(item[2]) is int
+        and item[0] != CONSTANT_VALUE
+        and item[1] >= 0
+    ):
         return (item[0], item[1], item[2])
     return None
 
@@ -296,7 +307,8 @@ class _Scope:
         if self.keras3 and isinstance(node, dict):
             return dict(node.get("kwargs", {}))
         if not self.keras3 and isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3:
-            return dict(node[0][3])
+            kwargs = node[0][3]
+            return dict(kwargs) if isinstance(kwargs, dict) else {}
         return {}
 
     def layer(self, name: str) -> Any:
@@ -826,7 +838,13 @@ def fold_keras(
     name = source or f"<{type(model).__name__} {getattr(model, 'name', '')}>"
     if _model_kind(model) is None:
         raise subclassed_error(model, name)
-    plan = plan_model(model, FoldOptions(standalone_affine=standalone_affine))
+    try:
+        plan = plan_model(model, FoldOptions(standalone_affine=standalone_affine))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a config form the reader does not know
+        raise InputError(
+            f"{name}: cannot read the layer graph in the model's config ({type(exc).__name__}: {first_line(exc)[:200]}); "
+            "fold it as a graph (out.pb) or save it with a current Keras"
+        ) from None
     new_model = _rebuild(model, plan, name)
     _carry_compile(model, new_model)
     result = FoldResult(
@@ -883,54 +901,16 @@ def is_keras_path(path: str | os.PathLike[str] | None) -> bool:
 
 
 def load_model(path: Path, trust_model: bool = False) -> Any:
-    """A ``.keras`` with Keras 3 (safe mode); an ``.h5`` saved by Keras 3 with Keras 3, one saved by Keras 2 with tf_keras.
+    """The model as its author saved it: :func:`bnfold.freeze.load_keras_model` (Keras 2 files with tf_keras).
 
-    Unless ``trust_model``, the config is first checked for code (Lambda layers,
-    foreign modules) by :func:`bnfold.freeze.check_keras_file`: tf_keras has no
-    safe mode for ``.h5``.
+    An ``.h5`` written by Keras 2 is folded with tf_keras, so the ``.h5``
+    written back loads where the input did.
     """
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+    from bnfold.freeze import load_keras_model
+
     if path.is_dir():
         raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
-    if not trust_model:
-        from bnfold.freeze import check_keras_file
-
-        check_keras_file(path)
-    errors = []
-    legacy = path.suffix.lower() in (".h5", ".hdf5") and _written_by_keras2(path)
-    if not legacy:
-        try:
-            return keras.saving.load_model(str(path), compile=False, safe_mode=not trust_model, custom_objects=custom_objects())
-        except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for files it cannot read
-            errors.append(f"keras: {first_line(exc)[:200]}")
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        try:
-            import tf_keras
-        except ImportError:
-            if legacy:
-                return keras.saving.load_model(str(path), compile=False, custom_objects=custom_objects())
-            raise InputError(
-                f"{path}: Keras 3 cannot load this .h5 ({errors[0]}); install tf_keras (pip install tf_keras) for legacy files"
-            ) from None
-        try:
-            return tf_keras.models.load_model(str(path), compile=False, custom_objects=custom_objects(tf_keras))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"tf_keras: {first_line(exc)[:200]}")
-    raise InputError(f"{path}: not a loadable Keras model ({'; '.join(errors)})")
-
-
-def _written_by_keras2(path: Path) -> bool:
-    """An .h5 saved by Keras 2 (tf_keras) is folded with tf_keras, so the .h5 written back loads where the input did."""
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            version = f.attrs.get("keras_version", b"")
-    except Exception:  # noqa: BLE001 - not HDF5: the loaders report it
-        return False
-    version = version.decode() if isinstance(version, bytes) else str(version)
-    return version.startswith("2.")
+    return load_keras_model(path, trust_model, custom_objects)
 
 
 def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None) -> None:
@@ -998,14 +978,111 @@ def fold_keras_file(
     if not dry_run:
         check_output_path(src_path, dst_path, in_place)
     model = load_model(src_path, trust_model)
-    module = _framework(model)
-    if not _is_keras3(module) and dst_path.suffix.lower() == ".keras":
-        raise UsageError(f"{dst_path}: {src_path} is a legacy tf_keras model; write it as .h5")
     new_model, result = fold_keras(model, source=str(src_path), **options)
+    check_options = CheckOptions(
+        feeds=options.get("feeds") or {}, input_shapes=options.get("input_shapes") or {}, seed=options.get("seed", 0)
+    )
+    if not _is_keras3(_framework(new_model)) and dst_path.suffix.lower() == ".keras":
+        new_model = as_keras3(new_model, src_path, dst_path, check_options)
+        if result.verification is not None:
+            result.verification.notes.append(f"written by Keras 2: {dst_path.name} is its Keras {keras.__version__} rebuild, checked against it")
     if not dry_run:
-        write_model(
-            new_model,
-            dst_path,
-            CheckOptions(feeds=options.get("feeds") or {}, input_shapes=options.get("input_shapes") or {}, seed=options.get("seed", 0)),
-        )
+        write_model(new_model, dst_path, check_options)
     return new_model, result
+
+
+# Keras 2 arguments that Keras 3 no longer accepts, dropped only at the value where they change nothing:
+# ``groups=1`` (every conv), and a separable conv's ``kernel_*`` (Keras 2 stored them, its separable
+# convs never used them: their kernels are the depthwise and pointwise ones).
+_UNUSED_KERNEL_ARGS = ("kernel_initializer", "kernel_regularizer", "kernel_constraint")
+_KERAS2_NO_OPS: dict[str, Callable[[str, Any], bool]] = {
+    **{f"SeparableConv{d}D": (lambda key, value: key in _UNUSED_KERNEL_ARGS or (key == "groups" and value == 1)) for d in (1, 2)},
+    **{f"DepthwiseConv{d}D": (lambda key, value: key == "groups" and value == 1) for d in (1, 2)},
+    **{f"Conv{d}D": (lambda key, value: False) for d in (1, 2, 3)},
+}
+
+
+def keras2_config_for_keras3(config: Any) -> Any:
+    """A Keras 2 model config with the arguments Keras 3 refuses but that change nothing removed (a copy).
+
+    Anything else Keras 3 does not have stays, so Keras 3 refuses it and the
+    refusal names it: a translation that changed the model would be worse.
+    """
+    if isinstance(config, list):
+        return [keras2_config_for_keras3(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    out = {key: keras2_config_for_keras3(value) for key, value in config.items()}
+    no_op = _KERAS2_NO_OPS.get(str(out.get("class_name")))
+    inner = out.get("config")
+    if no_op is not None and isinstance(inner, dict):
+        out["config"] = {key: value for key, value in inner.items() if not no_op(key, value)}
+    return out
+
+
+def keras_reason(exc: BaseException) -> str:
+    """The cause in a Keras deserialization error, which opens with the whole layer config and ends with the reason."""
+    text = str(exc)
+    marker = "Exception encountered:"
+    while marker in text:
+        text = text.split(marker, 1)[1]
+    text = text.strip()
+    return (text.splitlines()[0] if text else first_line(exc))[:300]
+
+
+def as_keras3(legacy: Any, src: Path, dst: Path, options: CheckOptions) -> Any:
+    """The same model in Keras 3, for ``.keras`` output from a Keras 2 file; refused in one line where it is not the same.
+
+    Keras 3 rebuilds a Keras 2 model from its ``.h5`` form with its own legacy
+    reader. That rebuild is accepted only when it declares the same inputs and
+    outputs (names where the file names them, ranks, known dims, dtypes) and
+    predicts what the tf_keras model does; otherwise (a layer or argument Keras
+    3 does not have, a name it refuses, a Sequential input it reads with another
+    rank) :class:`OutputError` says why and suggests ``.h5`` output.
+    """
+    from bnfold.freeze import TensorDecl, _loaded_decls, signature_difference
+
+    def refuse(why: str) -> OutputError:
+        return OutputError(
+            f"{dst}: {src} was written by Keras 2 and Keras {keras.__version__} cannot rebuild it exactly ({why}); "
+            f"write {dst.with_suffix('.h5').name} instead"
+        )
+
+    fd, tmp_name = tempfile.mkstemp(prefix=".bnfold-keras2-", suffix=".h5")
+    os.close(fd)
+    try:
+        legacy.save(tmp_name, save_format="h5")
+        import h5py
+
+        with h5py.File(tmp_name, "r+") as handle:
+            config = json.loads(handle.attrs["model_config"])
+            handle.attrs["model_config"] = json.dumps(keras2_config_for_keras3(config))
+        try:
+            rebuilt = keras.saving.load_model(tmp_name, compile=False, safe_mode=True, custom_objects=custom_objects())
+        except Exception as exc:  # noqa: BLE001 - Keras raises many kinds while deserializing legacy layers
+            raise refuse(keras_reason(exc)) from None
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    wanted = _loaded_decls(list(legacy.inputs)), _loaded_decls(list(legacy.outputs))
+    if _model_kind(legacy) == "sequential":  # a Sequential's input is named by whoever builds it; compare the rest
+        wanted = [TensorDecl(None, d.shape, d.dtype) for d in wanted[0]], [TensorDecl(None, d.shape, d.dtype) for d in wanted[1]]
+    why = signature_difference(wanted, list(rebuilt.inputs), list(rebuilt.outputs))
+    if why:
+        raise refuse(why)
+    runner_names = input_names(legacy), output_names(legacy)
+
+    def renamed(model: Any) -> KerasRunner:
+        runner = KerasRunner(model)
+        runner.input_names, runner.output_names = list(runner_names[0]), list(runner_names[1])
+        return runner
+
+    same = compare_runners(
+        lambda: KerasRunner(legacy),
+        lambda: renamed(rebuilt),
+        input_specs(legacy),
+        output_names(legacy),
+        CheckOptions(feeds=options.feeds, input_shapes=options.input_shapes, seed=options.seed, batch_check=False),
+    )
+    if not same.passed:
+        raise refuse(f"it predicts differently: {failure_message(same)}")
+    return rebuilt

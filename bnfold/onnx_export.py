@@ -14,6 +14,7 @@ input/output ``x:0``. ``input_names``/``output_names`` in the report map each.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -225,6 +226,8 @@ def to_onnx(
     force: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     trust_model: bool = False,
+    set_flags: dict[str, bool] | None = None,
+    training_bn: str = "keep",
 ) -> tuple[onnx.ModelProto, Any]:
     """A folded, checked ``onnx.ModelProto`` and its :class:`~bnfold.api.FoldResult`.
 
@@ -234,9 +237,18 @@ def to_onnx(
     onnxruntime) and raises :class:`~bnfold.errors.VerificationError` when it
     differs, unless ``force``. ``result.onnx`` holds the ONNX stage's sites,
     op counts and name mapping.
+
+    ``set_flags`` and ``training_bn`` are resolved on the TensorFlow side, as
+    for ``.pb`` output (:func:`bnfold.api.fold`), before tf2onnx sees the graph:
+    a switch on a training flag becomes its taken branch, never an ONNX ``If``.
+    The check feeds the original the resolved flags (and compares against the
+    moving-statistics rewrite when ``training_bn`` made one).
     """
     check = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, on_batch=on_batch)
+    switch_options: dict[str, Any] = {"set_flags": set_flags, "training_bn": training_bn}
     if isinstance(source, onnx.ModelProto) or (isinstance(source, (str, os.PathLike)) and is_onnx_path(source)):
+        if set_flags or training_bn != "keep":
+            raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         # ONNX in, ONNX out: no TensorFlow on this path (bnfold.onnx_api).
         return fold_onnx(
             source,
@@ -264,16 +276,17 @@ def to_onnx(
 
         isolation.prestart()
         loaded = load(source, trust_model=trust_model)
-        graph_def, name = loaded.graph_def, loaded.source
+        graph_def, name, signature = loaded.graph_def, loaded.source, loaded.signature
         del loaded
         _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
         # The TF stage is exactly the .pb fold (same canonicalization, same records); the
         # check that matters is the one below, of the ONNX file against the original graph.
-        result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds)
+        result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds, **switch_options)
+        result.signature = signature  # the source's (a SavedModel's or Keras model's), as .pb output reports it
     else:
         # Nothing will run the original: api.fold loads it and folds that copy in place, so
         # one GraphDef, not two, is alive while tf2onnx converts (a GraphDef passed in is copied).
-        result = api.fold(source, inputs, outputs, verify_outputs=False, feeds=feeds, trust_model=trust_model)
+        result = api.fold(source, inputs, outputs, verify_outputs=False, feeds=feeds, trust_model=trust_model, **switch_options)
         name = result.source
         _check_feeds(feeds, set(result.inputs) | {s.name for s in find_inputs(result.graph_def)} | set(inputs or []))
     result.source, result.unchanged = name, False  # converted to ONNX: checked below, whatever the TF stage did
@@ -303,9 +316,17 @@ def to_onnx(
     _check_output_model(model, name, result)
     if verify_outputs:
         assert graph_def is not None
+        if any(r.rewritten for r in result.training_bn):  # changed on purpose: compared with the rewritten original
+            from bnfold.switches import use_moving_stats
+
+            graph_def = use_moving_stats(graph_def)[0]
+        fed = {parse_input(k)[0] for k in feeds or {}}
+        placeholders = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
+        flags = {r.flag: np.array(r.value) for r in result.switches if r.flag in placeholders and r.flag not in fed}
+        check = dataclasses.replace(check, feeds={**flags, **check.feeds})
         needed = needed_inputs(graph_def, out_names, set())
         specs = [s for s in find_inputs(graph_def) if s.name in in_names]
-        specs = [s for s in specs if s.name in needed]
+        specs = [s for s in specs if s.name in needed or s.name in flags]
         with trusting(trust_model):
             result.verification = compare_runners(
                 lambda: open_graph_runner(graph_def, "the input graph"),

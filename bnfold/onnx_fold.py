@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from bnfold.foldmath import Action, Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
-from bnfold.onnx_io import op_counts
+from bnfold.onnx_io import known_dim, op_counts
 
 __all__ = ["ConstValues", "OnnxFolder", "fold_model", "leftover_sites", "op_counts"]
 
@@ -267,7 +267,7 @@ class OnnxFolder:
             if tensor.elem_type:
                 types[info.name] = tensor.elem_type
             if tensor.HasField("shape"):
-                shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+                shapes[info.name] = [known_dim(d) for d in tensor.shape.dim]
         for init in self.graph.initializer:
             types.setdefault(init.name, init.data_type)
             shapes.setdefault(init.name, list(init.dims))

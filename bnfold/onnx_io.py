@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -186,6 +187,28 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     return model, external
 
 
+def known_dim(dim: Any) -> int | None:
+    """An ONNX ``TensorShapeProto.Dimension`` as a size, or None where the model leaves it unknown.
+
+    The spec's unknown is a ``dim_param`` (symbolic) or neither field set;
+    exporters say it other ways too: ``dim_value: -1`` (PaddlePaddle, some
+    TF converters) and ``dim_value: 0`` (older converters that write 0 for a
+    free batch). No model input or weight is a zero-length axis on purpose, so
+    a size must be positive to be known. A shape with no dims is a scalar, and
+    a missing shape an unknown rank; both are read by the caller.
+    """
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    return None
+
+
+def dims_of(tensor_type: Any) -> list[int | None] | None:
+    """A tensor type's shape with unknown dims as None (:func:`known_dim`); None for an unknown rank."""
+    if not tensor_type.HasField("shape"):
+        return None
+    return [known_dim(d) for d in tensor_type.shape.dim]
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """Graph inputs that are not initializers, as :class:`~bnfold.comparison.InputSpec` (symbolic dims: None)."""
     inits = {t.name for t in model.graph.initializer}
@@ -195,12 +218,37 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else np.dtype(object)
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim] if tensor.HasField("shape") else None
+        shape = dims_of(tensor)
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
 
 # -- running -------------------------------------------------------------------------------
+def _free_unknown_dims(model: onnx.ModelProto) -> Any:
+    """Make an input's ``-1``/``0`` dims symbolic for the session the check runs; returns what puts them back.
+
+    onnxruntime holds a fed tensor to every ``dim_value`` (0 included), so a
+    model that says "unknown" with 0 could not be checked at all. Only the
+    session sees the change: the model written is the exporter's, as it came.
+    """
+    changed = []
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        for i, dim in enumerate(tensor.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                changed.append((dim, dim.dim_value))
+                dim.dim_param = f"bnfold_unknown_{value.name}_{i}"
+
+    def restore() -> None:
+        for dim, size in changed:
+            dim.dim_value = size
+
+    return restore
+
+
+
 class OrtRunner:
     """One onnxruntime session with graph optimizations off, fed and fetched by caller-side names.
 
@@ -217,6 +265,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
+        restore = _free_unknown_dims(model)
         try:
             data = serialize_within_limit(model)
             if data is not None:
@@ -230,6 +279,8 @@ class OrtRunner:
                     self.session = ort.InferenceSession(os.path.join(tmp, "m.onnx"), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        finally:
+            restore()
         self.names = names or {}
         self.inputs = {i.name for i in self.session.get_inputs()}
 

@@ -25,6 +25,7 @@ from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, n
 from tensorflow.python.framework import tensor_util
 
 from bnfold.canonical import ConstEvaluator
+from bnfold.comparison import TRAINING_WORDS, looks_like_training_flag  # noqa: F401  (one definition for every route)
 from bnfold.errors import UsageError
 from bnfold.graph import GraphIndex, attr, live_library, make_node, parse_input, tensor_ref
 
@@ -33,8 +34,6 @@ FLAG_SOURCES = {"Const", "Placeholder", "PlaceholderWithDefault"}
 # Ops a flag passes through unchanged on its way to a predicate.
 FLAG_PASS = {"Identity", "Snapshot", "StopGradient", "Cast", "Squeeze", "Reshape"}
 KERAS_LEARNING_PHASE = "keras_learning_phase"
-# Words that mark a boolean placeholder as a training flag (doctor assumes False for inference).
-TRAINING_WORDS = ("train", "learning_phase", "phase", "mode")
 
 
 @dataclass
@@ -77,12 +76,6 @@ class TrainingBnRewrite:
     node: str
     rewritten: bool
     detail: str
-
-
-def looks_like_training_flag(name: str) -> bool:
-    """Whether a placeholder's name says it selects training behaviour."""
-    low = name.lower().rsplit("/", 1)[-1]
-    return any(word in low for word in TRAINING_WORDS)
 
 
 def trace_flag(index: GraphIndex, ref: str) -> Flag | None:

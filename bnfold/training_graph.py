@@ -15,6 +15,7 @@ its variables with the checkpoint's values.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,58 +53,111 @@ class Artifacts:
     prefix: str
     meta: meta_graph_pb2.MetaGraphDef
     reader: Any  # tf.train.CheckpointReader
+    note: str | None = None  # how the checkpoint was found, when it was not where the checkpoint file said
 
     @property
     def source(self) -> str:
         return self.prefix if str(self.meta_path) == self.prefix + ".meta" else f"{self.meta_path} + {self.prefix}"
 
 
+def _is_meta(path: Path) -> bool:
+    # by name, not Path.suffix: a checkpoint whose prefix is a directory has a file named just ".meta"
+    return path.name.endswith(".meta")
+
+
 def is_checkpoint(path: Path) -> bool:
-    """A ``.meta`` file, a checkpoint prefix (``model.ckpt-1000``), or a directory with a ``checkpoint`` file."""
-    if path.suffix == ".meta":
+    """A ``.meta`` file, a checkpoint prefix (``model.ckpt-1000``, or a directory ``ckpt/`` whose files are
+    ``ckpt/.index``...), or a directory with a ``checkpoint`` file."""
+    if _is_meta(path):
         return True
     if Path(f"{path}.index").exists() or Path(f"{path}.meta").exists():
         return True
-    return path.is_dir() and (path / "checkpoint").is_file() and not (path / "saved_model.pb").exists()
+    if not path.is_dir() or (path / "saved_model.pb").exists():
+        return False
+    return (path / "checkpoint").is_file() or (path / ".index").is_file()
 
 
-def _prefix_of(path: Path) -> str:
-    """The checkpoint prefix a user means by ``path`` (a prefix, a directory, or a file of the checkpoint)."""
-    import tensorflow as tf
+def _state_prefix(directory: Path) -> str | None:
+    """The prefix a directory's ``checkpoint`` file names (relative names are relative to the directory), read
+    without TensorFlow's ``latest_checkpoint``, which logs an error line when the file names a missing path."""
+    from google.protobuf import text_format
+    from tensorflow.python.training import checkpoint_state_pb2
 
-    if path.is_dir():
-        latest = tf.train.latest_checkpoint(str(path))
-        if latest is None:
-            raise InputError(f"{path}: the directory's checkpoint file names no readable checkpoint")
-        return str(latest)
+    state = checkpoint_state_pb2.CheckpointState()
+    try:
+        text_format.Parse((directory / "checkpoint").read_text(errors="replace"), state)
+    except (OSError, text_format.ParseError):
+        return None
+    named = state.model_checkpoint_path
+    if not named:
+        return None
+    return named if os.path.isabs(named) else os.path.join(str(directory), named)
+
+
+def _present(prefix: str) -> bool:
+    return Path(prefix + ".index").is_file()
+
+
+def find_prefix(path: Path) -> tuple[str, str | None]:
+    """The checkpoint prefix ``path`` means, found the way ``Saver.restore`` finds one, and a note when it was a guess.
+
+    ``path`` may be a prefix (``model.ckpt-1000``, or a directory whose files are
+    ``dir/.index``: a prefix ending in ``/``), one of its files, or a directory
+    with a ``checkpoint`` file. That file often names the author's own absolute
+    path: when the prefix it names is not there, the checkpoint actually beside
+    it is used (the one with the same file name, else the newest), and the note
+    says so.
+    """
     text = str(path)
+    if path.is_dir():
+        own = os.path.join(text, "")  # the directory itself as a prefix: dir/.index, dir/.meta
+        named = _state_prefix(path) if (path / "checkpoint").is_file() else None
+        if named is not None and _present(named):
+            return named, None
+        if _present(own) and named is None:
+            return own, None
+        here = sorted(
+            (str(index)[: -len(".index")] for index in path.glob("*.index") if index.is_file()),
+            key=lambda p: Path(p + ".index").stat().st_mtime,
+        )
+        if not here:
+            said = f"its checkpoint file names {named}, which is not there, and " if named else ""
+            raise InputError(f"{path}: {said}no checkpoint (.index) is in the directory; pass the checkpoint prefix")
+        if named is None:
+            return here[-1], None
+        base = os.path.join(text, os.path.basename(named))
+        chosen = base if base in here else here[-1]
+        return chosen, f"the checkpoint file names {named}, which is not here; read {chosen}, the checkpoint beside it"
     for suffix in (".index", ".meta"):
         if text.endswith(suffix):
-            return text[: -len(suffix)]
+            return text[: -len(suffix)], None
     if ".data-" in path.name:
-        return text.rsplit(".data-", 1)[0]
-    return text
+        return text.rsplit(".data-", 1)[0], None
+    return text, None
 
 
 def open_artifacts(path: Path, checkpoint: Path | None = None) -> Artifacts:
     """Find the ``.meta`` and the checkpoint for ``path``; read the proto and open the checkpoint's reader."""
     import tensorflow as tf
 
-    if path.suffix == ".meta":
+    note = None
+    if _is_meta(path):
         meta_path = path
         if checkpoint is not None:
-            prefix = _prefix_of(checkpoint)
-        elif Path(str(path)[: -len(".meta")] + ".index").exists():
+            prefix, note = find_prefix(checkpoint)
+        elif _present(str(path)[: -len(".meta")]):
             prefix = str(path)[: -len(".meta")]
         else:
-            latest = tf.train.latest_checkpoint(str(path.parent))
-            if latest is None:
-                raise InputError(f"{path}: no checkpoint beside this .meta; give it with --checkpoint PREFIX (like model.ckpt-1000)")
-            prefix = str(latest)
+            try:
+                prefix, note = find_prefix(path.parent)
+            except InputError:
+                raise InputError(
+                    f"{path}: no checkpoint beside this .meta; give it with --checkpoint PREFIX (like model.ckpt-1000)"
+                ) from None
     else:
         if checkpoint is not None:
             raise UsageError(f"--checkpoint: {path} is already a checkpoint; --checkpoint goes with a .meta file")
-        prefix = _prefix_of(path)
+        prefix, note = find_prefix(path)
         meta_path = Path(prefix + ".meta")
         if not meta_path.is_file():
             raise InputError(
@@ -119,11 +173,13 @@ def open_artifacts(path: Path, checkpoint: Path | None = None) -> Artifacts:
         raise InputError(f"{meta_path}: not a MetaGraphDef ({first_line(exc)}); pass the .meta that tf.train.Saver wrote") from None
     if not meta.graph_def.node:
         raise InputError(f"{meta_path}: the MetaGraphDef holds no graph")
+    if not _present(prefix):
+        raise InputError(f"{prefix}: no checkpoint with this prefix ({Path(prefix + '.index').name} is missing); pass its prefix, like model.ckpt-1000")
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)  # the prefix as given: load_checkpoint would read dir/ as a directory
     except (tf.errors.OpError, ValueError) as exc:
         raise InputError(f"{prefix}: cannot read the checkpoint ({first_line(exc)}); pass its prefix, like model.ckpt-1000") from None
-    return Artifacts(meta_path, prefix, meta, reader)
+    return Artifacts(meta_path, prefix, meta, reader, note)
 
 
 # -- what the training graph says ------------------------------------------------

@@ -610,8 +610,10 @@ def test_cli_legacy_h5_standalone_affine_loads_predicts_and_trains(tmp_path: Pat
     assert_close(loaded(x, training=True).numpy(), loaded(x, training=False).numpy())  # no batch statistics to switch to
     loaded.compile(optimizer="sgd", loss="mse")
     assert np.isfinite(loaded.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0).history["loss"][0])
-    done = bnfold_cli("in.h5", "out.keras", cwd=tmp_path)
-    assert done.exit_code == errors.EXIT_USAGE and "write it as .h5" in done.output and not (tmp_path / "out.keras").exists()
+    done = bnfold_cli("in.h5", "out.keras", cwd=tmp_path)  # Keras 3 rebuilds this Keras 2 model exactly (#23)
+    assert done.exit_code == 0, done.output
+    rebuilt = keras.saving.load_model(tmp_path / "out.keras", compile=False)
+    assert_close(model.predict(x, verbose=0), np.asarray(rebuilt(x, training=False)))
 
 
 def test_keras3_model_to_h5_and_non_keras_input_refused(tmp_path: Path) -> None:
