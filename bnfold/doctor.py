@@ -76,7 +76,7 @@ def _with_affine(stat: BnStats | None, site: Affine | None) -> LayerStats | None
     """Gamma, beta and the output tensor, recovered from the fold's affine record ``y = x * scale + shift``."""
     if stat is None:
         return None
-    layer = LayerStats(stat.name, stat.input_ref, stat.mean, stat.var, stat.eps, stat.channel_axis)
+    layer = LayerStats(stat.name, stat.input_ref, stat.mean, stat.var, stat.eps, stat.channel_axis, stat.mean_at, stat.var_at)
     channels = stat.var.size
     if site is None or site.scale.size not in (1, channels) or site.shift.size not in (1, channels):
         return layer
@@ -114,7 +114,8 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
     fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
     axis = -1 if fmt.endswith("C") else 1 - len(fmt)
-    return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis)  # type: ignore[attr-defined]
+    name = node.name  # type: ignore[attr-defined]
+    return BnStats(name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis, (name, 3), (name, 4))
 
 
 def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
@@ -123,7 +124,8 @@ def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStat
     if mean is None or var is None:
         return None
     eps = attr(node, "variance_epsilon").f  # type: ignore[attr-defined]
-    return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1)  # type: ignore[attr-defined]
+    name = node.name  # type: ignore[attr-defined]
+    return BnStats(name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1, (name, 1), (name, 2))
 
 
 def _find_op(index: GraphIndex, ref: str, op: str) -> str | None:
@@ -139,6 +141,8 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
     (``offset - mean * inv``).
     """
     var = eps = mean = None
+    mean_at: tuple[str, int] | None = None
+    var_at: tuple[str, int] | None = None
     x_ref: str | None = None
     for pos, name in enumerate(site.replaces):
         node = index.node(name)
@@ -155,6 +159,7 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
                 prev_in = index.data_inputs(previous) if previous is not None else []
                 if previous is not None and previous.op == "Sub" and ev.is_const(prev_in[1]) and not ev.is_const(prev_in[0]):
                     mean = ev.value(index.data_inputs(previous)[1])
+                    mean_at = (previous.name, 1)
                     x_ref = index.data_inputs(previous)[0]
             if var is None:
                 add = index.producer(index.node(rsqrt).input[0])[0]
@@ -162,20 +167,25 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
                     a, b = (ev.value(r) for r in index.data_inputs(add))
                     if a is not None and b is not None:
                         if a.size == b.size:
-                            var, eps = (a, b) if float(np.max(a)) >= float(np.max(b)) else (b, a)
+                            first = float(np.max(a)) >= float(np.max(b))
                         else:
-                            var, eps = (a, b) if a.size > b.size else (b, a)
+                            first = a.size > b.size
+                        var, eps = (a, b) if first else (b, a)
+                        var_at = (add.name, 0 if first else 1)
             if mean is None:
-                mean = _mean_beside_rsqrt(index, ev, ref)
+                beside = _mean_beside_rsqrt(index, ev, ref)
+                if beside is not None:
+                    mean, mean_at = beside
     if var is None or mean is None or x_ref is None:
         return None
     if eps is None:
         return None
-    return BnStats(site.name, x_ref, np.asarray(mean).reshape(-1), np.asarray(var).reshape(-1), float(np.ravel(eps)[0]), site.channel_axis)
+    mean_value, var_value = np.asarray(mean).reshape(-1), np.asarray(var).reshape(-1)
+    return BnStats(site.name, x_ref, mean_value, var_value, float(np.ravel(eps)[0]), site.channel_axis, mean_at, var_at)
 
 
-def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> np.ndarray | None:
-    """In ``offset - mean * inv``: the ``Mul`` operand that holds no ``Rsqrt``."""
+def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> tuple[np.ndarray | None, tuple[str, int]] | None:
+    """In ``offset - mean * inv``: the ``Mul`` operand that holds no ``Rsqrt``, and where it enters."""
     for node in index.walk(parse_input(ref)[0], limit=64):
         inputs = index.data_inputs(node)
         if node.op == "Mul" and len(inputs) == 2:
@@ -185,7 +195,7 @@ def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> np.nd
                 # the gamma multiply (inv * gamma) sits under another Mul; the mean's Mul feeds a Sub/Neg
                 readers = [index.node(c.node).op for c in index.consumers(node.name)]
                 if any(op in ("Sub", "Neg") for op in readers):
-                    return ev.value(other)
+                    return ev.value(other), (node.name, with_rsqrt.index(False))
     return None
 
 

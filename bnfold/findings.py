@@ -80,6 +80,9 @@ class BnStats:
     var: np.ndarray
     eps: float
     channel_axis: int | None
+    # where the stored mean/variance enter the graph, as (node, input slot): what recalibration rewrites
+    mean_at: tuple[str, int] | None = None
+    var_at: tuple[str, int] | None = None
 
 
 def at_init_finding(stat: BnStats) -> Finding | None:

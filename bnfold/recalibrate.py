@@ -1,0 +1,694 @@
+"""``bnfold recalibrate``: recompute the BN moving statistics of a model from calibration data.
+
+The users bnfold exists for trained a model whose stored statistics are wrong
+(update ops never run, ``decay=1``, a validation copy never trained, a BN frozen
+in training mode, drifted data). Retraining takes days; the statistics take
+seconds. Each BN's new moving mean and variance are the per-channel moments of
+its input over the calibration samples, measured in inference mode with every
+BN upstream already recalibrated: exactly what the deployed model will see.
+
+How (README "Fix it: bnfold recalibrate"):
+
+- The BNs are found by the doctor's readers of each form (fused in either mode,
+  ``BatchNormWithGlobalNormalization``, decomposed), on the graph with its
+  training switches resolved false, as ``doctor`` and ``--set`` do. A training-mode
+  fused BN becomes an inference-mode one. Nothing here recognizes BN a second way.
+- The graph is loaded once into the isolated worker with every BN's mean and
+  variance turned into placeholders; the current statistics are fed with each
+  batch. BNs are grouped by depth (how many BNs lie on the longest path above
+  them): one pass over the data per depth level fetches the inputs of that level's
+  BNs, whose upstream BNs are all final by then. TensorFlow runs only the part of
+  the graph a level needs.
+- Moments accumulate in float64 per channel, merged batch by batch (Chan et al.),
+  so memory does not grow with the data. The stored variance is the biased
+  (population) one: inference divides by the spread of the population it
+  normalizes, and training-mode BN normalizes with the biased batch variance too,
+  so this is the variance that makes inference agree with training mode.
+- A BN whose input gives fewer than the doctor's minimum values per channel
+  keeps its statistics, and the report says why.
+- A last pass over the data on the recalibrated model measures every BN's input
+  again against its new statistics: the "after" drift score, which is ~0 only
+  when the upstream-first order held.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, tensor_shape_pb2, types_pb2
+
+from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
+from bnfold.canonical import ConstEvaluator, input_dtype
+from bnfold.errors import BnfoldError, UsageError, VerificationError, first_line
+from bnfold.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, BnStats, drift_metrics
+from bnfold.graph import GraphIndex, attr, make_node, parse_input
+
+# Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+# What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
+Data = Any
+
+
+@dataclass
+class Moments:
+    """Per-channel count, mean and sum of squared deviations in float64, merged batch by batch (Chan et al.)."""
+
+    count: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def add(self, value: np.ndarray, axis: int | None) -> None:
+        x = np.asarray(value, np.float64)
+        if axis is None:
+            flat = x.reshape(-1, 1)
+        else:
+            flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+        n = flat.shape[0]
+        if n == 0:
+            return
+        mean = flat.mean(axis=0)
+        m2 = ((flat - mean) ** 2).sum(axis=0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        if mean.shape != self.mean.shape:
+            raise VerificationError(f"--data: a batch gives {mean.size} channel(s) where the one before gave {self.mean.size}")
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def var(self) -> np.ndarray:
+        """The biased (population) variance: see the module docstring for why."""
+        assert self.m2 is not None
+        return self.m2 / max(self.count, 1)
+
+
+@dataclass
+class Site:
+    """One BN to recalibrate: where its input comes from and where its statistics enter the graph."""
+
+    name: str
+    label: str
+    form: str
+    input_ref: str
+    output_node: str
+    channel_axis: int | None
+    eps: float
+    mean_at: tuple[str, int]
+    var_at: tuple[str, int]
+    dtype: int  # of the statistics (float32 for a fused BN on half tensors)
+    shape: tuple[int, ...]  # of the statistics as the graph holds them
+    old_mean: np.ndarray | None
+    old_var: np.ndarray | None
+    training: bool = False  # a fused BN in training mode: rewritten to inference mode
+    level: int = 0
+
+
+def _summary(values: np.ndarray | None) -> dict[str, float] | None:
+    if values is None or not np.size(values):
+        return None
+    v = np.asarray(values, np.float64)
+    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
+
+
+def drift_score(mean: np.ndarray | None, var: np.ndarray | None, data_mean: np.ndarray, data_var: np.ndarray, eps: float) -> float | None:
+    """The doctor's drift score (1 = its threshold) of stored statistics against the data's moments."""
+    from bnfold.doctor import ModeDrift
+
+    if mean is None or var is None or mean.size not in (1, data_mean.size) or var.size not in (1, data_var.size):
+        return None
+    stat = BnStats("", "", np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1), eps, -1)
+    z, ratio = drift_metrics(stat, data_mean, data_var)
+    low, high = DRIFT_VAR_RATIO
+    bad = (z > DRIFT_MEAN_Z) | (ratio < low) | (ratio > high)
+    return ModeDrift(float(np.max(z)), float(np.min(ratio)), float(np.max(ratio)), int(bad.sum()), int(bad.size)).score
+
+
+def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    value = np.asarray(value, np.float64)
+    return value.reshape(shape) if value.size == int(np.prod(shape)) else np.broadcast_to(value.reshape(-1)[:1], shape).copy()
+
+
+@dataclass
+class LayerRecord:
+    """One BN in the report: what it had, what it got, and the evidence."""
+
+    name: str
+    node: str
+    form: str
+    level: int
+    action: str  # "recalibrated" or "kept"
+    values_per_channel: int
+    old_mean: dict[str, float] | None
+    old_var: dict[str, float] | None
+    new_mean: dict[str, float] | None
+    new_var: dict[str, float] | None
+    drift_before: float | None
+    drift_after: float | None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RecalibrationResult:
+    """The recalibrated graph and one record per BN, in model order."""
+
+    graph_def: graph_pb2.GraphDef
+    layers: list[LayerRecord]
+    inputs: list[str]
+    outputs: list[str]
+    source: str
+    samples: int
+    passes: int
+    batch_sizes: list[int] = field(default_factory=list)
+    signature: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def recalibrated(self) -> int:
+        return sum(1 for r in self.layers if r.action == "recalibrated")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "samples": self.samples,
+            "passes": self.passes,
+            "bn_count": len(self.layers),
+            "recalibrated": self.recalibrated,
+            "variance": "biased (population): sum((x - mean)^2) / n over all calibration values per channel",
+            "layers": [r.to_json() for r in self.layers],
+            "notes": self.notes,
+        }
+
+
+# -- finding the BNs (the doctor's readers) ----------------------------------------------
+def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
+    """Every BN whose statistics can be recalibrated, and a note for each that cannot."""
+    from bnfold import doctor
+
+    index = GraphIndex(graph_def)
+    ev = ConstEvaluator(index)
+    sites: list[Site] = []
+    notes: list[str] = []
+    for node in index:
+        stat: BnStats | None = None
+        training = False
+        output = node.name
+        form = node.op
+        if node.op in FUSED_BN_OPS:
+            training = attr(node, "is_training").b if "is_training" in node.attr else True
+            stat = doctor._fused_stats(index, ev, node)  # noqa: SLF001 - the doctor's reader of this form
+            if stat is None and training:
+                stat = _training_fused(index, ev, node)
+        elif node.op in GLOBAL_BN_OPS:
+            stat = doctor._global_stats(index, ev, node)  # noqa: SLF001
+        elif node.op == "Rsqrt" and not ev.is_const(node.name):
+            mean = doctor._batch_mean_behind(index, ev, node.name)  # noqa: SLF001
+            if mean is not None:
+                notes.append(
+                    f"{node.name}: normalizes with moments computed from the batch itself (tf.nn.moments over axis 0) and is left "
+                    "as it is: export it with the moving averages (tf.nn.batch_normalization on them), then recalibrate"
+                )
+            continue
+        elif node.op in ("Add", "AddV2", "Sub", "Mul", "BiasAdd", "RealDiv"):
+            site = recognize(index, ev, node)
+            if isinstance(site, Affine) and site.form == "decomposed":
+                stat = doctor._decomposed_stats(index, ev, site)  # noqa: SLF001
+                output, form = site.output_node, "decomposed"
+        if stat is None:
+            if node.op in FUSED_BN_OPS or node.op in GLOBAL_BN_OPS:
+                notes.append(f"{node.name}: its mean/variance are not constants of the graph; left as it is")
+            continue
+        if stat.mean_at is None or stat.var_at is None:
+            notes.append(f"{stat.name}: bnfold did not find where its mean/variance enter the graph; left as it is")
+            continue
+        mean_node, mean_slot = stat.mean_at
+        var_node, var_slot = stat.var_at
+        dtype = input_dtype(index, index.node(var_node).input[var_slot]) or types_pb2.DT_FLOAT
+        raw = ev.raw(index.node(var_node).input[var_slot])
+        scale = ev.value(index.data_inputs(node)[1]) if node.op in FUSED_BN_OPS else None
+        channels = stat.var.size or (scale.size if scale is not None else 0)
+        if not channels:
+            notes.append(f"{stat.name}: bnfold cannot tell its channel count; left as it is")
+            continue
+        shape = tuple(raw.shape) if raw is not None and raw.size == channels else (channels,)
+        label = doctor.LayerStats(stat.name, stat.input_ref, stat.mean, stat.var, stat.eps, stat.channel_axis).label
+        sites.append(
+            Site(
+                stat.name,
+                label,
+                form,
+                stat.input_ref,
+                output,
+                stat.channel_axis,
+                float(stat.eps),
+                stat.mean_at,
+                stat.var_at,
+                dtype,
+                shape,
+                stat.mean if stat.mean.size else None,
+                stat.var if stat.var.size else None,
+                training,
+            )  # fmt: skip
+        )
+    return sites, notes
+
+
+def _training_fused(index: GraphIndex, ev: ConstEvaluator, node: Any) -> BnStats | None:
+    """A training-mode fused BN without moving statistics in the graph: recalibration gives it some (old ones: none)."""
+    inputs = index.data_inputs(node)
+    if len(inputs) < 5 or ev.value(inputs[1]) is None:
+        return None
+    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
+    eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
+    axis = -1 if fmt.endswith("C") else 1 - len(fmt)
+    empty = np.zeros(0)
+    return BnStats(node.name, inputs[0], empty, empty, eps, axis, (node.name, 3), (node.name, 4))
+
+
+def assign_levels(graph_def: graph_pb2.GraphDef, sites: list[Site]) -> None:
+    """Depth of each BN: 1 + the deepest BN whose output reaches its input (0 when none does)."""
+    index = GraphIndex(graph_def)
+    by_output = {s.output_node: s for s in sites}
+    height: dict[str, int] = {}
+    for name in index.topological_order():
+        node = index.node(name)
+        h = max((height.get(parse_input(r)[0], 0) for r in index.data_inputs(node)), default=0)
+        site = by_output.get(name)
+        if site is not None:
+            producer = parse_input(site.input_ref)[0]
+            site.level = height.get(producer, 0)
+            h = max(h, site.level + 1)
+        height[name] = h
+
+
+# -- the graphs ------------------------------------------------------------------------
+def _shape_attr(shape: tuple[int, ...]) -> attr_value_pb2.AttrValue:
+    proto = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape])
+    return attr_value_pb2.AttrValue(shape=proto)
+
+
+def _rewire(
+    graph_def: graph_pb2.GraphDef, sites: list[Site], values: dict[str, tuple[np.ndarray, np.ndarray]] | None
+) -> graph_pb2.GraphDef:
+    """Each site's mean/variance from a placeholder (``values`` None) or from a constant of the new value.
+
+    A training-mode fused BN is switched to inference mode. The old statistics'
+    constants are left for the graph's own pruning (``bnfold IN OUT`` removes them).
+    """
+    index = GraphIndex(graph_def)
+    for site in sites:
+        for which, (node_name, slot) in (("mean", site.mean_at), ("variance", site.var_at)):
+            base = f"{site.name}/bnfold_recalibrated_{which}"
+            if values is None:
+                name = index.unique_name(base)
+                attrs = {"dtype": attr_value_pb2.AttrValue(type=site.dtype), "shape": _shape_attr(site.shape)}
+                index.add(make_node(name, "Placeholder", [], attrs))
+            elif site.name in values:
+                value = values[site.name][0 if which == "mean" else 1]
+                name = index.add_const(base, np.asarray(value).reshape(site.shape), site.dtype)
+            else:
+                continue
+            index.set_input(node_name, slot, name)
+        if site.training and (values is None or site.name in values):
+            node = index.node(site.name)
+            new = type(node)()
+            new.CopyFrom(node)
+            new.attr["is_training"].b = False
+            if "exponential_avg_factor" in new.attr:
+                new.attr["exponential_avg_factor"].f = 1.0
+            index.replace(new)
+    return index.to_graph_def()
+
+
+def _placeholder_names(sites: list[Site]) -> dict[str, tuple[str, str]]:
+    """The placeholders :func:`_rewire` made, by site (found again by their node names)."""
+    return {s.name: (f"{s.name}/bnfold_recalibrated_mean", f"{s.name}/bnfold_recalibrated_variance") for s in sites}
+
+
+# -- the data --------------------------------------------------------------------------
+def _batches_of(data: Data, names: list[str]) -> Iterable[dict[str, np.ndarray]] | None:
+    """An iterable of batches (re-iterable, or None when ``data`` is arrays to slice)."""
+    if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data)):
+        return None
+    if isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values()):
+        return None
+    try:
+        import tensorflow as tf
+
+        if isinstance(data, tf.data.Dataset):
+            return _Reiterable(lambda: (_batch_dict(b, names) for b in data.as_numpy_iterator()))
+    except ImportError:  # pragma: no cover - TensorFlow is a dependency
+        pass
+    if iter(data) is data:  # a generator: read once, kept in memory for the passes
+        return [_batch_dict(b, names) for b in data]
+    return _Reiterable(lambda: (_batch_dict(b, names) for b in data))
+
+
+class _Reiterable:
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.make())
+
+
+def _batch_dict(batch: Any, names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(batch, Mapping):
+        return {str(k): np.asarray(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        arrays = [np.asarray(b) for b in batch]
+        if len(arrays) > len(names):  # (x, y) pairs from a training pipeline: the inputs come first
+            arrays = arrays[: len(names)]
+        return dict(zip(names, arrays, strict=False))
+    return {names[0]: np.asarray(batch)}
+
+
+def _as_arrays(data: Data, names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(data, np.ndarray):
+        data = [data]
+    if isinstance(data, Mapping):
+        return {str(k): np.asarray(v) for k, v in data.items()}
+    if len(data) > len(names):
+        raise UsageError(f"--data: {len(data)} arrays for {len(names)} input(s); name them with --data NAME=x.npy")
+    return dict(zip(names, data, strict=False))
+
+
+class Feeder:
+    """The calibration data as batches: arrays sliced to the memory budget, or the caller's own batches."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, data: Data, budget: int) -> None:
+        from bnfold.verification import find_inputs
+
+        specs = [s for s in find_inputs(graph_def) if s.dtype != np.bool_]  # training flags are not data
+        self.dtypes = {s.name: s.dtype for s in specs}
+        names = [s.name for s in specs]
+        self.budget = budget
+        self.given = _batches_of(data, names)
+        self.arrays = _as_arrays(data, names) if self.given is None else {}
+        for name in self.arrays:
+            if parse_input(name)[0] not in self.dtypes:
+                raise UsageError(f"--data: the graph has no input named {name!r}; its inputs are {', '.join(names) or 'none'}")
+        sizes = {len(v) for v in self.arrays.values()}
+        if len(sizes) > 1:
+            raise UsageError(f"--data: the arrays hold different numbers of samples ({sorted(sizes)}); samples go along axis 0")
+        self.samples = sizes.pop() if sizes else 0
+        if self.given is None and self.samples == 0:
+            raise UsageError("--data: no samples; give at least a few hundred along axis 0")
+
+    def _cast(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, value in batch.items():
+            want = self.dtypes.get(parse_input(name)[0])
+            if want is not None and value.dtype != want and np.issubdtype(value.dtype, np.number) and np.issubdtype(want, np.number):
+                value = value.astype(want)
+            out[name] = value
+        return out
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The data in batches. Arrays: the first batch is one sample; what it fetched sizes the rest to the budget."""
+        if self.given is not None:
+            for batch in self.given:
+                yield self._cast(batch)
+            return
+        start = 0
+        while start < self.samples:
+            size = 1 if self.bytes_per_sample is None else max(1, self.budget // self.bytes_per_sample)
+            yield self._cast({k: v[start : start + size] for k, v in self.arrays.items()})
+            start += size
+
+    bytes_per_sample: int | None = None
+
+
+# -- the passes ------------------------------------------------------------------------
+def _measure(
+    runner: Any, feeder: Feeder, fetch_sites: list[Site], stat_feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, Moments], int, list[int]]:
+    """One pass over the data: moments of each fetched site's input; samples seen; batch sizes."""
+    moments = {s.name: Moments() for s in fetch_sites}
+    fetches = [s.input_ref for s in fetch_sites]
+    samples, sizes = 0, []
+    for batch in feeder.batches():
+        try:
+            values = runner.run(fetches, {**batch, **stat_feeds})
+        except runner.errors as exc:
+            raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n:  # the largest per-sample footprint seen so far sizes the next batches
+            per_sample = (sum(v.nbytes for v in values) + sum(v.nbytes for v in batch.values())) // n
+            feeder.bytes_per_sample = max(feeder.bytes_per_sample or 1, per_sample)
+        samples += n
+        sizes.append(n)
+        for site, value in zip(fetch_sites, values, strict=True):
+            moments[site.name].add(value, site.channel_axis)
+    return moments, samples, sizes
+
+
+def recalibrate_graph(
+    graph_def: graph_pb2.GraphDef,
+    data: Data,
+    *,
+    set_flags: dict[str, bool] | None = None,
+    outputs: list[str] | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    source: str = "<GraphDef>",
+) -> RecalibrationResult:
+    """Recompute every BN's moving statistics of a frozen graph from ``data`` (see the module docstring)."""
+    from bnfold.doctor import MIN_DRIFT_VALUES
+    from bnfold.runsafety import check_runnable, is_trusted
+    from bnfold.switches import resolve_switches, without_cond_plumbing
+    from bnfold.verification import find_inputs, find_outputs, open_graph_runner
+
+    out_names = outputs or without_cond_plumbing(graph_def, find_outputs(graph_def))
+    in_names = [s.name for s in find_inputs(graph_def)]
+    protected = {parse_input(n)[0] for n in [*out_names, *in_names]}
+    inference, resolutions = resolve_switches(graph_def, set_flags, protected, assume_inference=True)
+    in_names = [s.name for s in find_inputs(inference)]
+    sites, notes = find_sites(inference)
+    notes += [f"training switch {r.flag} resolved to {r.value} ({r.how})" for r in resolutions]
+    if not sites:
+        raise UsageError(f"{source}: no BN with statistics to recalibrate" + (f" ({notes[0]})" if notes else ""))
+    assign_levels(inference, sites)
+    order = {name: i for i, name in enumerate(GraphIndex(inference).topological_order())}
+    sites.sort(key=lambda s: (s.level, order.get(s.output_node, 0)))
+    calibration = _rewire(inference, sites, None)
+    placeholders = _placeholder_names(sites)
+    if not is_trusted():
+        hint = "recalibration runs the model on the data; --trust-model runs it anyway"
+        check_runnable(calibration, [s.input_ref for s in sites], "recalibrate", hint=hint)
+    feeder = Feeder(inference, data, memory_budget)
+    current: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for site in sites:  # a training-mode BN without moving statistics starts from 0/1 until its level is measured
+        mean = site.old_mean if site.old_mean is not None else np.zeros(site.shape)
+        var = site.old_var if site.old_var is not None else np.ones(site.shape)
+        current[site.name] = (_shaped(mean, site.shape), _shaped(var, site.shape))
+
+    def stat_feeds() -> dict[str, np.ndarray]:
+        feeds = {}
+        dtype_of = {s.name: s for s in sites}
+        for name, (mean, var) in current.items():
+            site = dtype_of[name]
+            np_dtype = _np_dtype(site.dtype)
+            m_name, v_name = placeholders[name]
+            feeds[f"{m_name}:0"] = mean.astype(np_dtype)
+            feeds[f"{v_name}:0"] = var.astype(np_dtype)
+        return feeds
+
+    runner = open_graph_runner(calibration, "the graph", hint="")
+    measured: dict[str, Moments] = {}
+    kept: dict[str, str] = {}
+    passes, samples, sizes = 0, 0, list[int]()
+    try:
+        for level in sorted({s.level for s in sites}):
+            group = [s for s in sites if s.level == level]
+            moments, samples, sizes = _measure(runner, feeder, group, stat_feeds())
+            passes += 1
+            for site in group:
+                m = moments[site.name]
+                measured[site.name] = m
+                if m.mean is None or m.count < MIN_DRIFT_VALUES:
+                    kept[site.name] = (
+                        f"the data gives {m.count} value(s) per channel, fewer than the doctor's minimum of {MIN_DRIFT_VALUES}"
+                    )
+                    continue
+                if m.mean.size not in (1, int(np.prod(site.shape))):
+                    kept[site.name] = f"its input has {m.mean.size} channel(s), its statistics {int(np.prod(site.shape))}"
+                    continue
+                if not (np.all(np.isfinite(m.mean)) and np.all(np.isfinite(m.var))):
+                    kept[site.name] = "its input is not finite on the data"
+                    continue
+                current[site.name] = (_shaped(m.mean, site.shape), _shaped(m.var, site.shape))
+        after, _, _ = _measure(runner, feeder, sites, stat_feeds())
+        passes += 1
+    except BnfoldError:
+        raise
+    finally:
+        runner.close()
+    changed = {s.name: current[s.name] for s in sites if s.name not in kept}
+    result_graph = _rewire(inference, [s for s in sites if s.name in changed], changed)
+    layers = []
+    for site in sorted(sites, key=lambda s: order.get(s.output_node, 0)):
+        m, a = measured[site.name], after[site.name]
+        new = changed.get(site.name)
+        data_mean = m.mean if m.mean is not None else np.zeros(0)
+        before = drift_score(site.old_mean, site.old_var, data_mean, m.var, site.eps) if m.mean is not None else None
+        after_score = None
+        if a.mean is not None:
+            stored = new if new is not None else (site.old_mean, site.old_var)
+            after_score = drift_score(
+                None if stored[0] is None else np.ravel(stored[0]),
+                None if stored[1] is None else np.ravel(stored[1]),
+                a.mean,
+                a.var,
+                site.eps,
+            )
+        layers.append(
+            LayerRecord(
+                site.label,
+                site.name,
+                site.form + (" (training mode -> inference)" if site.training and new is not None else ""),
+                site.level,
+                "recalibrated" if new is not None else "kept",
+                m.count,
+                _summary(site.old_mean),
+                _summary(site.old_var),
+                _summary(new[0]) if new is not None else None,
+                _summary(new[1]) if new is not None else None,
+                before,
+                after_score,
+                kept.get(site.name, ""),
+            )  # fmt: skip
+        )
+    return RecalibrationResult(result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes)
+
+
+def _np_dtype(dtype: int) -> np.dtype:
+    from bnfold.verification import numpy_dtype
+
+    return numpy_dtype(dtype)
+
+
+# -- the API ---------------------------------------------------------------------------
+def recalibrate(
+    source: Any,
+    data: Data,
+    *,
+    outputs: list[str] | None = None,
+    set_flags: dict[str, bool] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    trust_model: bool = False,
+) -> RecalibrationResult:
+    """Recompute the moving statistics of every BN in ``source`` from ``data``; the source is never modified.
+
+    ``source`` is anything ``bnfold.fold`` takes (a GraphDef, a ``.pb``/``.pbtxt``,
+    a SavedModel, a ``.keras``/``.h5`` file or a Keras model), or a TF1 checkpoint
+    (``model.ckpt-N`` with its ``.meta``, or a ``.meta`` and ``checkpoint``) whose
+    inference path ``outputs`` names. ``data`` is one array per input (a list in
+    input order, or a dict by input name), an iterable of batches (arrays, tuples
+    or dicts; ``(x, y)`` pairs use ``x``), or a ``tf.data.Dataset``; samples go along
+    axis 0. Arrays are cut into batches whose inputs and fetched BN inputs fit
+    ``memory_budget`` bytes. The model runs in bnfold's isolated worker under the
+    same rules as ``doctor --data`` (README "Security").
+    """
+    from bnfold.freeze import load
+    from bnfold.runsafety import trusting
+
+    if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
+        from bnfold import training_graph as tg
+
+        if not outputs:
+            raise UsageError(f"{source}: a TF1 checkpoint needs --outputs naming its inference outputs")
+        artifacts = tg.open_artifacts(Path(source), Path(checkpoint) if checkpoint is not None else None)
+        graph_def, name, signature = tg.freeze_inference_path(artifacts, outputs), artifacts.source, None
+    else:
+        loaded = load(source, trust_model=trust_model)
+        graph_def, name, signature = loaded.graph_def, loaded.source, loaded.signature
+        if outputs is None and signature is not None:
+            outputs = [parse_input(t)[0] for t in signature.outputs.values()]
+    with trusting(trust_model):
+        result = recalibrate_graph(graph_def, data, set_flags=set_flags, outputs=outputs, memory_budget=memory_budget, source=name)
+    result.signature = signature
+    return result
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from bnfold.training_graph import is_checkpoint
+
+    return is_checkpoint(path)
+
+
+def write(result: RecalibrationResult, dst: str | os.PathLike[str], opset: int | None = None) -> None:
+    """Write the recalibrated graph in any format bnfold writes (.pb, .pbtxt, .onnx, SavedModel directory); atomically."""
+    from bnfold import api
+    from bnfold.formats import check_output_format, is_onnx_path
+    from bnfold.graph import op_counts
+    from bnfold.result import FoldResult
+
+    check_output_format(dst)
+    if is_onnx_path(dst):
+        from bnfold import onnx_export
+        from bnfold.onnx_io import write_onnx
+
+        model = onnx_export.convert(result.graph_def, result.inputs, result.outputs, opset or onnx_export.DEFAULT_OPSET)
+        write_onnx(model, dst)
+        return
+    counts = op_counts(result.graph_def)
+    api.write_result(
+        FoldResult(result.graph_def, [], result.inputs, result.outputs, counts, counts, source=result.source, signature=result.signature),
+        dst,
+    )
+
+
+def print_report(result: RecalibrationResult, console: Any) -> None:
+    """One row per BN: old -> new statistics (mean of channels), drift score before/after, values per channel."""
+    from rich.table import Table
+
+    def fmt(s: dict[str, float] | None) -> str:
+        return "-" if s is None else f"{s['mean']:.3g} [{s['min']:.3g}, {s['max']:.3g}]"
+
+    def score(v: float | None) -> str:
+        return "-" if v is None else (f"[yellow]{v:.2f}[/]" if v > 1 else f"{v:.2f}")
+
+    table = Table(title=f"bnfold recalibrate: {result.source} ({result.samples} samples, {result.passes} passes)")
+    for column in (
+        "BN layer",
+        "form",
+        "action",
+        "mean: old -> new",
+        "variance: old -> new",
+        "drift before",
+        "drift after",
+        "values/channel",
+    ):
+        table.add_column(column, overflow="fold")
+    for r in result.layers:
+        action = r.action if not r.reason else f"{r.action}: {r.reason}"
+        table.add_row(
+            r.name, r.form, action, f"{fmt(r.old_mean)} -> {fmt(r.new_mean)}", f"{fmt(r.old_var)} -> {fmt(r.new_var)}",
+            score(r.drift_before), score(r.drift_after), str(r.values_per_channel),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{result.recalibrated} of {len(result.layers)} BN layer(s) recalibrated (drift score: 1 = the doctor's threshold)")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def write_json(result: RecalibrationResult, path: Path) -> None:
+    import json
+
+    from bnfold.files import atomic_write
+
+    text = json.dumps(result.to_json(), indent=2, default=float)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
