@@ -174,6 +174,8 @@ class RecalibrationResult:
     batch_sizes: list[int] = field(default_factory=list)
     signature: Any = None
     notes: list[str] = field(default_factory=list)
+    # resolved training flags that stay inputs of the graph (the signature keeps them), with the value they were resolved to
+    flag_feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def recalibrated(self) -> int:
@@ -570,7 +572,8 @@ def recalibrate_graph(
                 kept.get(site.name, ""),
             )  # fmt: skip
         )
-    return RecalibrationResult(result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes)
+    flags = {r.flag: np.array(r.value) for r in resolutions if r.flag in set(in_names)}
+    return RecalibrationResult(result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes, flag_feeds=flags)
 
 
 def _np_dtype(dtype: int) -> np.dtype:
@@ -692,3 +695,30 @@ def write_json(result: RecalibrationResult, path: Path) -> None:
 
     text = json.dumps(result.to_json(), indent=2, default=float)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def recalibrate_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    data: Data,
+    *,
+    opset: int | None = None,
+    in_place: bool = False,
+    **options: Any,
+) -> RecalibrationResult:
+    """Recalibrate ``src`` and write ``dst`` atomically; ``dst``'s suffix picks the format, as for ``bnfold.fold_file``.
+
+    Nothing is written when recalibration fails, and ``dst`` may not be ``src`` unless ``in_place``.
+    """
+    from bnfold.files import check_output_path
+    from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_destination
+
+    check_output_format(dst)
+    check_output_path(Path(src), Path(dst), in_place, directory=is_saved_model_destination(dst))
+    if is_onnx_path(src):
+        raise UsageError(f"{src}: ONNX input is not recalibrated yet; recalibrate the TF or Keras model, then convert")
+    if Path(dst).suffix.lower() in (".keras", ".h5", ".hdf5"):
+        raise UsageError(f"{dst}: Keras output is not written by recalibrate yet; write .pb, .pbtxt, .onnx or a SavedModel")
+    result = recalibrate(src, data, **options)
+    write(result, dst, opset)
+    return result
