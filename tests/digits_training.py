@@ -74,6 +74,8 @@ def _train_and_freeze(graph, train_op, loss, x, y, flag, data, outputs, out, cas
             if flag is not None:
                 feeds[flag] = True
             sess.run([train_op, loss], feeds)
+        os.makedirs(os.path.join(out, case), exist_ok=True)  # the TF1 checkpoint too, for recalibrate --outputs
+        v1.train.Saver().save(sess, os.path.join(out, case, "model.ckpt"), global_step=STEPS)
         for stem, name in outputs.items():
             frozen = v1.graph_util.convert_variables_to_constants(sess, graph.as_graph_def(), [name])
             for node in frozen.node:  # every file's output is called logits
