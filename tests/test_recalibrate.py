@@ -337,3 +337,22 @@ def test_batch_moments_normalization_is_reported_not_rewritten() -> None:
     graph = f.get_concrete_function().graph.as_graph_def()
     with pytest.raises(UsageError, match="moments computed from the batch"):
         recalibrate_graph(graph, [np.ones((32, 3), np.float32)])
+
+
+def test_doctor_fix_names_a_ready_to_run_recalibrate_line(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    data = digits(models)
+    cal = tmp_path / "x.npy"
+    np.save(cal, data["x_train"][:CALIBRATION])
+    report = diagnose(models / "not_wired.pb")
+    (at_init,) = [f for f in report.findings if f.code == "BN_STATS_AT_INIT"][:1]
+    line = at_init.fix.split(": ")[-1]
+    assert line == f"bnfold recalibrate {models / 'not_wired.pb'} recalibrated.pb --data x.npy"
+    checkpoint = diagnose(models / "not_wired" / "model.ckpt-150", outputs=["logits"])
+    assert any("--outputs logits" in f.fix for f in checkpoint.findings if f.code == "BN_UPDATES_NOT_RUN")
+    args = shlex.split(line)[1:]
+    monkeypatch.chdir(tmp_path)  # the line's relative paths: x.npy here, recalibrated.pb written here
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert stats_findings(load_graph_def(tmp_path / "recalibrated.pb"), data["x_train"][:CALIBRATION]) == []
