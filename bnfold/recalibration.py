@@ -44,12 +44,15 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, tensor_shape_pb
 
 from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator, input_dtype
-from bnfold.errors import BnfoldError, UsageError, VerificationError, first_line
+from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, BnStats, drift_metrics
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
 
 # Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
+# beyond it a pass recomputes the graph up to its level instead.
+DEFAULT_CACHE_BUDGET = 2 * 2**30
 
 # What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
 Data = Any
@@ -408,6 +411,15 @@ class Feeder:
         self.samples = sizes.pop() if sizes else 0
         if self.given is None and self.samples == 0:
             raise UsageError("--data: no samples; give at least a few hundred along axis 0")
+        # the same batches in the same order on every pass (what the kept tensors of a pass need)
+        self.stable = self.given is None or isinstance(self.given, list)
+
+    def total_samples(self) -> int:
+        if self.given is None:
+            return self.samples
+        if isinstance(self.given, list):
+            return sum(len(next(iter(b.values()))) for b in self.given if b)
+        return 0
 
     def _cast(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -434,27 +446,110 @@ class Feeder:
 
 
 # -- the passes ------------------------------------------------------------------------
+@dataclass
+class Pass:
+    """What one pass over the data gave: moments per site, the samples and batch sizes, and the tensors kept for the next pass."""
+
+    moments: dict[str, Moments]
+    samples: int
+    sizes: list[int]
+    kept: dict[str, np.ndarray] | None
+
+
 def _measure(
-    runner: Any, feeder: Feeder, fetch_sites: list[Site], stat_feeds: dict[str, np.ndarray]
-) -> tuple[dict[str, Moments], int, list[int]]:
-    """One pass over the data: moments of each fetched site's input; samples seen; batch sizes."""
+    runner: Any,
+    feeder: Feeder,
+    fetch_sites: list[Site],
+    stat_feeds: dict[str, np.ndarray],
+    cached: dict[str, np.ndarray] | None = None,
+    keep: list[str] | None = None,
+    cache_budget: int = 0,
+) -> Pass:
+    """One pass over the data: moments of each fetched site's input.
+
+    ``cached`` (tensor -> values for all samples, samples on axis 0) is fed with each
+    batch, so TensorFlow does not compute what lies behind those tensors again.
+    ``keep`` names tensors to fetch and keep for the next pass; they are given up
+    (``Pass.kept`` None) when they would take more than ``cache_budget`` bytes, have
+    no batch axis first, or the batches may not come in the same order next time.
+    """
     moments = {s.name: Moments() for s in fetch_sites}
-    fetches = [s.input_ref for s in fetch_sites]
+    site_refs = [s.input_ref for s in fetch_sites]
+    keep = [r for r in keep or [] if r not in site_refs] if feeder.stable else []
+    parts: dict[str, list[np.ndarray]] | None = {r: [] for r in keep} if keep else None
     samples, sizes = 0, []
     for batch in feeder.batches():
+        n = len(next(iter(batch.values()))) if batch else 0
+        feeds = {**batch, **stat_feeds}
+        if cached:
+            feeds.update({ref: value[samples : samples + n] for ref, value in cached.items()})
+        wanted = keep if parts is not None else []
         try:
-            values = runner.run(fetches, {**batch, **stat_feeds})
+            values = runner.run(site_refs + wanted, feeds)
         except runner.errors as exc:
             raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
-        n = len(next(iter(batch.values()))) if batch else 0
         if n:  # the largest per-sample footprint seen so far sizes the next batches
-            per_sample = (sum(v.nbytes for v in values) + sum(v.nbytes for v in batch.values())) // n
+            per_sample = sum(v.nbytes for v in values) // n + sum(v.nbytes for v in feeds.values() if v.ndim and len(v) == n) // n
             feeder.bytes_per_sample = max(feeder.bytes_per_sample or 1, per_sample)
+        for site, value in zip(fetch_sites, values, strict=False):
+            moments[site.name].add(value, site.channel_axis)
+        if parts is not None:
+            extra = values[len(site_refs) :]
+            total = feeder.total_samples()
+            if any(v.ndim == 0 or len(v) != n for v in extra) or (n and sum(v.nbytes for v in extra) // n * total > cache_budget):
+                parts = None
+            else:
+                for ref, value in zip(keep, extra, strict=True):
+                    parts[ref].append(value)
         samples += n
         sizes.append(n)
-        for site, value in zip(fetch_sites, values, strict=True):
-            moments[site.name].add(value, site.channel_axis)
-    return moments, samples, sizes
+    kept = {ref: np.concatenate(chunks) for ref, chunks in parts.items()} if parts is not None and samples else None
+    return Pass(moments, samples, sizes, kept)
+
+
+def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list[int]) -> dict[int, list[str]]:
+    """Per level: the tensors to feed from the pass before, so that pass runs only what the last level changed.
+
+    Level k's inputs need the nodes behind them; of those, the ones the statistics
+    of level k-1 do not reach were already right in the pass for level k-1. The
+    tensors where such a node feeds one that level k-1 reaches are fetched in that
+    pass and fed in this one: TensorFlow then runs only the part of the graph
+    between the two levels (plus side branches that start there).
+    """
+    index = GraphIndex(calibration)
+    placeholders = _placeholder_names(sites)
+
+    def ancestors(names: list[str]) -> set[str]:
+        seen, stack = set(names), list(names)
+        while stack:
+            for ref in index.data_inputs(index.node(stack.pop())):
+                name = parse_input(ref)[0]
+                if name not in seen and name in index:
+                    seen.add(name)
+                    stack.append(name)
+        return seen
+
+    def descendants(names: list[str]) -> set[str]:
+        seen, stack = set(names), list(names)
+        while stack:
+            for consumer in index.consumers(stack.pop()):
+                if not consumer.control and consumer.node not in seen:
+                    seen.add(consumer.node)
+                    stack.append(consumer.node)
+        return seen
+
+    result: dict[int, list[str]] = {}
+    for previous, level in zip(levels, levels[1:], strict=False):
+        needed = ancestors([parse_input(s.input_ref)[0] for s in sites if s.level == level])
+        reached = descendants([p for s in sites if s.level == previous for p in placeholders[s.name]])
+        refs: set[str] = set()
+        for name in needed & reached:
+            for ref in index.data_inputs(index.node(name)):
+                producer, port, _ = parse_input(ref)
+                if producer in needed and producer not in reached and index.node(producer).op not in ("Const", "Placeholder"):
+                    refs.add(f"{producer}:{port}")
+        result[level] = sorted(refs)
+    return result
 
 
 def recalibrate_graph(
@@ -464,6 +559,7 @@ def recalibrate_graph(
     set_flags: dict[str, bool] | None = None,
     outputs: list[str] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    cache_budget: int = DEFAULT_CACHE_BUDGET,
     source: str = "<GraphDef>",
 ) -> RecalibrationResult:
     """Recompute every BN's moving statistics of a frozen graph from ``data`` (see the module docstring)."""
@@ -507,17 +603,22 @@ def recalibrate_graph(
             feeds[f"{v_name}:0"] = var.astype(np_dtype)
         return feeds
 
+    levels = sorted({s.level for s in sites})
+    feed_next = _boundaries(calibration, sites, levels)
     runner = open_graph_runner(calibration, "the graph", hint="")
     measured: dict[str, Moments] = {}
     kept: dict[str, str] = {}
     passes, samples, sizes = 0, 0, list[int]()
+    cached: dict[str, np.ndarray] | None = None
     try:
-        for level in sorted({s.level for s in sites}):
+        for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
-            moments, samples, sizes = _measure(runner, feeder, group, stat_feeds())
+            keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
+            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget)
+            cached, samples, sizes = done.kept, done.samples, done.sizes
             passes += 1
             for site in group:
-                m = moments[site.name]
+                m = done.moments[site.name]
                 measured[site.name] = m
                 if m.mean is None or m.count < MIN_DRIFT_VALUES:
                     kept[site.name] = (
@@ -531,10 +632,8 @@ def recalibrate_graph(
                     kept[site.name] = "its input is not finite on the data"
                     continue
                 current[site.name] = (_shaped(m.mean, site.shape), _shaped(m.var, site.shape))
-        after, _, _ = _measure(runner, feeder, sites, stat_feeds())
+        after = _measure(runner, feeder, sites, stat_feeds()).moments
         passes += 1
-    except BnfoldError:
-        raise
     finally:
         runner.close()
     changed = {s.name: current[s.name] for s in sites if s.name not in kept}
