@@ -34,7 +34,7 @@ How (README "Fix it: bnfold recalibrate"):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,8 @@ class RecalibrationResult:
     batch_sizes: list[int] = field(default_factory=list)
     signature: Any = None
     notes: list[str] = field(default_factory=list)
+    # the new statistics by BN node, shaped as the graph holds them
+    values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     # resolved training flags that stay inputs of the graph (the signature keeps them), with the value they were resolved to
     flag_feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -561,6 +563,7 @@ def recalibrate_graph(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     cache_budget: int = DEFAULT_CACHE_BUDGET,
     source: str = "<GraphDef>",
+    adopt: Callable[[list[Site]], None] | None = None,
 ) -> RecalibrationResult:
     """Recompute every BN's moving statistics of a frozen graph from ``data`` (see the module docstring)."""
     from bnfold.doctor import MIN_DRIFT_VALUES
@@ -577,6 +580,8 @@ def recalibrate_graph(
     notes += [f"training switch {r.flag} resolved to {r.value} ({r.how})" for r in resolutions]
     if not sites:
         raise UsageError(f"{source}: no BN with statistics to recalibrate" + (f" ({notes[0]})" if notes else ""))
+    if adopt is not None:  # the caller's own reading of the sites (Keras: which layer each one is)
+        adopt(sites)
     assign_levels(inference, sites)
     order = {name: i for i, name in enumerate(GraphIndex(inference).topological_order())}
     sites.sort(key=lambda s: (s.level, order.get(s.output_node, 0)))
@@ -672,7 +677,9 @@ def recalibrate_graph(
             )  # fmt: skip
         )
     flags = {r.flag: np.array(r.value) for r in resolutions if r.flag in set(in_names)}
-    return RecalibrationResult(result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes, flag_feeds=flags)
+    return RecalibrationResult(
+        result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes, flag_feeds=flags, values=changed
+    )
 
 
 def _np_dtype(dtype: int) -> np.dtype:
@@ -816,8 +823,81 @@ def recalibrate_file(
     check_output_path(Path(src), Path(dst), in_place, directory=is_saved_model_destination(dst))
     if is_onnx_path(src):
         raise UsageError(f"{src}: ONNX input is not recalibrated yet; recalibrate the TF or Keras model, then convert")
-    if Path(dst).suffix.lower() in (".keras", ".h5", ".hdf5"):
-        raise UsageError(f"{dst}: Keras output is not written by recalibrate yet; write .pb, .pbtxt, .onnx or a SavedModel")
+    if Path(dst).suffix.lower() in KERAS_SUFFIXES:
+        if Path(src).suffix.lower() not in KERAS_SUFFIXES:
+            raise UsageError(f"{dst}: Keras output needs a Keras model (.keras/.h5) as input; write .pb, .pbtxt, .onnx or a SavedModel")
+        return recalibrate_keras_file(Path(src), Path(dst), data, **options)
     result = recalibrate(src, data, **options)
     write(result, dst, opset)
+    return result
+
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def _keras_bns(model: Any) -> list[Any]:
+    from bnfold.keras_fold import _sublayers
+
+    return [layer for layer in _sublayers(model) if type(layer).__name__.endswith("BatchNormalization") and hasattr(layer, "moving_mean")]
+
+
+def recalibrate_keras_file(
+    src: Path,
+    dst: Path,
+    data: Data,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    trust_model: bool = False,
+    outputs: list[str] | None = None,
+    set_flags: dict[str, bool] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> RecalibrationResult:
+    """A Keras model in, the same Keras model out with new ``moving_mean``/``moving_variance`` in each BN layer.
+
+    The statistics are measured on the frozen graph like any other model's. To
+    know which graph BN is which layer, the model is frozen once with each layer's
+    moving mean set to a tag (layer number + 0.5); the real values are put back
+    before anything runs, and the graph's BNs start from them.
+    """
+    from bnfold import keras_fold
+    from bnfold.freeze import freeze_keras
+    from bnfold.runsafety import trusting
+
+    if outputs or set_flags or checkpoint:
+        raise UsageError("--outputs/--set/--checkpoint apply to graphs and checkpoints; a Keras model takes none of them")
+    model = keras_fold.load_model(src, trust_model)
+    bns = _keras_bns(model)
+    real = [(np.array(layer.moving_mean.numpy()), np.array(layer.moving_variance.numpy())) for layer in bns]
+    try:
+        for number, layer in enumerate(bns):
+            layer.moving_mean.assign(np.full(real[number][0].shape, number + 0.5, real[number][0].dtype))
+        loaded = freeze_keras(model)
+    finally:
+        for layer, (mean, _) in zip(bns, real, strict=True):
+            layer.moving_mean.assign(mean)
+    layer_of: dict[str, int] = {}
+
+    def adopt(sites: list[Site]) -> None:
+        for site in sites:
+            if site.old_mean is None or not site.old_mean.size:
+                continue
+            number = float(np.ravel(site.old_mean)[0]) - 0.5
+            if number.is_integer() and 0 <= number < len(bns) and np.all(site.old_mean == number + 0.5):
+                layer_of[site.name] = int(number)
+                site.old_mean, site.old_var = real[int(number)][0].reshape(-1), real[int(number)][1].reshape(-1)
+                site.label = bns[int(number)].name
+
+    outputs = [parse_input(t)[0] for t in loaded.signature.outputs.values()] if loaded.signature else None
+    with trusting(trust_model):
+        result = recalibrate_graph(loaded.graph_def, data, outputs=outputs, memory_budget=memory_budget, source=str(src), adopt=adopt)
+    missing = [bns[i].name for i in range(len(bns)) if i not in layer_of.values()]
+    if missing:
+        result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
+    for name, (mean, var) in result.values.items():
+        if name in layer_of:
+            layer = bns[layer_of[name]]
+            layer.moving_mean.assign(np.asarray(mean).reshape(real[layer_of[name]][0].shape).astype(real[layer_of[name]][0].dtype))
+            layer.moving_variance.assign(np.asarray(var).reshape(real[layer_of[name]][1].shape).astype(real[layer_of[name]][1].dtype))
+    keras_fold.write_model(model, dst)
+    result.signature = loaded.signature
     return result

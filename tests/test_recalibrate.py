@@ -124,6 +124,30 @@ def test_keras_momentum_one_is_repaired(models: Path) -> None:
     assert stats_findings(result.graph_def, calibration) == []
 
 
+def test_keras_file_gets_new_moving_statistics_written_back(models: Path, tmp_path: Path) -> None:
+    import keras
+
+    data = digits(models)
+    calibration = data["x_train"][:CALIBRATION]
+    src, dst = models / "keras_momentum1.keras", tmp_path / "fixed.keras"
+    original = keras.saving.load_model(src)
+    result = bnfold.recalibrate_file(src, dst, [calibration])
+    assert [r.name for r in result.layers] == ["batch_normalization", "batch_normalization_1"] and result.recalibrated == 2
+    fixed = keras.saving.load_model(dst)
+    assert type(fixed) is type(original) and [type(x) for x in fixed.layers] == [type(x) for x in original.layers]
+    # inference of the written model == training mode of the original on the calibration batch
+    assert close(np.asarray(original(calibration, training=True)), np.asarray(fixed(calibration, training=False)))
+    for layer in fixed.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not np.all(np.asarray(layer.moving_mean) == 0) and layer.moving_mean.dtype == "float32"
+    for weight, before in zip(fixed.weights, original.weights, strict=True):  # nothing but the moving statistics changed
+        if "moving" not in weight.path:
+            np.testing.assert_array_equal(np.asarray(weight), np.asarray(before))
+    assert stats_findings(bnfold.recalibrate(dst, [calibration]).graph_def, calibration) == []
+    with pytest.raises(UsageError, match="Keras output needs a Keras model"):
+        bnfold.recalibrate_file(models / "not_wired.pb", tmp_path / "x.keras", [calibration])
+
+
 def test_tf1_checkpoint_with_outputs(models: Path, tmp_path: Path) -> None:
     data = digits(models)
     calibration = data["x_train"][:CALIBRATION]
