@@ -445,8 +445,8 @@ def recalibrate_command(
         Optional[Path], typer.Option("--checkpoint", help="With a .meta training graph: the checkpoint prefix (model.ckpt-1000).")
     ] = None,
     memory_budget: Annotated[
-        int, typer.Option("--memory-budget", min=1, help="MiB for one batch's inputs and the BN inputs it fetches (default 256).")
-    ] = 256,
+        int, typer.Option("--memory-budget", min=1, help="MiB for one batch's inputs plus every BN input it produces (default 1024).")
+    ] = 1024,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output from a TF model (default 17).")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", "--json", help="Write the per-BN records as JSON here.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,

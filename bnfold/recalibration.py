@@ -49,7 +49,7 @@ from bnfold.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, BnStats, drift_metric
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
 
 # Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
+DEFAULT_MEMORY_BUDGET = 1024 * 2**20
 # Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
 # beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
@@ -72,11 +72,15 @@ class Moments:
             flat = x.reshape(-1, 1)
         else:
             flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-        n = flat.shape[0]
+        if flat.shape[0]:
+            mean = flat.mean(axis=0)
+            self.merge(flat.shape[0], mean, ((flat - mean) ** 2).sum(axis=0))
+
+    def merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Add a batch's count, mean and sum of squared deviations (computed in the graph, or by :meth:`add`)."""
+        mean, m2 = np.asarray(mean, np.float64).reshape(-1), np.asarray(m2, np.float64).reshape(-1)
         if n == 0:
             return
-        mean = flat.mean(axis=0)
-        m2 = ((flat - mean) ** 2).sum(axis=0)
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -339,6 +343,52 @@ def _rewire(
     return index.to_graph_def()
 
 
+def _add_moment_ops(graph_def: graph_pb2.GraphDef, sites: list[Site]) -> tuple[graph_pb2.GraphDef, dict[str, list[str]]]:
+    """Per-channel batch moments computed in the graph, in float64: the worker sends back 2C numbers, not the activations.
+
+    For channels last (and per-tensor statistics): ``x`` is cast to float64 and
+    reshaped to ``[-1, C]``; its column means and sums of squared deviations and
+    the reshaped shape (the count) are fetched. Other layouts fetch the input.
+    """
+    from bnfold.graph import tensor_proto
+
+    index = GraphIndex(graph_def)
+    refs: dict[str, list[str]] = {}
+
+    def add(name: str, op: str, inputs: list[str], **attrs: attr_value_pb2.AttrValue) -> str:
+        unique = index.unique_name(name)
+        index.add(make_node(unique, op, inputs, attrs))
+        return unique
+
+    def const(name: str, value: np.ndarray, dtype: int) -> str:
+        return add(
+            name, "Const", [], dtype=attr_value_pb2.AttrValue(type=dtype), value=attr_value_pb2.AttrValue(tensor=tensor_proto(value, dtype))
+        )
+
+    for site in sites:
+        if site.channel_axis not in (-1, None):
+            continue
+        base = f"{site.name}/bnfold_moments"
+        source_dtype = input_dtype(index, site.input_ref)
+        if source_dtype is None:
+            continue
+        double = attr_value_pb2.AttrValue(type=types_pb2.DT_DOUBLE)
+        cast = add(f"{base}/cast", "Cast", [site.input_ref], SrcT=attr_value_pb2.AttrValue(type=source_dtype), DstT=double)
+        channels = int(np.prod(site.shape)) if site.channel_axis is not None else 1
+        shape = const(f"{base}/shape", np.array([-1, channels], np.int32), types_pb2.DT_INT32)
+        int32 = attr_value_pb2.AttrValue(type=types_pb2.DT_INT32)
+        flat = add(f"{base}/flat", "Reshape", [cast, shape], T=double, Tshape=int32)
+        axis = const(f"{base}/axis", np.array([0], np.int32), types_pb2.DT_INT32)
+        keep = attr_value_pb2.AttrValue(b=True)
+        mean = add(f"{base}/mean", "Mean", [flat, axis], T=double, Tidx=int32, keep_dims=keep)
+        centered = add(f"{base}/centered", "Sub", [flat, mean], T=double)
+        square = add(f"{base}/square", "Square", [centered], T=double)
+        m2 = add(f"{base}/m2", "Sum", [square, axis], T=double, Tidx=int32, keep_dims=attr_value_pb2.AttrValue(b=False))
+        count = add(f"{base}/count", "Shape", [flat], T=double, out_type=int32)
+        refs[site.name] = [f"{mean}:0", f"{m2}:0", f"{count}:0"]
+    return index.to_graph_def(), refs
+
+
 def _placeholder_names(sites: list[Site]) -> dict[str, tuple[str, str]]:
     """The placeholders :func:`_rewire` made, by site (found again by their node names)."""
     return {s.name: (f"{s.name}/bnfold_recalibrated_mean", f"{s.name}/bnfold_recalibrated_variance") for s in sites}
@@ -432,17 +482,31 @@ class Feeder:
             out[name] = value
         return out
 
+    def size_batches(self, runner: Any, activations: list[str], stat_feeds: dict[str, np.ndarray]) -> None:
+        """Run one sample, fetching every BN input: its inputs and those activations, per sample, size the batches.
+
+        A batch of arrays then holds ``budget // bytes_per_sample`` samples, so one
+        batch's inputs plus every BN input it produces stay within the budget (a
+        proxy for what TensorFlow holds while it runs the batch).
+        """
+        if self.given is not None:
+            return
+        one = self._cast({k: v[:1] for k, v in self.arrays.items()})
+        try:
+            values = runner.run(activations, {**one, **stat_feeds})
+        except runner.errors as exc:
+            raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
+        self.bytes_per_sample = max(1, sum(v.nbytes for v in values) + sum(v.nbytes for v in one.values()))
+
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The data in batches. Arrays: the first batch is one sample; what it fetched sizes the rest to the budget."""
+        """The data in batches: the caller's own, or arrays cut to the memory budget."""
         if self.given is not None:
             for batch in self.given:
                 yield self._cast(batch)
             return
-        start = 0
-        while start < self.samples:
-            size = 1 if self.bytes_per_sample is None else max(1, self.budget // self.bytes_per_sample)
+        size = max(1, self.budget // (self.bytes_per_sample or 1))
+        for start in range(0, self.samples, size):
             yield self._cast({k: v[start : start + size] for k, v in self.arrays.items()})
-            start += size
 
     bytes_per_sample: int | None = None
 
@@ -466,6 +530,7 @@ def _measure(
     cached: dict[str, np.ndarray] | None = None,
     keep: list[str] | None = None,
     cache_budget: int = 0,
+    in_graph: dict[str, list[str]] | None = None,
 ) -> Pass:
     """One pass over the data: moments of each fetched site's input.
 
@@ -476,7 +541,8 @@ def _measure(
     no batch axis first, or the batches may not come in the same order next time.
     """
     moments = {s.name: Moments() for s in fetch_sites}
-    site_refs = [s.input_ref for s in fetch_sites]
+    in_graph = in_graph or {}
+    site_refs = [ref for s in fetch_sites for ref in in_graph.get(s.name, [s.input_ref])]
     keep = [r for r in keep or [] if r not in site_refs] if feeder.stable else []
     parts: dict[str, list[np.ndarray]] | None = {r: [] for r in keep} if keep else None
     samples, sizes = 0, []
@@ -490,11 +556,15 @@ def _measure(
             values = runner.run(site_refs + wanted, feeds)
         except runner.errors as exc:
             raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
-        if n:  # the largest per-sample footprint seen so far sizes the next batches
-            per_sample = sum(v.nbytes for v in values) // n + sum(v.nbytes for v in feeds.values() if v.ndim and len(v) == n) // n
-            feeder.bytes_per_sample = max(feeder.bytes_per_sample or 1, per_sample)
-        for site, value in zip(fetch_sites, values, strict=False):
-            moments[site.name].add(value, site.channel_axis)
+        position = 0
+        for site in fetch_sites:
+            if site.name in in_graph:
+                mean, m2, count = values[position : position + 3]
+                moments[site.name].merge(int(count[0]), mean, m2)
+                position += 3
+            else:
+                moments[site.name].add(values[position], site.channel_axis)
+                position += 1
         if parts is not None:
             extra = values[len(site_refs) :]
             total = feeder.total_samples()
@@ -519,6 +589,7 @@ def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list
     between the two levels (plus side branches that start there).
     """
     index = GraphIndex(calibration)
+    ev = ConstEvaluator(index)
     placeholders = _placeholder_names(sites)
 
     def ancestors(names: list[str]) -> set[str]:
@@ -548,7 +619,7 @@ def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list
         for name in needed & reached:
             for ref in index.data_inputs(index.node(name)):
                 producer, port, _ = parse_input(ref)
-                if producer in needed and producer not in reached and index.node(producer).op not in ("Const", "Placeholder"):
+                if producer in needed and producer not in reached and index.node(producer).op != "Placeholder" and not ev.is_const(ref):
                     refs.add(f"{producer}:{port}")
         result[level] = sorted(refs)
     return result
@@ -610,16 +681,18 @@ def recalibrate_graph(
 
     levels = sorted({s.level for s in sites})
     feed_next = _boundaries(calibration, sites, levels)
+    calibration, in_graph = _add_moment_ops(calibration, sites)
     runner = open_graph_runner(calibration, "the graph", hint="")
     measured: dict[str, Moments] = {}
     kept: dict[str, str] = {}
     passes, samples, sizes = 0, 0, list[int]()
     cached: dict[str, np.ndarray] | None = None
     try:
+        feeder.size_batches(runner, [s.input_ref for s in sites], stat_feeds())
         for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
             keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
-            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget)
+            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget, in_graph)
             cached, samples, sizes = done.kept, done.samples, done.sizes
             passes += 1
             for site in group:
@@ -637,7 +710,7 @@ def recalibrate_graph(
                     kept[site.name] = "its input is not finite on the data"
                     continue
                 current[site.name] = (_shaped(m.mean, site.shape), _shaped(m.var, site.shape))
-        after = _measure(runner, feeder, sites, stat_feeds()).moments
+        after = _measure(runner, feeder, sites, stat_feeds(), in_graph=in_graph).moments
         passes += 1
     finally:
         runner.close()
