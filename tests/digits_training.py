@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-STEPS = 150
+STEPS = 400
 BATCH = 64
 TF1_CASES = ("not_wired", "decay1", "valid_copy", "ema_cond", "frozen_training")
 
@@ -239,7 +239,7 @@ def keras_case(data: dict[str, np.ndarray], out: str) -> None:
         ]
     )
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(data["x_train"], data["y_train"], batch_size=BATCH, epochs=6, verbose=0, shuffle=True)
+    model.fit(data["x_train"], data["y_train"], batch_size=BATCH, epochs=10, verbose=0, shuffle=True)
     model.save(os.path.join(out, "keras_momentum1.keras"))
 
 

@@ -151,11 +151,11 @@ def test_keras_file_gets_new_moving_statistics_written_back(models: Path, tmp_pa
 def test_tf1_checkpoint_with_outputs(models: Path, tmp_path: Path) -> None:
     data = digits(models)
     calibration = data["x_train"][:CALIBRATION]
-    result = bnfold.recalibrate(models / "not_wired" / "model.ckpt-150", [calibration], outputs=["logits"])
+    result = bnfold.recalibrate(models / "not_wired" / "model.ckpt-400", [calibration], outputs=["logits"])
     frozen = bnfold.recalibrate(load_graph_def(models / "not_wired.pb"), [calibration], outputs=["logits"])
     assert close(logits(frozen.graph_def, data["x_test"]), logits(result.graph_def, data["x_test"]))
     with pytest.raises(UsageError, match="--outputs"):
-        bnfold.recalibrate(models / "not_wired" / "model.ckpt-150", [calibration])
+        bnfold.recalibrate(models / "not_wired" / "model.ckpt-400", [calibration])
 
 
 def test_cli_recalibrate_every_output_format_and_fold(models: Path, tmp_path: Path) -> None:
@@ -373,7 +373,7 @@ def test_doctor_fix_names_a_ready_to_run_recalibrate_line(models: Path, tmp_path
     (at_init,) = [f for f in report.findings if f.code == "BN_STATS_AT_INIT"][:1]
     line = at_init.fix.split(": ")[-1]
     assert line == f"bnfold recalibrate {models / 'not_wired.pb'} recalibrated.pb --data x.npy"
-    checkpoint = diagnose(models / "not_wired" / "model.ckpt-150", outputs=["logits"])
+    checkpoint = diagnose(models / "not_wired" / "model.ckpt-400", outputs=["logits"])
     assert any("--outputs logits" in f.fix for f in checkpoint.findings if f.code == "BN_UPDATES_NOT_RUN")
     args = shlex.split(line)[1:]
     monkeypatch.chdir(tmp_path)  # the line's relative paths: x.npy here, recalibrated.pb written here
