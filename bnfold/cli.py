@@ -458,13 +458,18 @@ def recalibrate_command(
 
     def body() -> None:
         from bnfold import files
-        from bnfold import recalibration as rc
+        from bnfold import recalibration_core as rc
 
         if not data:
             raise UsageError("recalibrate needs --data x.npy (a few hundred samples of the training data, along axis 0)")
         check_output_format(dst)
         files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
-        result = rc.recalibrate_file(
+        if is_onnx_path(src):
+            from bnfold.onnx_recalibration import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
+        else:
+            from bnfold.recalibration import recalibrate_file  # type: ignore[assignment]
+        options: dict[str, Any] = {"opset": opset} if opset is not None else {}
+        result = recalibrate_file(
             src,
             dst,
             _data_arrays(data, "--data"),
@@ -472,8 +477,8 @@ def recalibrate_command(
             set_flags=_flags(set_),
             checkpoint=checkpoint,
             memory_budget=memory_budget * 2**20,
-            opset=opset,
             trust_model=trust_model,
+            **options,
         )
         if not quiet:
             rc.print_report(result, out)

@@ -27,10 +27,12 @@ from bnfold.files import atomic_write
 from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_doctor; re-exported)
     DRIFT_MEAN_Z,
     DRIFT_VAR_RATIO,
+    MIN_DRIFT_VALUES,
     SEVERITY_ORDER,
     BnStats,
     DoctorReport,
     Finding,
+    ModeDrift,
     Severity,
     channel_moments,
     drift_metrics,
@@ -350,24 +352,6 @@ def check_unfoldable(graph_def: graph_pb2.GraphDef, protected: set[str]) -> list
 
 
 @dataclass
-class ModeDrift:
-    """How far one BN's input statistics on the data lie from its moving statistics, in one mode."""
-
-    max_mean_z: float
-    min_var_ratio: float
-    max_var_ratio: float
-    channels_drifting: int
-    channels: int
-
-    @property
-    def score(self) -> float:
-        """max over channels of max(|dmean| / std / DRIFT_MEAN_Z, |log2(var ratio)|): 1 is the threshold."""
-        with np.errstate(all="ignore"):
-            spread = max(abs(np.log2(max(self.min_var_ratio, 1e-12))), abs(np.log2(max(self.max_var_ratio, 1e-12))))
-        return float(max(self.max_mean_z / DRIFT_MEAN_Z, spread))
-
-
-@dataclass
 class LayerDrift:
     """One BN layer on the user's data: at inference (upstream BNs on moving statistics) and in training mode (on batch statistics)."""
 
@@ -385,9 +369,6 @@ class LayerDrift:
         }
 
 
-# Fewer values per channel than this and the data's mean/variance say nothing about drift: one sample of a
-# dense layer's output has variance 0 by construction, and its mean lies about 1 std from the moving mean.
-MIN_DRIFT_VALUES = 16
 
 
 def _values_per_channel(stat: LayerStats, value: np.ndarray) -> int:

@@ -29,6 +29,28 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 DRIFT_MEAN_Z = 0.5
 DRIFT_VAR_RATIO = (0.5, 2.0)
 
+# Fewer values per channel than this and the data's mean/variance say nothing about drift: one sample of a
+# dense layer's output has variance 0 by construction, and its mean lies about 1 std from the moving mean.
+MIN_DRIFT_VALUES = 16
+
+
+@dataclass
+class ModeDrift:
+    """How far one BN's input statistics on the data lie from its moving statistics, in one mode."""
+
+    max_mean_z: float
+    min_var_ratio: float
+    max_var_ratio: float
+    channels_drifting: int
+    channels: int
+
+    @property
+    def score(self) -> float:
+        """max over channels of max(|dmean| / std / DRIFT_MEAN_Z, |log2(var ratio)|): 1 is the threshold."""
+        with np.errstate(all="ignore"):
+            spread = max(abs(np.log2(max(self.min_var_ratio, 1e-12))), abs(np.log2(max(self.max_var_ratio, 1e-12))))
+        return float(max(self.max_mean_z / DRIFT_MEAN_Z, spread))
+
 
 @dataclass
 class Finding:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,17 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, tensor_shape_pb
 from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator, input_dtype
 from bnfold.errors import UsageError, VerificationError, first_line
-from bnfold.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, BnStats, drift_metrics
+from bnfold.findings import BnStats
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
+from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's records and report)
+    LayerRecord,
+    Moments,
+    RecalibrationResult,
+    _summary,
+    drift_score,
+    print_report,
+    write_json,
+)
 
 # Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
 DEFAULT_MEMORY_BUDGET = 1024 * 2**20
@@ -56,47 +65,6 @@ DEFAULT_CACHE_BUDGET = 2 * 2**30
 
 # What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
 Data = Any
-
-
-@dataclass
-class Moments:
-    """Per-channel count, mean and sum of squared deviations in float64, merged batch by batch (Chan et al.)."""
-
-    count: int = 0
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
-
-    def add(self, value: np.ndarray, axis: int | None) -> None:
-        x = np.asarray(value, np.float64)
-        if axis is None:
-            flat = x.reshape(-1, 1)
-        else:
-            flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-        if flat.shape[0]:
-            mean = flat.mean(axis=0)
-            self.merge(flat.shape[0], mean, ((flat - mean) ** 2).sum(axis=0))
-
-    def merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        """Add a batch's count, mean and sum of squared deviations (computed in the graph, or by :meth:`add`)."""
-        mean, m2 = np.asarray(mean, np.float64).reshape(-1), np.asarray(m2, np.float64).reshape(-1)
-        if n == 0:
-            return
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        if mean.shape != self.mean.shape:
-            raise VerificationError(f"--data: a batch gives {mean.size} channel(s) where the one before gave {self.mean.size}")
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
-        self.count = total
-
-    @property
-    def var(self) -> np.ndarray:
-        """The biased (population) variance: see the module docstring for why."""
-        assert self.m2 is not None
-        return self.m2 / max(self.count, 1)
 
 
 @dataclass
@@ -120,87 +88,9 @@ class Site:
     level: int = 0
 
 
-def _summary(values: np.ndarray | None) -> dict[str, float] | None:
-    if values is None or not np.size(values):
-        return None
-    v = np.asarray(values, np.float64)
-    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
-
-
-def drift_score(mean: np.ndarray | None, var: np.ndarray | None, data_mean: np.ndarray, data_var: np.ndarray, eps: float) -> float | None:
-    """The doctor's drift score (1 = its threshold) of stored statistics against the data's moments."""
-    from bnfold.doctor import ModeDrift
-
-    if mean is None or var is None or mean.size not in (1, data_mean.size) or var.size not in (1, data_var.size):
-        return None
-    stat = BnStats("", "", np.asarray(mean, np.float64).reshape(-1), np.asarray(var, np.float64).reshape(-1), eps, -1)
-    z, ratio = drift_metrics(stat, data_mean, data_var)
-    low, high = DRIFT_VAR_RATIO
-    bad = (z > DRIFT_MEAN_Z) | (ratio < low) | (ratio > high)
-    return ModeDrift(float(np.max(z)), float(np.min(ratio)), float(np.max(ratio)), int(bad.sum()), int(bad.size)).score
-
-
 def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     value = np.asarray(value, np.float64)
     return value.reshape(shape) if value.size == int(np.prod(shape)) else np.broadcast_to(value.reshape(-1)[:1], shape).copy()
-
-
-@dataclass
-class LayerRecord:
-    """One BN in the report: what it had, what it got, and the evidence."""
-
-    name: str
-    node: str
-    form: str
-    level: int
-    action: str  # "recalibrated" or "kept"
-    values_per_channel: int
-    old_mean: dict[str, float] | None
-    old_var: dict[str, float] | None
-    new_mean: dict[str, float] | None
-    new_var: dict[str, float] | None
-    drift_before: float | None
-    drift_after: float | None
-    reason: str = ""
-
-    def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RecalibrationResult:
-    """The recalibrated graph and one record per BN, in model order."""
-
-    graph_def: graph_pb2.GraphDef
-    layers: list[LayerRecord]
-    inputs: list[str]
-    outputs: list[str]
-    source: str
-    samples: int
-    passes: int
-    batch_sizes: list[int] = field(default_factory=list)
-    signature: Any = None
-    notes: list[str] = field(default_factory=list)
-    # the new statistics by BN node, shaped as the graph holds them
-    values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    # resolved training flags that stay inputs of the graph (the signature keeps them), with the value they were resolved to
-    flag_feeds: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def recalibrated(self) -> int:
-        return sum(1 for r in self.layers if r.action == "recalibrated")
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "source": self.source,
-            "samples": self.samples,
-            "passes": self.passes,
-            "bn_count": len(self.layers),
-            "recalibrated": self.recalibrated,
-            "variance": "biased (population): sum((x - mean)^2) / n over all calibration values per channel",
-            "layers": [r.to_json() for r in self.layers],
-            "notes": self.notes,
-        }
 
 
 # -- finding the BNs (the doctor's readers) ----------------------------------------------
@@ -833,49 +723,6 @@ def write(result: RecalibrationResult, dst: str | os.PathLike[str], opset: int |
     )
 
 
-def print_report(result: RecalibrationResult, console: Any) -> None:
-    """One row per BN: old -> new statistics (mean of channels), drift score before/after, values per channel."""
-    from rich.table import Table
-
-    def fmt(s: dict[str, float] | None) -> str:
-        return "-" if s is None else f"{s['mean']:.3g} [{s['min']:.3g}, {s['max']:.3g}]"
-
-    def score(v: float | None) -> str:
-        return "-" if v is None else (f"[yellow]{v:.2f}[/]" if v > 1 else f"{v:.2f}")
-
-    table = Table(title=f"bnfold recalibrate: {result.source} ({result.samples} samples, {result.passes} passes)")
-    for column in (
-        "BN layer",
-        "form",
-        "action",
-        "mean: old -> new",
-        "variance: old -> new",
-        "drift before",
-        "drift after",
-        "values/channel",
-    ):
-        table.add_column(column, overflow="fold")
-    for r in result.layers:
-        action = r.action if not r.reason else f"{r.action}: {r.reason}"
-        table.add_row(
-            r.name, r.form, action, f"{fmt(r.old_mean)} -> {fmt(r.new_mean)}", f"{fmt(r.old_var)} -> {fmt(r.new_var)}",
-            score(r.drift_before), score(r.drift_after), str(r.values_per_channel),
-        )  # fmt: skip
-    console.print(table)
-    console.print(f"{result.recalibrated} of {len(result.layers)} BN layer(s) recalibrated (drift score: 1 = the doctor's threshold)")
-    for note in result.notes:
-        console.print(f"note: {note}")
-
-
-def write_json(result: RecalibrationResult, path: Path) -> None:
-    import json
-
-    from bnfold.files import atomic_write
-
-    text = json.dumps(result.to_json(), indent=2, default=float)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
 def recalibrate_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -895,7 +742,9 @@ def recalibrate_file(
     check_output_format(dst)
     check_output_path(Path(src), Path(dst), in_place, directory=is_saved_model_destination(dst))
     if is_onnx_path(src):
-        raise UsageError(f"{src}: ONNX input is not recalibrated yet; recalibrate the TF or Keras model, then convert")
+        from bnfold.onnx_recalibration import recalibrate_onnx_file
+
+        return recalibrate_onnx_file(Path(src), Path(dst), data, **options)
     if Path(dst).suffix.lower() in KERAS_SUFFIXES:
         if Path(src).suffix.lower() not in KERAS_SUFFIXES:
             raise UsageError(f"{dst}: Keras output needs a Keras model (.keras/.h5) as input; write .pb, .pbtxt, .onnx or a SavedModel")

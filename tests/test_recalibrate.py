@@ -380,3 +380,47 @@ def test_doctor_fix_names_a_ready_to_run_recalibrate_line(models: Path, tmp_path
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert stats_findings(load_graph_def(tmp_path / "recalibrated.pb"), data["x_train"][:CALIBRATION]) == []
+
+
+def test_onnx_export_of_the_model_is_repaired(models: Path, tmp_path: Path) -> None:
+    """The shipped TF1 model exported to ONNX (BatchNormalization at 0/1), recalibrated in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from tf2onnx import tfonnx
+
+    from bnfold.switches import resolve_switches
+
+    data = digits(models)
+    calibration = data["x_train"][:CALIBRATION]
+    shipped = load_graph_def(models / "not_wired.pb")
+    inference, _ = resolve_switches(shipped, {"is_training": False}, {"x", "logits"})
+    src, dst = tmp_path / "model.onnx", tmp_path / "fixed.onnx"
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(inference, name="")
+    # tf2onnx's conversion before its optimizers (which would fold the BN into the conv): BatchNormalization
+    # nodes, as PyTorch and most exporters write them
+    onnx.save(tfonnx.process_tf_graph(graph, input_names=["x:0"], output_names=["logits:0"], opset=17).make_model("digits"), src)
+    assert [n.op_type for n in onnx.load(src).graph.node].count("BatchNormalization") == 2
+    cal = tmp_path / "cal.npy"
+    np.save(cal, calibration)
+    res = CliRunner().invoke(app, ["recalibrate", str(src), str(dst), "--data", str(cal), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert records["recalibrated"] == 2 and all(r["drift_after"] < 0.05 < 1 < r["drift_before"] for r in records["layers"])
+
+    def run(path: Path, x: np.ndarray) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    training = load_graph_def(models / "not_wired_train.pb")
+    assert close(logits(training, calibration, True), run(dst, calibration))
+    train_acc = accuracy(logits(training, data["x_test"], True), data["y_test"])
+    before, after = accuracy(run(src, data["x_test"]), data["y_test"]), accuracy(run(dst, data["x_test"]), data["y_test"])
+    assert before < 0.4 and after > train_acc - 0.06, (before, after, train_acc)
+    fixed, original = onnx.load(dst), onnx.load(src)
+    assert [n.op_type for n in fixed.graph.node] == [n.op_type for n in original.graph.node]
+    assert [i.name for i in fixed.graph.input] == [i.name for i in original.graph.input]
+    from bnfold.onnx_doctor import diagnose as onnx_diagnose
+
+    assert not [f for f in onnx_diagnose(dst, data=[calibration]).findings if f.code in ("BN_STATS_AT_INIT", "BN_STATS_DRIFT")]
