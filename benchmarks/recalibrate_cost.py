@@ -89,7 +89,10 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }
     print(json.dumps(figures, indent=2))
-    (HERE / "recalibrate_cost.json").write_text(json.dumps(figures, indent=2) + "\n")
+    path = HERE / "recalibrate_cost.json"  # one entry per image size, the latest run of each
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[str(args.size)] = figures
+    path.write_text(json.dumps(runs, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ MISTAKES = {
     "ema_cond": "TF1: hand-written EMA BN under tf.cond, apply never run",
     "frozen_training": "TF1: frozen with is_training=True",
     "keras_momentum1": "Keras: BatchNormalization(momentum=1.0)",
+    "onnx": "ONNX: the update-ops model exported (tf2onnx, BatchNormalization kept)",
 }
 CALIBRATION = 256
 BATCH = 128
@@ -67,7 +68,29 @@ def main() -> None:
 
     rows = []
     for case, mistake in MISTAKES.items():
-        if case == "keras_momentum1":
+        if case == "onnx":
+            import onnx
+            import onnxruntime as ort
+            import tensorflow as tf
+            from tf2onnx import tfonnx
+
+            from bnfold.onnx_recalibration import recalibrate_onnx_file
+            from bnfold.switches import resolve_switches
+
+            inference, _ = resolve_switches(load_graph_def(work / "not_wired.pb"), {"is_training": False}, {"x", "logits"})
+            graph = tf.Graph()
+            with graph.as_default():
+                tf.compat.v1.import_graph_def(inference, name="")
+            onnx.save(tfonnx.process_tf_graph(graph, input_names=["x:0"], output_names=["logits:0"], opset=17).make_model("digits"), work / "m.onnx")
+            recalibrate_onnx_file(work / "m.onnx", work / "fixed.onnx", [calibration])
+
+            def onnx_logits(path: Path):  # type: ignore[no-untyped-def]
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                return session.run(None, {session.get_inputs()[0].name: x_test})[0]
+
+            training = accuracy(graph_logits(load_graph_def(work / "not_wired_train.pb"), x_test, True))
+            before, after = accuracy(onnx_logits(work / "m.onnx")), accuracy(onnx_logits(work / "fixed.onnx"))
+        elif case == "keras_momentum1":
             import keras
 
             path = work / f"{case}.keras"
