@@ -28,12 +28,14 @@ from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_d
     DRIFT_MEAN_Z,
     DRIFT_VAR_RATIO,
     MIN_DRIFT_VALUES,
+    RECALIBRATE_CODES,
     SEVERITY_ORDER,
     BnStats,
     DoctorReport,
     Finding,
     ModeDrift,
     Severity,
+    add_recalibrate_line,
     channel_moments,
     drift_metrics,
     write_json,
@@ -664,12 +666,8 @@ def diagnose(
             checked = check_frozen(loaded.graph_def, data=data, set_flags=set_flags, outputs=outputs)
         report = Report(loaded.source, checked.findings, checked.count, checked.drift, checked.notes)
     report.findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.nodes))
-    add_recalibrate_line(report.findings, source, outputs, checkpoint)
+    add_recalibrate_line(report.findings, recalibrate_line(source, outputs, checkpoint))
     return report
-
-
-# Findings whose cause is wrong stored statistics: ``bnfold recalibrate`` repairs them without retraining.
-RECALIBRATE_CODES = {"BN_STATS_AT_INIT", "BN_UPDATES_NOT_RUN", "BN_MOMENTUM_DEGENERATE", "BN_STATS_DRIFT", "BN_TRAINING_MODE"}
 
 
 def recalibrate_line(source: Any, outputs: list[str] | None = None, checkpoint: str | Path | None = None) -> str:
@@ -681,18 +679,6 @@ def recalibrate_line(source: Any, outputs: list[str] | None = None, checkpoint: 
     if checkpoint is not None or (isinstance(source, str | Path) and _is_checkpoint(Path(source))):
         extra += f" --outputs {shlex.quote(','.join(outputs)) if outputs else 'OUTPUT'}"
     return f"bnfold recalibrate {model} recalibrated.pb --data x.npy{extra}"
-
-
-def add_recalibrate_line(findings: list[Finding], source: Any, outputs: list[str] | None, checkpoint: str | Path | None) -> None:
-    """Append the recalibrate command to the fix of each finding that wrong statistics cause."""
-    line = recalibrate_line(source, outputs, checkpoint)
-    for finding in findings:
-        if finding.details.get("form") == "decomposed":  # batch moments computed in the graph: no statistics to recompute
-            continue
-        if finding.code in RECALIBRATE_CODES and finding.severity != "info" and "bnfold recalibrate" not in finding.fix:
-            finding.fix += (
-                f"; or, without retraining, recompute the statistics from a few hundred training samples (x.npy, samples on axis 0): {line}"
-            )
 
 
 def _is_checkpoint(path: Path) -> bool:

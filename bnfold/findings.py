@@ -173,6 +173,25 @@ def drift_finding(stat: BnStats, value: np.ndarray) -> Finding | None:
     )
 
 
+# Findings whose cause is wrong stored statistics: ``bnfold recalibrate`` repairs them without retraining.
+RECALIBRATE_CODES = {"BN_STATS_AT_INIT", "BN_UPDATES_NOT_RUN", "BN_MOMENTUM_DEGENERATE", "BN_STATS_DRIFT", "BN_TRAINING_MODE"}
+
+
+def add_recalibrate_line(findings: list[Finding], line: str) -> None:
+    """Append the ready-to-run recalibrate command to the fix of each finding that wrong statistics cause.
+
+    Not to a normalization whose moments are computed from the batch inside the
+    graph (form ``decomposed``, or ONNX ``training_mode=1``): it has no statistics to recompute.
+    """
+    for finding in findings:
+        if finding.details.get("form") in ("decomposed", "BatchNormalization"):
+            continue
+        if finding.code in RECALIBRATE_CODES and finding.severity != "info" and "bnfold recalibrate" not in finding.fix:
+            finding.fix += (
+                f"; or, without retraining, recompute the statistics from a few hundred training samples (x.npy, samples on axis 0): {line}"
+            )
+
+
 def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.nodes))
 

@@ -424,3 +424,5 @@ def test_onnx_export_of_the_model_is_repaired(models: Path, tmp_path: Path) -> N
     from bnfold.onnx_doctor import diagnose as onnx_diagnose
 
     assert not [f for f in onnx_diagnose(dst, data=[calibration]).findings if f.code in ("BN_STATS_AT_INIT", "BN_STATS_DRIFT")]
+    at_init = [f for f in onnx_diagnose(src).findings if f.code == "BN_STATS_AT_INIT"]
+    assert at_init and all(f.fix.endswith(f"bnfold recalibrate {src} recalibrated.onnx --data x.npy") for f in at_init)
