@@ -117,10 +117,14 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
         elif node.op == "Rsqrt" and not ev.is_const(node.name):
             mean = doctor._batch_mean_behind(index, ev, node.name)  # noqa: SLF001
             if mean is not None:
-                notes.append(
-                    f"{node.name}: normalizes with moments computed from the batch itself (tf.nn.moments over axis 0) and is left "
-                    "as it is: export it with the moving averages (tf.nn.batch_normalization on them), then recalibrate"
-                )
+                moments_site = _batch_moments_site(index, ev, node, mean)
+                if moments_site is None:
+                    notes.append(
+                        f"{node.name}: normalizes with moments computed from the batch itself (tf.nn.moments over axis 0) in a shape "
+                        "bnfold does not rewrite; left as it is: export it with the moving averages, then recalibrate"
+                    )
+                else:
+                    sites.append(moments_site)
             continue
         elif node.op in ("Add", "AddV2", "Sub", "Mul", "BiasAdd", "RealDiv"):
             site = recognize(index, ev, node)
@@ -166,6 +170,64 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
     return sites, notes
 
 
+def _batch_moments_site(index: GraphIndex, ev: ConstEvaluator, rsqrt: Any, batch_mean: str) -> Site | None:
+    """A decomposed BN in training mode: ``tf.nn.batch_normalization`` on ``tf.nn.moments`` of its own input.
+
+    ``inv = rsqrt(var + eps) [* gamma]``, ``y = x * inv + (beta - mean * inv)`` with
+    ``mean``/``var`` computed from the batch. Recalibration feeds constants where
+    ``var`` enters the ``Add`` and ``mean`` enters its ``Mul``: the normalization then
+    uses stored statistics, an inference-mode BN. Channels last only (the moments
+    reduce over every axis but the last); the channel count comes from gamma or beta.
+    """
+    add, _ = index.producer(rsqrt.input[0])
+    if add is None or add.op not in ("Add", "AddV2"):
+        return None
+    operands = index.data_inputs(add)
+    constant = [ev.is_const(r) for r in operands]
+    if constant.count(True) != 1:
+        return None
+    eps_value = ev.value(operands[constant.index(True)])
+    var_slot = constant.index(False)
+    if eps_value is None or eps_value.size != 1:
+        return None
+    axes = ev.value(index.data_inputs(index.node(batch_mean))[1])
+    if axes is None or sorted(int(a) for a in np.ravel(axes)) != list(range(np.size(axes))):
+        return None  # not every axis but the last: channels elsewhere
+    inv = rsqrt.name
+    channels = None
+    for reader in index.consumers(rsqrt.name):
+        node = index.node(reader.node)
+        other = [r for r in index.data_inputs(node) if parse_input(r)[0] != rsqrt.name]
+        if node.op == "Mul" and len(other) == 1 and ev.is_const(other[0]):
+            gamma = ev.value(other[0])
+            channels, inv = (gamma.size if gamma is not None else None), node.name
+    mean_at: tuple[str, int] | None = None
+    x_ref = output = None
+    for reader in index.consumers(inv):  # mean * inv feeds beta - (...); x * inv feeds the final Add
+        node = index.node(reader.node)
+        if node.op != "Mul" or reader.control:
+            continue
+        readers = [index.node(c.node).op for c in index.consumers(node.name) if not c.control]
+        if "Sub" in readers or "Neg" in readers:
+            mean_at = (node.name, 1 - reader.slot)
+        else:
+            x_ref = index.data_inputs(node)[1 - reader.slot]
+            final = [index.node(c.node) for c in index.consumers(node.name) if index.node(c.node).op in ("Add", "AddV2")]
+            output = final[0].name if final else None
+    if mean_at is None:
+        return None
+    if channels is None:
+        sub = [index.node(c.node) for c in index.consumers(mean_at[0]) if index.node(c.node).op == "Sub"]
+        beta = ev.value(index.data_inputs(sub[0])[0]) if sub else None
+        channels = beta.size if beta is not None and beta.size > 1 else None
+    dtype = input_dtype(index, add.input[var_slot])
+    if x_ref is None or output is None or channels is None or dtype is None:
+        return None
+    label = output.split("/batchnorm/")[0] if "/batchnorm/" in output else output
+    return Site(output, label, "decomposed on batch moments", x_ref, output, -1, float(np.ravel(eps_value)[0]), mean_at,
+                (add.name, var_slot), dtype, (channels,), None, None, training=True)  # fmt: skip
+
+
 def _training_fused(index: GraphIndex, ev: ConstEvaluator, node: Any) -> BnStats | None:
     """A training-mode fused BN without moving statistics in the graph: recalibration gives it some (old ones: none)."""
     inputs = index.data_inputs(node)
@@ -208,7 +270,10 @@ def _rewire(
     A training-mode fused BN is switched to inference mode. The old statistics'
     constants are left for the graph's own pruning (``bnfold IN OUT`` removes them).
     """
+    from bnfold.switches import _prune
+
     index = GraphIndex(graph_def)
+    keep = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
     for site in sites:
         for which, (node_name, slot) in (("mean", site.mean_at), ("variance", site.var_at)):
             base = f"{site.name}/bnfold_recalibrated_{which}"
@@ -221,8 +286,11 @@ def _rewire(
                 name = index.add_const(base, np.asarray(value).reshape(site.shape), site.dtype)
             else:
                 continue
+            old_ref = index.node(node_name).input[slot]
             index.set_input(node_name, slot, name)
-        if site.training and (values is None or site.name in values):
+            if values is not None:  # the batch moments that fed it are read by nothing now
+                _prune(index, [parse_input(old_ref)[0]], keep)
+        if site.training and site.name in index and index.node(site.name).op in FUSED_BN_OPS and (values is None or site.name in values):
             node = index.node(site.name)
             new = type(node)()
             new.CopyFrom(node)

@@ -352,15 +352,35 @@ def test_a_graph_that_writes_files_is_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_batch_moments_normalization_is_reported_not_rewritten() -> None:
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+def test_batch_moments_normalization_becomes_inference_mode() -> None:
+    """tf.nn.moments over the batch + tf.nn.batch_normalization (a decomposed BN in training mode) gets stored statistics."""
+    gamma, beta = np.array([0.5, 1.0, 2.0], np.float32), np.array([-1.0, 0.0, 1.0], np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 3], tf.float32, name="x")])
     def f(x):  # type: ignore[no-untyped-def]
+        mean, var = tf.nn.moments(x, [0, 1, 2])
+        return tf.identity(tf.nn.batch_normalization(x, mean, var, tf.constant(beta), tf.constant(gamma), 1e-3), name="y")
+
+    graph = f.get_concrete_function().graph.as_graph_def()
+    x = (np.random.default_rng(0).standard_normal((64, 4, 4, 3)) * 3 + 2).astype(np.float32)
+    result = recalibrate_graph(graph, [x])
+    (layer,) = result.layers
+    assert layer.action == "recalibrated" and "batch moments" in layer.form
+    (training,) = run_graph(graph, {"x": x}, ["y:0"])  # the whole calibration set as one batch
+    (inference,) = run_graph(result.graph_def, {"x": x}, ["y:0"])
+    assert close(training, inference)
+    (one,) = run_graph(result.graph_def, {"x": x[:1]}, ["y:0"])  # no longer depends on the batch
+    np.testing.assert_allclose(one, inference[:1], rtol=1e-5, atol=1e-5)
+    assert "BN_TRAINING_MODE" not in [f.code for f in diagnose(result.graph_def).findings]
+    assert not [n for n in result.graph_def.node if n.op == "Mean"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def bare(x):  # type: ignore[no-untyped-def]
         mean, var = tf.nn.moments(x, [0])
         return tf.identity(tf.nn.batch_normalization(x, mean, var, None, None, 1e-3), name="y")
 
-    graph = f.get_concrete_function().graph.as_graph_def()
-    with pytest.raises(UsageError, match="moments computed from the batch"):
-        recalibrate_graph(graph, [np.ones((32, 3), np.float32)])
+    with pytest.raises(UsageError, match="moments computed from the batch"):  # no gamma/beta: the channel count is unknown
+        recalibrate_graph(bare.get_concrete_function().graph.as_graph_def(), [np.ones((32, 3), np.float32)])
 
 
 def test_doctor_fix_names_a_ready_to_run_recalibrate_line(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
