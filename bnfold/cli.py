@@ -76,14 +76,20 @@ def _data_arrays(values: list[str] | None, option: str) -> dict[str, Any] | list
     """``--data x.npy`` (inputs in order) or ``--data NAME=x.npy``: the arrays, as doctor and recalibrate take them."""
     from bnfold.comparison import parse_feed_value
 
+    def load(text: str) -> Any:
+        try:
+            return parse_feed_value(text)
+        except UsageError as exc:  # its message names --feed
+            raise UsageError(str(exc).replace("--feed:", f"{option}:", 1)) from None
+
     named: dict[str, Any] = {}
     ordered = []
     for value in values or []:
         name, sep, path = value.rpartition("=")
         if sep and name:
-            named[name] = parse_feed_value(path)
+            named[name] = load(path)
         else:
-            ordered.append(parse_feed_value(value))
+            ordered.append(load(value))
     if named and ordered:
         raise UsageError(f"{option}: give either NAME=x.npy for every input or plain paths in input order, not both")
     return named or ordered or None
