@@ -16,11 +16,13 @@ How (README "Fix it: bnfold recalibrate"):
 - The graph is loaded once into the isolated worker with every BN's mean and
   variance turned into placeholders; the current statistics are fed with each
   batch. BNs are grouped by depth (how many BNs lie on the longest path above
-  them): one pass over the data per depth level fetches the inputs of that level's
-  BNs, whose upstream BNs are all final by then. TensorFlow runs only the part of
-  the graph a level needs.
-- Moments accumulate in float64 per channel, merged batch by batch (Chan et al.),
-  so memory does not grow with the data. The stored variance is the biased
+  them): one pass over the data per depth level measures that level's BNs, whose
+  upstream BNs are all final by then. Each pass also keeps the tensors at the cut
+  between its level and the next (:func:`_boundaries`), and the next pass feeds
+  them back, so TensorFlow runs only the layers between two levels.
+- Each BN's per-channel batch mean and sum of squared deviations are computed in
+  the graph in float64 (:func:`_add_moment_ops`) and merged batch by batch (Chan
+  et al.), so memory does not grow with the data. The stored variance is the biased
   (population) one: inference divides by the spread of the population it
   normalizes, and training-mode BN normalizes with the biased batch variance too,
   so this is the variance that makes inference agree with training mode.
