@@ -269,8 +269,8 @@ def _rewire(
 ) -> graph_pb2.GraphDef:
     """Each site's mean/variance from a placeholder (``values`` None) or from a constant of the new value.
 
-    A training-mode fused BN is switched to inference mode. The old statistics'
-    constants are left for the graph's own pruning (``bnfold IN OUT`` removes them).
+    A training-mode fused BN is switched to inference mode. With values, what fed the
+    old statistics (constants, or the batch moments) is removed once nothing reads it.
     """
     from bnfold.switches import _prune
 
@@ -349,9 +349,17 @@ def _add_moment_ops(graph_def: graph_pb2.GraphDef, sites: list[Site]) -> tuple[g
     return index.to_graph_def(), refs
 
 
-def _placeholder_names(sites: list[Site]) -> dict[str, tuple[str, str]]:
-    """The placeholders :func:`_rewire` made, by site (found again by their node names)."""
-    return {s.name: (f"{s.name}/bnfold_recalibrated_mean", f"{s.name}/bnfold_recalibrated_variance") for s in sites}
+def _placeholder_names(calibration: graph_pb2.GraphDef, sites: list[Site]) -> dict[str, tuple[str, str]]:
+    """The placeholders :func:`_rewire` made, by site: what now feeds each site's mean and variance slots.
+
+    Read back from the graph, not rebuilt from the name pattern: a model recalibrated
+    before holds constants of those names, and the new placeholders got others.
+    """
+    nodes = {n.name: n for n in calibration.node}
+    return {
+        s.name: (parse_input(nodes[s.mean_at[0]].input[s.mean_at[1]])[0], parse_input(nodes[s.var_at[0]].input[s.var_at[1]])[0])
+        for s in sites
+    }
 
 
 # -- the data --------------------------------------------------------------------------
@@ -455,7 +463,7 @@ class Feeder:
         try:
             values = runner.run(activations, {**one, **stat_feeds})
         except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
+            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
         self.bytes_per_sample = max(1, sum(v.nbytes for v in values) + sum(v.nbytes for v in one.values()))
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -515,7 +523,7 @@ def _measure(
         try:
             values = runner.run(site_refs + wanted, feeds)
         except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {first_line(exc)}") from None
+            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
         position = 0
         for site in fetch_sites:
             if site.name in in_graph:
@@ -550,7 +558,7 @@ def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list
     """
     index = GraphIndex(calibration)
     ev = ConstEvaluator(index)
-    placeholders = _placeholder_names(sites)
+    placeholders = _placeholder_names(calibration, sites)
 
     def ancestors(names: list[str]) -> set[str]:
         seen, stack = set(names), list(names)
@@ -617,7 +625,7 @@ def recalibrate_graph(
     order = {name: i for i, name in enumerate(GraphIndex(inference).topological_order())}
     sites.sort(key=lambda s: (s.level, order.get(s.output_node, 0)))
     calibration = _rewire(inference, sites, None)
-    placeholders = _placeholder_names(sites)
+    placeholders = _placeholder_names(calibration, sites)
     if not is_trusted():
         hint = "recalibration runs the model on the data; --trust-model runs it anyway"
         check_runnable(calibration, [s.input_ref for s in sites], "recalibrate", hint=hint)
@@ -713,6 +721,14 @@ def recalibrate_graph(
     return RecalibrationResult(
         result_graph, layers, in_names, out_names, source, samples, passes, sizes, notes=notes, flag_feeds=flags, values=changed
     )
+
+
+def _why(exc: BaseException) -> str:
+    """The first line of TensorFlow's error, and the line after when the first only says "Graph execution error:"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return first_line(exc)
 
 
 def _np_dtype(dtype: int) -> np.dtype:

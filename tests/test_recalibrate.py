@@ -144,6 +144,10 @@ def test_keras_file_gets_new_moving_statistics_written_back(models: Path, tmp_pa
         if "moving" not in weight.path:
             np.testing.assert_array_equal(np.asarray(weight), np.asarray(before))
     assert stats_findings(bnfold.recalibrate(dst, [calibration]).graph_def, calibration) == []
+    h5_in, h5_out = tmp_path / "model.h5", tmp_path / "fixed.h5"  # the legacy HDF5 format, written back as HDF5
+    original.save(h5_in)
+    bnfold.recalibrate_file(h5_in, h5_out, [calibration])
+    assert close(np.asarray(fixed(calibration, training=False)), np.asarray(keras.saving.load_model(h5_out)(calibration, training=False)))
     with pytest.raises(UsageError, match="Keras output needs a Keras model"):
         bnfold.recalibrate_file(models / "not_wired.pb", tmp_path / "x.keras", [calibration])
 
@@ -182,6 +186,8 @@ def test_cli_recalibrate_every_output_format_and_fold(models: Path, tmp_path: Pa
         elif name == "saved/":
             loaded = tf.saved_model.load(str(dst))
             got = next(iter(loaded.signatures["serving_default"](x=tf.constant(data["x_test"]), is_training=tf.constant(False)).values())).numpy()
+            again = bnfold.recalibrate(dst, [data["x_train"][:CALIBRATION]])  # SavedModel in: its statistics are right already
+            assert all(r.drift_before is not None and r.drift_before < 0.05 for r in again.layers)
         else:
             got = logits(load_graph_def(dst), data["x_test"])
         assert close(expected, got), name
