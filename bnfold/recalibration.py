@@ -751,7 +751,8 @@ def recalibrate(
     """Recompute the moving statistics of every BN in ``source`` from ``data``; the source is never modified.
 
     ``source`` is anything ``bnfold.fold`` takes (a GraphDef, a ``.pb``/``.pbtxt``,
-    a SavedModel, a ``.keras``/``.h5`` file or a Keras model), or a TF1 checkpoint
+    a SavedModel, a ``.keras``/``.h5`` file or a Keras model), an ONNX model or
+    ``.onnx`` path (``result.onnx_model``; arrays only), or a TF1 checkpoint
     (``model.ckpt-N`` with its ``.meta``, or a ``.meta`` and ``checkpoint``) whose
     inference path ``outputs`` names. ``data`` is one array per input (a list in
     input order, or a dict by input name), an iterable of batches (arrays, tuples
@@ -763,6 +764,14 @@ def recalibrate(
     from bnfold.freeze import load
     from bnfold.runsafety import trusting
 
+    if type(source).__name__ == "ModelProto" or (isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".onnx")):
+        from bnfold.onnx_recalibration import recalibrate_onnx
+
+        if outputs or set_flags or checkpoint:
+            raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
+        model, onnx_result = recalibrate_onnx(source, data)
+        onnx_result.onnx_model = model
+        return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
         from bnfold import training_graph as tg
 

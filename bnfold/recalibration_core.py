@@ -102,7 +102,7 @@ class LayerRecord:
 class RecalibrationResult:
     """The recalibrated graph and one record per BN, in model order."""
 
-    graph_def: Any  # the recalibrated tensorflow GraphDef; None for ONNX (the model is returned beside the result)
+    graph_def: Any  # the recalibrated tensorflow GraphDef; None for ONNX (see onnx_model)
     layers: list[LayerRecord]
     inputs: list[str]
     outputs: list[str]
@@ -114,6 +114,7 @@ class RecalibrationResult:
     notes: list[str] = field(default_factory=list)
     # the new statistics by BN node, shaped as the graph holds them
     values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    onnx_model: Any = field(default=None, repr=False)  # the recalibrated onnx.ModelProto, for ONNX input
     # resolved training flags that stay inputs of the graph (the signature keeps them), with the value they were resolved to
     flag_feeds: dict[str, np.ndarray] = field(default_factory=dict)
 

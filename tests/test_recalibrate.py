@@ -450,5 +450,8 @@ def test_onnx_export_of_the_model_is_repaired(models: Path, tmp_path: Path) -> N
     from bnfold.onnx_doctor import diagnose as onnx_diagnose
 
     assert not [f for f in onnx_diagnose(dst, data=[calibration]).findings if f.code in ("BN_STATS_AT_INIT", "BN_STATS_DRIFT")]
+    in_memory = bnfold.recalibrate(onnx.load(src), [calibration])  # the API on a ModelProto: the same statistics
+    session = ort.InferenceSession(in_memory.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert close(run(dst, calibration), session.run(None, {session.get_inputs()[0].name: calibration})[0])
     at_init = [f for f in onnx_diagnose(src).findings if f.code == "BN_STATS_AT_INIT"]
     assert at_init and all(f.fix.endswith(f"bnfold recalibrate {src} recalibrated.onnx --data x.npy") for f in at_init)
