@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bnfold.keras_fold import fold_keras
     from bnfold.onnx_api import fold_onnx, fold_onnx_file
     from bnfold.onnx_export import to_onnx
+    from bnfold.recalibration import RecalibrationResult, recalibrate, recalibrate_file
     from bnfold.result import FoldResult
     from bnfold.verification import verify
 
@@ -40,6 +41,9 @@ _EXPORTS = {
     "fold_onnx_file": "bnfold.onnx_api",
     "Verification": "bnfold.comparison",
     "verify": "bnfold.verification",
+    "recalibrate": "bnfold.recalibration",
+    "recalibrate_file": "bnfold.recalibration",
+    "RecalibrationResult": "bnfold.recalibration",
 }
 __all__ = [
     "BnfoldError",
@@ -57,6 +61,9 @@ __all__ = [
     "fold_onnx",
     "fold_onnx_file",
     "verify",
+    "recalibrate",
+    "recalibrate_file",
+    "RecalibrationResult",
 ]
 __version__ = "0.1.0"
 

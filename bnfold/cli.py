@@ -26,7 +26,7 @@ from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_des
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
 )
-COMMANDS = {"fold", "inspect", "doctor", "--help", "-h", "--version", "-V"}
+COMMANDS = {"fold", "inspect", "doctor", "recalibrate", "--help", "-h", "--version", "-V"}
 out = Console()
 err = Console(stderr=True)
 
@@ -71,6 +71,29 @@ def _flags(values: list[str] | None) -> dict[str, bool]:
             raise UsageError(f"--set: {name}={text!r}: the value must be true or false")
         flags[name] = low in ("true", "1")
     return flags
+
+
+def _data_arrays(values: list[str] | None, option: str) -> dict[str, Any] | list[Any] | None:
+    """``--data x.npy`` (inputs in order) or ``--data NAME=x.npy``: the arrays, as doctor and recalibrate take them."""
+    from bnfold.comparison import parse_feed_value
+
+    def load(text: str) -> Any:
+        try:
+            return parse_feed_value(text)
+        except UsageError as exc:  # its message names --feed
+            raise UsageError(str(exc).replace("--feed:", f"{option}:", 1)) from None
+
+    named: dict[str, Any] = {}
+    ordered = []
+    for value in values or []:
+        name, sep, path = value.rpartition("=")
+        if sep and name:
+            named[name] = load(path)
+        else:
+            ordered.append(load(value))
+    if named and ordered:
+        raise UsageError(f"{option}: give either NAME=x.npy for every input or plain paths in input order, not both")
+    return named or ordered or None
 
 
 def _shapes(values: list[str] | None) -> dict[str, list[int]]:
@@ -187,6 +210,10 @@ def fold_command(
         bool,
         typer.Option("--standalone-affine", help="Keras output: a BN with nothing to fold into becomes a fixed per-channel scale-and-shift layer."),
     ] = False,
+    recalibrate: Annotated[
+        Optional[list[str]],
+        typer.Option("--recalibrate", help="x.npy or NAME=x.npy: recompute the BN statistics from this data first, then fold (README: Fix it)."),
+    ] = None,
     quiet: QuietOpt = False,
     trust_model: TrustOpt = False,
     debug: DebugOpt = False,
@@ -207,12 +234,26 @@ def fold_command(
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
         if dst is not None and dst.suffix.lower() in (".keras", ".h5", ".hdf5"):
             keras_output(src, dst, dry_run, not no_verify, feeds, _shapes(input_shape), rtol, atol, samples, seed, force, in_place,
-                         standalone_affine, trust_model, report, quiet, [inputs, outputs, set_, opset, training_bn != "keep"])
+                         standalone_affine, trust_model, report, quiet, [inputs, outputs, set_, opset, training_bn != "keep", recalibrate])
             return
         if standalone_affine:
             raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
+        source: Any = src
+        out_names = _names(outputs)
+        if recalibrate:
+            if is_onnx_path(src):
+                raise UsageError("--recalibrate: ONNX input is recalibrated with bnfold recalibrate IN.onnx OUT.onnx --data x.npy")
+            from bnfold import recalibration as rc
+
+            recalibrated = rc.recalibrate(
+                src, _data_arrays(recalibrate, "--recalibrate"), outputs=out_names, set_flags=_flags(set_), trust_model=trust_model
+            )
+            if not quiet:
+                rc.print_report(recalibrated, out)
+            source, out_names = recalibrated.graph_def, recalibrated.outputs
+            feeds = {**recalibrated.flag_feeds, **feeds}  # the check feeds resolved flags the value they were resolved to
         switch_options: dict[str, Any] = {}
-        if set_:
+        if set_ and not recalibrate:  # recalibration resolved them already
             switch_options["set_flags"] = _flags(set_)
         if training_bn != "keep":
             switch_options["training_bn"] = training_bn
@@ -227,8 +268,8 @@ def fold_command(
             raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
         if signature is not None and onnx_mode:
             raise UsageError("--signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert")
-        source_options: dict[str, Any] = {} if onnx_mode else {"signature": signature or "serving_default"}
-        if no_verify and not onnx_mode and (dst is None or dry_run or dst.suffix.lower() == ".pb"):
+        source_options: dict[str, Any] = {} if onnx_mode or recalibrate else {"signature": signature or "serving_default"}
+        if no_verify and not onnx_mode and not recalibrate and (dst is None or dry_run or dst.suffix.lower() == ".pb"):
             source_options["stream_constants"] = True  # weights stay in the file until written (bnfold.streaming)
         model = None
         try:
@@ -245,9 +286,9 @@ def fold_command(
                         return res
 
                 result = fold_fn(
-                    src,
+                    source,
                     _names(inputs),
-                    _names(outputs),
+                    out_names,
                     verify_outputs=not no_verify,
                     feeds=feeds,
                     input_shapes=_shapes(input_shape),
@@ -307,7 +348,9 @@ def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict,
     from bnfold import report as rep
 
     if any(graph_only):
-        raise UsageError("--inputs/--outputs/--set/--training-bn/--opset apply to graph output; Keras output (.keras/.h5) takes none of them")
+        raise UsageError(
+            "--inputs/--outputs/--set/--training-bn/--opset/--recalibrate apply to graph output; Keras output (.keras/.h5) takes none of them"
+        )
     try:
         with verification_progress(quiet) as on_batch:
             _, result = keras_fold.fold_keras_file(
@@ -361,7 +404,6 @@ def doctor_command(
     """
 
     def body() -> None:
-        from bnfold.comparison import parse_feed_value
         from bnfold.onnx_io import is_onnx_path
 
         if is_onnx_path(src):
@@ -369,19 +411,9 @@ def doctor_command(
         else:
             from bnfold import doctor  # type: ignore[no-redef]
 
-        named: dict[str, object] = {}
-        ordered = []
-        for value in data or []:
-            name, sep, path = value.rpartition("=")
-            if sep and name:
-                named[name] = parse_feed_value(path)
-            else:
-                ordered.append(parse_feed_value(value))
-        if named and ordered:
-            raise UsageError("--data: give either NAME=x.npy for every input or plain paths in input order, not both")
         report = doctor.diagnose(
             src,
-            data=named or ordered or None,  # type: ignore[arg-type]
+            data=_data_arrays(data, "--data"),  # type: ignore[arg-type]
             set_flags=_flags(set_),
             outputs=_names(outputs),
             checkpoint=checkpoint,
@@ -397,6 +429,70 @@ def doctor_command(
         if plot is not None:
             doctor.write_plot(report.drift, plot)
         raise typer.Exit(report.exit_code)
+
+    _run(debug, body)
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    src: Annotated[
+        Path, typer.Argument(readable=False, help="Model: frozen .pb/.pbtxt, SavedModel, .keras, .h5, .onnx, or a TF1 checkpoint with --outputs.")
+    ],
+    dst: Annotated[
+        Path,
+        typer.Argument(parser=output_path, help="Output: .pb, .pbtxt, .onnx, a SavedModel directory, or .keras/.h5 for Keras input."),
+    ],
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option("--data", help="x.npy (inputs in order) or NAME=x.npy: calibration samples along axis 0 (a few hundred)."),
+    ] = None,
+    outputs: OutputsOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="With a .meta training graph: the checkpoint prefix (model.ckpt-1000).")
+    ] = None,
+    memory_budget: Annotated[
+        int, typer.Option("--memory-budget", min=1, help="MiB for one batch's inputs plus every BN input it produces (default 1024).")
+    ] = 1024,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset for .onnx output from a TF model (default 17).")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", "--json", help="Write the per-BN records as JSON here.")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow OUT to be IN (still atomic).")] = False,
+    quiet: QuietOpt = False,
+    trust_model: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Recompute every BN's moving mean/variance from calibration data (inference mode, upstream BNs first) and write DST."""
+
+    def body() -> None:
+        from bnfold import files
+        from bnfold import recalibration_core as rc
+
+        if not data:
+            raise UsageError("recalibrate needs --data x.npy (a few hundred samples of the training data, along axis 0)")
+        check_output_format(dst)
+        files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
+        if is_onnx_path(src):
+            from bnfold.onnx_recalibration import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
+        else:
+            from bnfold.recalibration import recalibrate_file  # type: ignore[assignment]
+        options: dict[str, Any] = {"opset": opset} if opset is not None else {}
+        result = recalibrate_file(
+            src,
+            dst,
+            _data_arrays(data, "--data"),
+            outputs=_names(outputs),
+            set_flags=_flags(set_),
+            checkpoint=checkpoint,
+            memory_budget=memory_budget * 2**20,
+            trust_model=trust_model,
+            **options,
+        )
+        if not quiet:
+            rc.print_report(result, out)
+        if report is not None:
+            rc.write_json(result, report)
+        if not quiet:
+            out.print(f"wrote {dst}")
 
     _run(debug, body)
 
@@ -523,6 +619,8 @@ def _runs_a_tf_graph(argv: list[str]) -> bool:
     paths = [a.lower().rstrip("/") for a in argv[1:] if not a.startswith("-")]
     if argv[0] == "doctor":
         return "--data" in argv and not (paths and paths[0].endswith(".onnx"))
+    if argv[0] == "recalibrate" or "--recalibrate" in argv:
+        return not (paths and paths[0].endswith(".onnx"))
     if argv[0] != "fold" or "--no-verify" in argv or len(paths) < 2:
         return False
     return not paths[0].endswith(".onnx") and not paths[1].endswith((".keras", ".h5"))

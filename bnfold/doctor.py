@@ -27,11 +27,15 @@ from bnfold.files import atomic_write
 from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_doctor; re-exported)
     DRIFT_MEAN_Z,
     DRIFT_VAR_RATIO,
+    MIN_DRIFT_VALUES,
+    RECALIBRATE_CODES,
     SEVERITY_ORDER,
     BnStats,
     DoctorReport,
     Finding,
+    ModeDrift,
     Severity,
+    add_recalibrate_line,
     channel_moments,
     drift_metrics,
     write_json,
@@ -76,7 +80,7 @@ def _with_affine(stat: BnStats | None, site: Affine | None) -> LayerStats | None
     """Gamma, beta and the output tensor, recovered from the fold's affine record ``y = x * scale + shift``."""
     if stat is None:
         return None
-    layer = LayerStats(stat.name, stat.input_ref, stat.mean, stat.var, stat.eps, stat.channel_axis)
+    layer = LayerStats(stat.name, stat.input_ref, stat.mean, stat.var, stat.eps, stat.channel_axis, stat.mean_at, stat.var_at)
     channels = stat.var.size
     if site is None or site.scale.size not in (1, channels) or site.shift.size not in (1, channels):
         return layer
@@ -114,7 +118,8 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
     fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
     axis = -1 if fmt.endswith("C") else 1 - len(fmt)
-    return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis)  # type: ignore[attr-defined]
+    name = node.name  # type: ignore[attr-defined]
+    return BnStats(name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis, (name, 3), (name, 4))
 
 
 def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
@@ -123,7 +128,8 @@ def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStat
     if mean is None or var is None:
         return None
     eps = attr(node, "variance_epsilon").f  # type: ignore[attr-defined]
-    return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1)  # type: ignore[attr-defined]
+    name = node.name  # type: ignore[attr-defined]
+    return BnStats(name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, -1, (name, 1), (name, 2))
 
 
 def _find_op(index: GraphIndex, ref: str, op: str) -> str | None:
@@ -139,6 +145,8 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
     (``offset - mean * inv``).
     """
     var = eps = mean = None
+    mean_at: tuple[str, int] | None = None
+    var_at: tuple[str, int] | None = None
     x_ref: str | None = None
     for pos, name in enumerate(site.replaces):
         node = index.node(name)
@@ -155,6 +163,7 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
                 prev_in = index.data_inputs(previous) if previous is not None else []
                 if previous is not None and previous.op == "Sub" and ev.is_const(prev_in[1]) and not ev.is_const(prev_in[0]):
                     mean = ev.value(index.data_inputs(previous)[1])
+                    mean_at = (previous.name, 1)
                     x_ref = index.data_inputs(previous)[0]
             if var is None:
                 add = index.producer(index.node(rsqrt).input[0])[0]
@@ -162,20 +171,25 @@ def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> Bn
                     a, b = (ev.value(r) for r in index.data_inputs(add))
                     if a is not None and b is not None:
                         if a.size == b.size:
-                            var, eps = (a, b) if float(np.max(a)) >= float(np.max(b)) else (b, a)
+                            first = float(np.max(a)) >= float(np.max(b))
                         else:
-                            var, eps = (a, b) if a.size > b.size else (b, a)
+                            first = a.size > b.size
+                        var, eps = (a, b) if first else (b, a)
+                        var_at = (add.name, 0 if first else 1)
             if mean is None:
-                mean = _mean_beside_rsqrt(index, ev, ref)
+                beside = _mean_beside_rsqrt(index, ev, ref)
+                if beside is not None:
+                    mean, mean_at = beside
     if var is None or mean is None or x_ref is None:
         return None
     if eps is None:
         return None
-    return BnStats(site.name, x_ref, np.asarray(mean).reshape(-1), np.asarray(var).reshape(-1), float(np.ravel(eps)[0]), site.channel_axis)
+    mean_value, var_value = np.asarray(mean).reshape(-1), np.asarray(var).reshape(-1)
+    return BnStats(site.name, x_ref, mean_value, var_value, float(np.ravel(eps)[0]), site.channel_axis, mean_at, var_at)
 
 
-def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> np.ndarray | None:
-    """In ``offset - mean * inv``: the ``Mul`` operand that holds no ``Rsqrt``."""
+def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> tuple[np.ndarray | None, tuple[str, int]] | None:
+    """In ``offset - mean * inv``: the ``Mul`` operand that holds no ``Rsqrt``, and where it enters."""
     for node in index.walk(parse_input(ref)[0], limit=64):
         inputs = index.data_inputs(node)
         if node.op == "Mul" and len(inputs) == 2:
@@ -185,7 +199,7 @@ def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> np.nd
                 # the gamma multiply (inv * gamma) sits under another Mul; the mean's Mul feeds a Sub/Neg
                 readers = [index.node(c.node).op for c in index.consumers(node.name)]
                 if any(op in ("Sub", "Neg") for op in readers):
-                    return ev.value(other)
+                    return ev.value(other), (node.name, with_rsqrt.index(False))
     return None
 
 
@@ -340,24 +354,6 @@ def check_unfoldable(graph_def: graph_pb2.GraphDef, protected: set[str]) -> list
 
 
 @dataclass
-class ModeDrift:
-    """How far one BN's input statistics on the data lie from its moving statistics, in one mode."""
-
-    max_mean_z: float
-    min_var_ratio: float
-    max_var_ratio: float
-    channels_drifting: int
-    channels: int
-
-    @property
-    def score(self) -> float:
-        """max over channels of max(|dmean| / std / DRIFT_MEAN_Z, |log2(var ratio)|): 1 is the threshold."""
-        with np.errstate(all="ignore"):
-            spread = max(abs(np.log2(max(self.min_var_ratio, 1e-12))), abs(np.log2(max(self.max_var_ratio, 1e-12))))
-        return float(max(self.max_mean_z / DRIFT_MEAN_Z, spread))
-
-
-@dataclass
 class LayerDrift:
     """One BN layer on the user's data: at inference (upstream BNs on moving statistics) and in training mode (on batch statistics)."""
 
@@ -375,9 +371,6 @@ class LayerDrift:
         }
 
 
-# Fewer values per channel than this and the data's mean/variance say nothing about drift: one sample of a
-# dense layer's output has variance 0 by construction, and its mean lies about 1 std from the moving mean.
-MIN_DRIFT_VALUES = 16
 
 
 def _values_per_channel(stat: LayerStats, value: np.ndarray) -> int:
@@ -673,7 +666,19 @@ def diagnose(
             checked = check_frozen(loaded.graph_def, data=data, set_flags=set_flags, outputs=outputs)
         report = Report(loaded.source, checked.findings, checked.count, checked.drift, checked.notes)
     report.findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.nodes))
+    add_recalibrate_line(report.findings, recalibrate_line(source, outputs, checkpoint))
     return report
+
+
+def recalibrate_line(source: Any, outputs: list[str] | None = None, checkpoint: str | Path | None = None) -> str:
+    """The ready-to-run ``bnfold recalibrate`` command for this model (README "Fix it: bnfold recalibrate")."""
+    import shlex
+
+    model = shlex.quote(str(source)) if isinstance(source, str | Path) else "MODEL"
+    extra = f" --checkpoint {shlex.quote(str(checkpoint))}" if checkpoint is not None else ""
+    if checkpoint is not None or (isinstance(source, str | Path) and _is_checkpoint(Path(source))):
+        extra += f" --outputs {shlex.quote(','.join(outputs)) if outputs else 'OUTPUT'}"
+    return f"bnfold recalibrate {model} recalibrated.pb --data x.npy{extra}"
 
 
 def _is_checkpoint(path: Path) -> bool:

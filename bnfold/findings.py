@@ -29,6 +29,28 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 DRIFT_MEAN_Z = 0.5
 DRIFT_VAR_RATIO = (0.5, 2.0)
 
+# Fewer values per channel than this and the data's mean/variance say nothing about drift: one sample of a
+# dense layer's output has variance 0 by construction, and its mean lies about 1 std from the moving mean.
+MIN_DRIFT_VALUES = 16
+
+
+@dataclass
+class ModeDrift:
+    """How far one BN's input statistics on the data lie from its moving statistics, in one mode."""
+
+    max_mean_z: float
+    min_var_ratio: float
+    max_var_ratio: float
+    channels_drifting: int
+    channels: int
+
+    @property
+    def score(self) -> float:
+        """max over channels of max(|dmean| / std / DRIFT_MEAN_Z, |log2(var ratio)|): 1 is the threshold."""
+        with np.errstate(all="ignore"):
+            spread = max(abs(np.log2(max(self.min_var_ratio, 1e-12))), abs(np.log2(max(self.max_var_ratio, 1e-12))))
+        return float(max(self.max_mean_z / DRIFT_MEAN_Z, spread))
+
 
 @dataclass
 class Finding:
@@ -80,6 +102,9 @@ class BnStats:
     var: np.ndarray
     eps: float
     channel_axis: int | None
+    # where the stored mean/variance enter the graph, as (node, input slot): what recalibration rewrites
+    mean_at: tuple[str, int] | None = None
+    var_at: tuple[str, int] | None = None
 
 
 def at_init_finding(stat: BnStats) -> Finding | None:
@@ -146,6 +171,24 @@ def drift_finding(stat: BnStats, value: np.ndarray) -> Finding | None:
             "max_var_ratio": float(np.max(ratio)),
         },
     )
+
+
+# Findings whose cause is wrong stored statistics: ``bnfold recalibrate`` repairs them without retraining.
+RECALIBRATE_CODES = {"BN_STATS_AT_INIT", "BN_UPDATES_NOT_RUN", "BN_MOMENTUM_DEGENERATE", "BN_STATS_DRIFT", "BN_TRAINING_MODE"}
+
+
+def add_recalibrate_line(findings: list[Finding], line: str) -> None:
+    """Append the ready-to-run recalibrate command to the fix of each finding that wrong statistics cause.
+
+    Not to an ONNX BatchNormalization with ``training_mode=1``: ONNX recalibration does not rewrite it.
+    """
+    for finding in findings:
+        if finding.details.get("form") == "BatchNormalization":
+            continue
+        if finding.code in RECALIBRATE_CODES and finding.severity != "info" and "bnfold recalibrate" not in finding.fix:
+            finding.fix += (
+                f"; or, without retraining, recompute the statistics from a few hundred training samples (x.npy, samples on axis 0): {line}"
+            )
 
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:

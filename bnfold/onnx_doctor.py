@@ -24,6 +24,7 @@ from bnfold.findings import (  # noqa: F401  (print_report/write_json re-exporte
     BnStats,
     DoctorReport,
     Finding,
+    add_recalibrate_line,
     at_init_finding,
     drift_finding,
     print_report,
@@ -169,6 +170,10 @@ def diagnose(
     feeds = _data_feeds(model, data)
     if feeds:
         findings += check_drift(model, stats, feeds)
+    import shlex
+
+    model_arg = shlex.quote(name) if not isinstance(source, onnx.ModelProto) else "MODEL.onnx"
+    add_recalibrate_line(findings, f"bnfold recalibrate {model_arg} recalibrated.onnx --data x.npy")
     return Report(name, sort_findings(findings), count)
 
 
