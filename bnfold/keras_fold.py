@@ -893,7 +893,9 @@ def load_model(path: Path, trust_model: bool = False) -> Any:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
-    if not trust_model:
+    from bnfold.allowlist import enforced
+
+    if enforced(trust_model):
         from bnfold.freeze import check_keras_file
 
         check_keras_file(path)

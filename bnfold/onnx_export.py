@@ -238,20 +238,23 @@ def to_onnx(
     check = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, on_batch=on_batch)
     if isinstance(source, onnx.ModelProto) or (isinstance(source, (str, os.PathLike)) and is_onnx_path(source)):
         # ONNX in, ONNX out: no TensorFlow on this path (bnfold.onnx_api).
-        return fold_onnx(
-            source,
-            inputs,
-            outputs,
-            verify_outputs=verify_outputs,
-            feeds=feeds,
-            input_shapes=input_shapes,
-            rtol=rtol,
-            atol=atol,
-            samples=samples,
-            seed=seed,
-            force=force,
-            on_batch=on_batch,
-        )
+        from bnfold.allowlist import trusting as trusting_onnx
+
+        with trusting_onnx(trust_model):
+            return fold_onnx(
+                source,
+                inputs,
+                outputs,
+                verify_outputs=verify_outputs,
+                feeds=feeds,
+                input_shapes=input_shapes,
+                rtol=rtol,
+                atol=atol,
+                samples=samples,
+                seed=seed,
+                force=force,
+                on_batch=on_batch,
+            )
     check_opset(opset)
     from bnfold import api
     from bnfold.freeze import load
