@@ -628,14 +628,16 @@ def _entry_refusal(entry: dict[str, Any]) -> str | None:
             target = inner.get("function")
             if class_name == "SlicingOpLambda" and target != "__operators__.getitem":
                 return f"is a SlicingOpLambda calling tf.{target}, which is not slicing"
-            return None if tf_function_allowed(target) else f"calls tf.{target}, which is not on bnfold's list of pure tensor functions"
+            if tf_function_allowed(target):
+                return None
+            return f"is a {class_name} calling tf.{target}, which is not on bnfold's list of pure tensor functions"
         if class_name == "ClassMethod":
             cls, method = inner.get("cls_symbol"), inner.get("method_name")
             if cls == "RaggedTensor" and method in RAGGED_CLASS_METHODS:
                 return None
-            return f"calls tf.{cls}.{method}, which is not on bnfold's list of pure tensor functions"
+            return f"is a ClassMethod calling tf.{cls}.{method}, which is not on bnfold's list of pure tensor functions"
         attr = inner.get("attr_name")
-        return None if attr in TENSOR_ATTRIBUTES else f"reads the tensor attribute {attr!r}, which is not on bnfold's list"
+        return None if attr in TENSOR_ATTRIBUTES else f"is a {class_name} using the attribute {attr!r}, which is not on bnfold's list of tensor attributes"
     if isinstance(module, str) and module.startswith("keras.src.ops."):
         if class_name in keras_op_classes(module):
             return None
