@@ -606,7 +606,8 @@ def keras_refusal(config: Any) -> tuple[str, str] | None:
 def _entry_refusal(entry: dict[str, Any]) -> str | None:
     class_name = entry.get("class_name")
     module = entry.get("module")
-    inner = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+    raw = entry.get("config")
+    inner: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if not isinstance(class_name, str):
         return "has a class_name that is not a name"
     if class_name in KERAS_REFUSED:

@@ -17,10 +17,12 @@ with ``--trust-model`` to show that the attack is real: there the canary is hit.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -796,8 +798,13 @@ def prepare(case: Case, tmp_path: Path) -> tuple[Path, Path, Path]:
     d.mkdir()
     canary = tmp_path / "canary"
     canary.mkdir()
-    (canary / "keep.txt").write_text("precious")
     model = case.build(d, canary)
+    gc.collect()  # a destructor the test built (WritingDestroyer) runs here, in the test, not in bnfold
+    shutil.rmtree(canary)  # building may have fired the attack in the test process: the canary starts afresh
+    canary.mkdir()
+    (canary / "keep.txt").write_text("precious")
+    if case.name.startswith("onnx-function-data"):
+        (canary / "secret.bin").write_bytes(np.float32(7.0).tobytes())
     if case.extra:
         case.extra(d)
     return d, canary, model
@@ -816,7 +823,6 @@ def test_case_count() -> None:
 def test_hostile_model(case: Case, layers: dict[str, str], tmp_path: Path) -> None:
     d, canary, model = prepare(case, tmp_path)
     before_canary, before_model = snapshot(canary), snapshot(model)
-    assert before_canary == {"keep.txt": b"precious"} or case.name.startswith("onnx-function-data")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "secret.bin").write_bytes(np.float32(7.0).tobytes())  # what a CWD-relative read would pick up
