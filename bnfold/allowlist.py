@@ -232,7 +232,7 @@ def op_def_refusal(op_def: op_def_pb2.OpDef, context: str = RUN) -> str | None:
             return f"takes a place to read or write (input {arg.name!r})"
     if is_step_local(name) or name in PURE_EXCEPTIONS:
         return None
-    if context == LOAD and (name in MODEL_STATE or name in CHECKPOINT_READS):
+    if context == LOAD and name in MODEL_STATE:
         return None
     args = [*op_def.input_arg, *op_def.output_arg]
     if any(a.type == types_pb2.DT_RESOURCE or a.is_ref for a in args):
@@ -441,13 +441,14 @@ def _restore_refusals(graph_def: graph_pb2.GraphDef, nodes: dict[str, Any], rest
     refusals = []
     for name in closure(nodes, restore):
         node = nodes[name]
-        reason = node_refusal(node, LOAD, names)
-        if reason is None and node.op in CHECKPOINT_READS:
+        if node.op in CHECKPOINT_READS:
             prefix = parse_input(node.input[0])[0] if node.input else None
             while prefix in nodes and nodes[prefix].op == "Identity" and nodes[prefix].input:
                 prefix = parse_input(nodes[prefix].input[0])[0]
-            if feed is None or prefix != feed:
-                reason = "reads a checkpoint from a place other than the SavedModel's own variables"
+            ok = feed is not None and prefix == feed and attr_places(node) is None
+            reason = None if ok else "reads a checkpoint from a place other than the SavedModel's own variables"
+        else:
+            reason = node_refusal(node, LOAD, names)
         if reason is not None:
             refusals.append(Refusal(name, node.op, reason))
     return refusals

@@ -783,6 +783,44 @@ CASES = [
 ]
 
 
+# What the one error line must name (the node, op or layer the attack sits in), as users run bnfold.
+CULPRITS = {
+    **dict.fromkeys(["pb-write-control", "pbtxt-write-control", "pb-write-upstream-doctor-data", "pb-to-onnx-no-verify"], "'evil' (WriteFile)"),
+    **dict.fromkeys(["pb-function-as-value", "pb-function-call", "pb-function-by-op-name", "pb-gradient-function", "pb-unreferenced-function"], "Evil/hidden_write' (WriteFile)"),
+    **dict.fromkeys(["pb-while-body", "pb-if-branch", "pb-case-branch"], "(WriteFile)"),
+    "pb-print-to-file": "(PrintV2)",
+    "pb-immutable-const": "(ImmutableConst)",
+    "pb-debug-identity": "(DebugIdentity)",
+    "pb-matching-files": "(MatchingFiles)",
+    "pb-pyfunc": "(PyFunc)",
+    "pb-unregistered-op": "(EvilCustomOpFromALoadedLibrary)",
+    "pb-file-dataset": "(TFRecordDataset)",
+    "pb-save-checkpoint": "(SaveV2)",
+    "pb-merge-checkpoints-deletes": "(MergeV2Checkpoints)",
+    "pb-summary-writer": "Summary",
+    **dict.fromkeys(["sm-resource-initialize", "sm-resource-create", "sm-resource-destroy", "sm-restore-from-tensors", "sm-serving-function-writes"], "(WriteFile)"),
+    "sm-spliced-library-function": "__inference_spliced_1/hidden_write",
+    **dict.fromkeys(["sm-tf1-saver-restore-op", "sm-tf1-table-initializer", "sm-tf1-legacy-init-op", "sm-tf1-main-op", "sm-tf1-init-signature", "sm-tf1-local-variable-initializer"], "'evil' (WriteFile)"),
+    "sm-tf1-restore-elsewhere": "(RestoreV2)",
+    "h5-keras3-lambda": "'evil_lambda'",
+    "h5-tf-keras-lambda": "'evil_lambda'",
+    "keras-lambda": "'evil_lambda'",
+    "keras-lambda-in-wrapper": "'inner_lambda'",
+    **dict.fromkeys([c for c in ("onnx-custom-domain", "onnx-contrib-domain", "onnx-custom-op-in-function")], "EvilOp"),
+    "onnx-function-data-outside": "outside the model's directory",
+    "onnx-function-data-link-out": "a link out of the model's directory",
+    "onnx-function-data-from-cwd": "no such file beside the model",
+}
+
+
+def culprit(case: Case) -> str:
+    """The attack's node or layer: named in CULPRITS, else the layer the Keras builders call 'evil' or the patched Dense."""
+    if case.name in CULPRITS:
+        return CULPRITS[case.name]
+    patched_dense = ("get-file", "enable-unsafe", "builtins-exec", "os-system", "file-utils", "lambda-activation")
+    return "layer 'dense'" if any(p in case.name for p in patched_dense) else "'evil'"
+
+
 @pytest.fixture(params=["allowlist", "sandbox-alone"])
 def layers(request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment of the bnfold processes: as users run it, or with the allowlist off (test-only switch)."""
@@ -817,6 +855,7 @@ def fill(args: list[str], model: Path, d: Path) -> list[str]:
 def test_case_count() -> None:
     assert len(CASES) >= 40
     assert len({c.name for c in CASES}) == len(CASES)
+    assert set(CULPRITS) <= {c.name for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -836,6 +875,8 @@ def test_hostile_model(case: Case, layers: dict[str, str], tmp_path: Path) -> No
             assert result.returncode in DOCUMENTED, (args, result.stderr)
         else:
             assert result.returncode == run.code, (args, result.returncode, result.stderr)
+            if result.returncode != 0:
+                assert culprit(case) in result.stderr, (culprit(case), result.stderr)
         if result.returncode != 0:
             assert len(lines) == 1 and lines[0].startswith("bnfold: error:"), lines
             assert set(snapshot(d)) == before_work, "a refused run left files behind"
