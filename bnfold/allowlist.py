@@ -113,6 +113,12 @@ PURE_EXCEPTIONS: dict[str, str] = {
     "StatefulPartitionedCall": "a function call: the function is checked by this rule",
 }
 
+# Stateless ops passing variants that are plain values of the same run, each with why.
+VARIANT_VALUES: dict[str, str] = {
+    op: "an optional value holding tensors of the same run (cond_v2 keeps its intermediates in them)"
+    for op in ("OptionalFromValue", "OptionalNone", "OptionalHasValue", "OptionalGetValue")
+}
+
 # Stateless in the registry, documented to reach outside the process in a way the registry cannot show.
 DOCUMENTED_EFFECTS: dict[str, str] = {
     "ImmutableConst": "memory-maps the file its memory_region_name names",
@@ -230,7 +236,7 @@ def op_def_refusal(op_def: op_def_pb2.OpDef, context: str = RUN) -> str | None:
     for arg in op_def.input_arg:
         if arg.type == types_pb2.DT_STRING and PLACE_INPUT.search(arg.name):
             return f"takes a place to read or write (input {arg.name!r})"
-    if is_step_local(name) or name in PURE_EXCEPTIONS:
+    if is_step_local(name) or name in PURE_EXCEPTIONS or name in VARIANT_VALUES:
         return None
     if context == LOAD and name in MODEL_STATE:
         return None
