@@ -514,9 +514,11 @@ def inspect_command(
         from bnfold.onnx_io import is_onnx_path
 
         if is_onnx_path(src):
+            from bnfold.allowlist import trusting
             from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
 
-            result = fold_onnx(src, _names(inputs), _names(outputs), verify_outputs=False)[1]
+            with trusting(trust_model):
+                result = fold_onnx(src, _names(inputs), _names(outputs), verify_outputs=False)[1]
         else:
             from bnfold import api
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from bnfold import io
+from bnfold.allowlist import enforced, keras_refusal
 from bnfold.errors import InputError, UnsafeModelError, first_line
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -95,7 +96,7 @@ def check_saved_model(path: Path) -> None:
     from google.protobuf import message, text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from bnfold.runsafety import saved_model_load_refusals
+    from bnfold.allowlist import saved_model_refusals
 
     proto = saved_model_pb2.SavedModel()
     try:
@@ -105,7 +106,7 @@ def check_saved_model(path: Path) -> None:
             text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
     except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
-    refusals = saved_model_load_refusals(proto)
+    refusals = saved_model_refusals(proto)
     if refusals:
         first = refusals[0]
         raise UnsafeModelError(
@@ -115,8 +116,8 @@ def check_saved_model(path: Path) -> None:
 
 
 def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:
-    """Unless ``trust_model``, what loading runs (resource initializers, init ops) is checked first."""
-    if not trust_model:
+    """Unless ``trust_model``, everything loading could run is checked against the allowlist first (:mod:`bnfold.allowlist`)."""
+    if enforced(trust_model):
         check_saved_model(path)
     try:
         model = tf.saved_model.load(str(path))
@@ -129,12 +130,6 @@ def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model
     loaded = freeze_concrete_function(signatures[signature], signature)
     loaded.source = str(path)
     return loaded
-
-
-# Keras layer classes whose config is Python code (marshalled bytecode, or a function to call by name).
-CODE_LAYERS = {"Lambda", "TFOpLambda", "SlicingOpLambda"}
-# Packages a Keras config may name in "module" without bnfold importing foreign code (bnfold: its own ChannelAffine).
-KERAS_MODULES = ("keras", "tf_keras", "bnfold")
 
 
 def keras_config(path: Path) -> Any:
@@ -164,65 +159,14 @@ def keras_config(path: Path) -> Any:
         raise InputError(f"{path}: the model config is not JSON ({first_line(exc)[:200]})") from None
 
 
-def code_in_config(config: Any, layer: str = "<model>") -> tuple[str, str] | None:
-    """(layer name, why) for the first object in a Keras config that carries or names Python code, else None.
-
-    Walks every nested dict and list, so layers inside nested models and
-    wrappers (Bidirectional, TimeDistributed) are seen; an object is code when it
-    is a code layer, a serialized lambda (``__lambda__``, ``function_type:
-    lambda``), a function or class from a module outside Keras (loading would
-    import and call it), or a ``TFOpLambda`` that calls something that is not a
-    TensorFlow op.
-    """
-    if isinstance(config, list):
-        for item in config:
-            found = code_in_config(item, layer)
-            if found:
-                return found
-        return None
-    if not isinstance(config, dict):
-        return None
-    inner = config.get("config")
-    name = config.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
-    if "class_name" in config and isinstance(name, str):
-        layer = name
-    class_name = config.get("class_name")
-    if class_name in ("TFOpLambda", "SlicingOpLambda") and isinstance(inner, dict):
-        target = inner.get("function")
-        if not _is_tf_op(target):
-            return layer, f"{class_name} calls tf.{target}, which is not a TensorFlow op"
-    elif class_name in CODE_LAYERS:
-        return layer, f"is a {class_name} layer: its config is Python code"
-    if class_name == "__lambda__" or config.get("function_type") == "lambda" or config.get("output_shape_type") == "lambda":
-        return layer, "carries a serialized Python lambda"
-    module = config.get("module")
-    if isinstance(module, str) and "class_name" in config and module.split(".")[0] not in KERAS_MODULES:
-        return layer, f"names {module}.{class_name}: loading it would import and run code from outside Keras"
-    for key, value in config.items():
-        if key != "module":
-            found = code_in_config(value, layer)
-            if found:
-                return found
-    return None
-
-
-def _is_tf_op(name: object) -> bool:
-    """``nn.relu`` -> True: a TFOpLambda target that builds TensorFlow graph ops (checked again before any run)."""
-    import functools
-
-    if not isinstance(name, str):
-        return False
-    try:
-        symbol = functools.reduce(getattr, name.split("."), tf)
-    except AttributeError:
-        return False
-    module = getattr(symbol, "__module__", "") or ""
-    return module.startswith("tensorflow.python.ops.") and module != "tensorflow.python.ops.script_ops"
+def code_in_config(config: Any) -> tuple[str, str] | None:
+    """(layer name, why) for the first entry of a Keras config not on the allowlist (:func:`bnfold.allowlist.keras_refusal`)."""
+    return keras_refusal(config)
 
 
 def check_keras_file(path: Path) -> None:
-    """Refuse a Keras file whose config carries code, before Keras reads it (``trust_model`` skips this)."""
-    found = code_in_config(keras_config(path))
+    """Refuse a Keras file whose config names anything off the allowlist, before Keras reads it (``trust_model`` skips this)."""
+    found = keras_refusal(keras_config(path))
     if found:
         layer, why = found
         raise UnsafeModelError(
@@ -434,7 +378,7 @@ def load_keras_model(path: Path, trust_model: bool = False, objects: Any = None)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     config = keras_config(path)
-    if not trust_model:
+    if enforced(trust_model):
         check_keras_file(path)
     origin = keras_origin(path)
     if origin.major is not None and origin.major < 2:

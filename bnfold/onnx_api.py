@@ -25,6 +25,7 @@ from bnfold.onnx_fold import fold_model
 from bnfold.onnx_io import (
     OnnxStage,
     OrtRunner,
+    check_allowlist,
     check_input_model,
     data_file_for,
     input_specs,
@@ -82,6 +83,7 @@ def _fold(
     external = False
     if isinstance(source, onnx.ModelProto):
         original, name = source, "<ModelProto>"
+        check_allowlist(original, name)
         check_input_model(original, name)
     else:
         original, external = load_onnx(source)

@@ -32,7 +32,7 @@ from bnfold.findings import (  # noqa: F401  (print_report/write_json re-exporte
     write_json,
 )
 from bnfold.onnx_fold import OnnxFolder, fold_model
-from bnfold.onnx_io import OrtRunner, input_specs, load_onnx
+from bnfold.onnx_io import OrtRunner, check_allowlist, input_specs, load_onnx
 
 
 @dataclass
@@ -156,10 +156,14 @@ def diagnose(
         if value not in (None, False, [], ()):
             if option != "trust_model":
                 raise UsageError(f"--{option.replace('_', '-')}: applies to TensorFlow checkpoints, not to ONNX files")
-    if isinstance(source, onnx.ModelProto):
-        model, name = source, "<ModelProto>"
-    else:
-        model, name = load_onnx(source)[0], str(source)
+    from bnfold.allowlist import trusting
+
+    with trusting(bool(_tf_only.get("trust_model"))):
+        if isinstance(source, onnx.ModelProto):
+            model, name = source, "<ModelProto>"
+            check_allowlist(model, name)
+        else:
+            model, name = load_onnx(source)[0], str(source)
     if outputs:
         known = [o.name for o in model.graph.output]
         for n in outputs:

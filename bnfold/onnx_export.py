@@ -250,20 +250,23 @@ def to_onnx(
         if set_flags or training_bn != "keep":
             raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         # ONNX in, ONNX out: no TensorFlow on this path (bnfold.onnx_api).
-        return fold_onnx(
-            source,
-            inputs,
-            outputs,
-            verify_outputs=verify_outputs,
-            feeds=feeds,
-            input_shapes=input_shapes,
-            rtol=rtol,
-            atol=atol,
-            samples=samples,
-            seed=seed,
-            force=force,
-            on_batch=on_batch,
-        )
+        from bnfold.allowlist import trusting as trusting_onnx
+
+        with trusting_onnx(trust_model):
+            return fold_onnx(
+                source,
+                inputs,
+                outputs,
+                verify_outputs=verify_outputs,
+                feeds=feeds,
+                input_shapes=input_shapes,
+                rtol=rtol,
+                atol=atol,
+                samples=samples,
+                seed=seed,
+                force=force,
+                on_batch=on_batch,
+            )
     check_opset(opset)
     from bnfold import api
     from bnfold.freeze import load

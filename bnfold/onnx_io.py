@@ -28,7 +28,7 @@ from google.protobuf import message
 from onnx import external_data_helper
 
 from bnfold.comparison import InputSpec
-from bnfold.errors import InputError, OutputError, VerificationError, first_line
+from bnfold.errors import InputError, OutputError, UnsafeModelError, VerificationError, first_line
 from bnfold.files import _umask, read_bytes
 from bnfold.foldmath import SiteRecord
 
@@ -108,20 +108,36 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield sparse.values
         yield sparse.indices
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _tensors(sub)
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            yield from attr.tensors
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            yield from _tensors(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _function_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Tensors held by model-local functions' nodes (a function's Constant may keep its value in external data)."""
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _tensors(model.graph)
+    yield from _function_tensors(model)
 
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in _tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    return [t for t in _model_tensors(model) if external_data_helper.uses_external_data(t)]
 
 
 def check_locations(model: onnx.ModelProto, source: Path) -> None:
@@ -161,6 +177,32 @@ def check_input_model(model: onnx.ModelProto, source: str) -> None:
         raise InputError(f"{source}: invalid ONNX model: {first_line(exc)}") from None
 
 
+def _load_function_data(model: onnx.ModelProto, base: Path) -> None:
+    """Read the external data of model-local functions' tensors from the model's directory.
+
+    ``load_external_data_for_model`` covers the main graph only; left alone, a
+    function's ``Constant`` was resolved by onnxruntime against the working
+    directory. Locations were checked by :func:`check_locations` already.
+    """
+    for tensor in _function_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            external_data_helper.load_external_data_for_tensor(tensor, str(base))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def check_allowlist(model: onnx.ModelProto, source: str) -> None:
+    """Refuse a model with ops outside ONNX's standard domains, unless trusted (:func:`bnfold.allowlist.onnx_refusal`)."""
+    from bnfold.allowlist import enforced, onnx_refusal
+
+    if not enforced():
+        return
+    found = onnx_refusal(model)
+    if found:
+        node, why = found
+        raise UnsafeModelError(f"{source}: node {node!r} {why}; bnfold does not run such models: --trust-model runs it anyway")
+
+
 def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     """Parse and check an ONNX file and its external data; returns the model and whether it had external data.
 
@@ -176,11 +218,13 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     except (message.DecodeError, RuntimeWarning) as exc:
         raise InputError(f"{path}: not an ONNX model ({first_line(exc)}); pass a .onnx file written by an ONNX exporter") from None
     del data
+    check_allowlist(model, str(path))
     external = bool(external_tensors(model))
     if external:
         check_locations(model, path)
         try:
             external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
+            _load_function_data(model, path.resolve().parent)
         except OSError as exc:
             raise InputError(f"{path}: cannot read its external data ({exc.strerror or exc})") from None
     check_input_model(model, str(path))

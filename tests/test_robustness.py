@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY, OutputError
+from bnfold.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY, OutputError
 from bnfold.io import atomic_write
 from sample_models.make_samples import Spec, build
 
@@ -98,7 +98,7 @@ def test_read_only_output_directory(tmp_path: Path) -> None:
 
 
 def test_custom_op_passes_through_untouched(tmp_path: Path) -> None:
-    """An op TF does not know is kept as is; the fold still happens; verification needs --no-verify."""
+    """An op TF does not know is kept as is; the fold still happens; the check refuses to run it (allowlist: exit 6)."""
     graph_def = build(Spec())
     custom = graph_def.node.add()
     custom.name, custom.op = "postprocess", "MyCompanyPostprocess"
@@ -107,7 +107,7 @@ def test_custom_op_passes_through_untouched(tmp_path: Path) -> None:
     src = _write(tmp_path, graph_def)
     out = tmp_path / "o.pb"
     refused = invoke("fold", src, out)
-    assert refused.exit_code == EXIT_VERIFY and "cannot load" in refused.stderr and not out.exists()
+    assert refused.exit_code == EXIT_UNSAFE and "'postprocess' (MyCompanyPostprocess)" in refused.stderr and not out.exists()
     assert invoke("fold", src, out, "--no-verify").exit_code == 0
     written = graph_pb2.GraphDef()
     written.ParseFromString(out.read_bytes())

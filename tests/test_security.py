@@ -184,7 +184,10 @@ def test_nested_and_tfoplambda_configs(tmp_path: Path) -> None:
     op_layer = {"class_name": "TFOpLambda", "config": {"name": "tf.nn.relu", "function": "nn.relu"}}
     assert code_in_config({"layers": [op_layer]}) is None
     gfile = {"class_name": "TFOpLambda", "config": {"name": "rm", "function": "io.gfile.remove"}}
-    assert code_in_config({"layers": [gfile]}) == ("rm", "TFOpLambda calls tf.io.gfile.remove, which is not a TensorFlow op")
+    assert code_in_config({"layers": [gfile]}) == (
+        "rm",
+        "is a TFOpLambda calling tf.io.gfile.remove, which is not on bnfold's list of pure tensor functions",
+    )
     foreign = {"module": "os", "class_name": "function", "config": "system", "registered_name": "function"}
     layer = {"class_name": "Dense", "config": {"name": "d", "activation": foreign}}
     assert code_in_config({"layers": [layer]})[0] == "d"  # type: ignore[index]
