@@ -12,6 +12,11 @@ that makes the worker write to its stdout cannot make the parent run anything.
 One worker serves one graph at a time and is kept for the next graph; a worker
 that died is replaced. :func:`prestart` starts one early, so that its
 TensorFlow import overlaps the fold.
+
+The worker is confined (:mod:`bnfold.sandbox`) as it starts, while it has one
+thread and before it imports TensorFlow or sees a model: Landlock where the
+kernel has it, memory and CPU limits everywhere. The parent keeps the
+wall-clock deadline of each request and kills a worker that runs past it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -31,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from bnfold import sandbox
 from bnfold.errors import BnfoldError
 
 try:
@@ -54,13 +61,16 @@ class GraphRunError(Exception):
 class WorkerDied(Exception):
     """The worker process ended while loading or running a graph: TensorFlow aborted, or the process was killed."""
 
-    def __init__(self, returncode: int | None, last_words: str) -> None:
+    def __init__(self, returncode: int | None, last_words: str, limit: str = "") -> None:
         self.returncode = returncode
         self.last_words = last_words
+        self.limit = limit  # which of bnfold's limits ended it, when one did
         super().__init__(self.describe())
 
     def describe(self) -> str:
         code = self.returncode
+        if self.limit:
+            return f"the model ran past bnfold's {self.limit}"
         if code is not None and code < 0:
             try:
                 how = f"aborted ({signal.Signals(-code).name})"
@@ -167,7 +177,10 @@ class Worker:
 
     def __init__(self) -> None:
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
-        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log) if _can_fork() else self._spawn()
+        private = tempfile.mkdtemp(prefix="bnfold-worker-")  # removed by stop(): the worker cannot be trusted to
+        self.limits = sandbox.Limits(sandbox.limits.memory, sandbox.limits.time, list(sandbox.limits.read_paths), private)
+        _warn_unconfined()
+        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log, self.limits) if _can_fork() else self._spawn()
         _started.append(self)
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
@@ -179,8 +192,12 @@ class Worker:
         # The worker imports this very bnfold, also when it was found through sys.path alone.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+        env[_LIMITS_ENV] = json.dumps(
+            {"memory": self.limits.memory, "time": self.limits.time, "read": self.limits.read_paths, "private": self.limits.private_dir}
+        )
         return subprocess.Popen(
-            [sys.executable, "-c", "from bnfold.isolation import serve; serve()"],
+            # Confined first, with one thread: bnfold.sandbox imports nothing that starts threads (numpy's BLAS does).
+            [sys.executable, "-c", "from bnfold.isolation_start import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -193,11 +210,18 @@ class Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             _send(self.process.stdin, header, payload)
-            reply = _receive(self.process.stdout)
+            answered = _wait_readable(self.process.stdout, self.limits.time)
+            reply = _receive(self.process.stdout) if answered else None
         except (BrokenPipeError, ConnectionResetError, OSError):
-            reply = None
+            answered, reply = True, None
+        if not answered:
+            self.process.kill()
+            self.process.wait()
+            raise WorkerDied(None, "", f"time limit of {self.limits.time:g} s for one step (--time-limit)")
         if reply is None:
             raise self._death()
+        if head_kind(reply[0]) == "MemoryError":
+            raise WorkerDied(None, "", f"memory limit of {_gib(self.limits.memory)} (--memory-limit)")
         head, body = reply
         if not head.get("ok"):
             raise GraphRunError(str(head.get("kind", "error")), str(head.get("message", "")))
@@ -209,7 +233,13 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        return WorkerDied(code, self._last_words())
+        words = self._last_words()
+        limit = ""
+        if code == -signal.SIGXCPU or code == -signal.SIGKILL and _cpu_spent(words):
+            limit = f"CPU-time limit of {self.limits.time:g} s x cores (--time-limit)"
+        elif "MemoryError" in words or "bad_alloc" in words or "Out of memory" in words or "OOM" in words:
+            limit = f"memory limit of {_gib(self.limits.memory)} (--memory-limit)"
+        return WorkerDied(code, words, limit)
 
     def _last_words(self) -> str:
         """The line TensorFlow printed when it gave up (``Check failed: ...``), if any."""
@@ -241,8 +271,47 @@ class Worker:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        shutil.rmtree(self.limits.private_dir, ignore_errors=True)
         if self in _started:
             _started.remove(self)
+
+
+_LIMITS_ENV = "BNFOLD_WORKER_LIMITS"  # how a spawned worker learns its limits and the model's paths
+_warned: list[bool] = []
+
+
+def head_kind(head: dict[str, Any]) -> str:
+    return "" if head.get("ok") else str(head.get("kind", ""))
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.3g} GiB"
+
+
+def _cpu_spent(words: str) -> bool:
+    return "CPU time limit" in words
+
+
+def _wait_readable(stream: IO[bytes], seconds: float) -> bool:
+    """Whether the worker starts its answer within ``seconds`` (the wall-clock deadline of one request)."""
+    import select
+
+    try:
+        ready, _, _ = select.select([stream], [], [], seconds)
+    except (OSError, ValueError):
+        return True  # the read that follows reports the broken pipe
+    return bool(ready)
+
+
+def _warn_unconfined() -> None:
+    """Say once per process, on stderr, that workers run without Landlock here (README "Security")."""
+    if _warned or sandbox.landlock_abi():
+        return
+    _warned.append(True)
+    try:
+        print(f"bnfold: warning: {sandbox.status()}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 _spare: list[Worker] = []
@@ -350,7 +419,7 @@ class _Forked:
                 pass
 
 
-def _fork(log: IO[bytes]) -> _Forked:
+def _fork(log: IO[bytes], limits: sandbox.Limits) -> _Forked:
     """Fork a worker that serves requests on a pipe, its stderr (and stdout) going to ``log``."""
     request_read, request_write = os.pipe()
     reply_read, reply_write = os.pipe()
@@ -374,6 +443,7 @@ def _fork(log: IO[bytes]) -> _Forked:
             os.dup2(log.fileno(), 1)
             os.dup2(request_read, 0)
             sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sandbox.confine(limits)  # the child has one thread: the confinement covers every thread it starts
             serve(os.fdopen(request_read, "rb"), os.fdopen(reply_write, "wb"))
             code = 0
         except BaseException:  # noqa: BLE001 - the worker's last words, for the parent to report
@@ -417,6 +487,7 @@ def _stop_workers() -> None:
         if worker.alive:
             worker.process.kill()
             worker.process.wait()
+        shutil.rmtree(worker.limits.private_dir, ignore_errors=True)
 
 
 class IsolatedGraph:
@@ -587,6 +658,9 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                             raise
                 meta, data = encode_arrays(outputs)
                 _send(reply, {"ok": True, "arrays": meta}, data)
+            elif head["op"] == "selftest":
+                answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
+                _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})
             elif head["op"] == "unload":
                 if session is not None:
                     session.close()
@@ -594,7 +668,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 _send(reply, {"ok": True})
             else:
                 raise ValueError(f"unknown request {head['op']!r}")
-        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError) as exc:
+        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError, MemoryError) as exc:
             kind = type(exc).__name__
             message_text = getattr(exc, "message", None) or str(exc)
             _send(reply, {"ok": False, "kind": kind, "message": message_text})
