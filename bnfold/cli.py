@@ -41,6 +41,14 @@ TrustOpt = Annotated[
         help="Trust the file: load Keras code (Lambda layers) and run graphs that read/write files or use resources (README: Security).",
     ),
 ]
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--memory-limit", help="Memory the worker that loads and runs the model may use, like 8G (default: 3/4 of RAM)."),
+]
+TimeOpt = Annotated[
+    Optional[float],
+    typer.Option("--time-limit", min=1, help="Seconds of wall time per load or run of the model in the worker (default 600; CPU: x cores)."),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="NAME=true|false: the value of a training flag; conditionals on it keep only that branch."),
@@ -70,6 +78,19 @@ def _flags(values: list[str] | None) -> dict[str, bool]:
             raise UsageError(f"--set: {name}={text!r}: the value must be true or false")
         flags[name] = low in ("true", "1")
     return flags
+
+
+def _limits(memory: str | None, time: float | None) -> None:
+    """``--memory-limit`` / ``--time-limit``: for every worker started from now on (bnfold.sandbox)."""
+    from bnfold import sandbox
+
+    size = None
+    if memory is not None:
+        try:
+            size = sandbox.parse_size(memory)
+        except ValueError:
+            raise UsageError(f"--memory-limit: {memory!r}: give a size like 8G, 512M or 2.5GiB") from None
+    sandbox.configure(size, time)
 
 
 def _shapes(values: list[str] | None) -> dict[str, list[int]]:
@@ -188,6 +209,8 @@ def fold_command(
     ] = False,
     quiet: QuietOpt = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fold BN in SRC and write DST (.pb, .pbtxt, or .onnx: converted with tf2onnx and checked in onnxruntime)."""
@@ -198,6 +221,7 @@ def fold_command(
         from bnfold import report as rep
         from bnfold.comparison import parse_feed_value
 
+        _limits(memory_limit, time_limit)
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
         if dst is not None and not dry_run:
@@ -352,6 +376,8 @@ def doctor_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --data: draw the drift per BN layer to this PNG (needs matplotlib).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors; the exit code and --json carry the findings.")] = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find BN misuse that makes inference differ from training; exit 1 when anything is at warning level or above.
@@ -363,6 +389,7 @@ def doctor_command(
         from bnfold.comparison import parse_feed_value
         from bnfold.onnx_io import is_onnx_path
 
+        _limits(memory_limit, time_limit)
         if is_onnx_path(src):
             from bnfold import onnx_doctor as doctor  # no TensorFlow for ONNX files
         else:
@@ -408,6 +435,8 @@ def inspect_command(
     report: ReportOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (with --report: only the JSON).")] = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Report what would be folded, and why anything would not; write nothing."""
@@ -416,6 +445,7 @@ def inspect_command(
         from bnfold import report as rep
         from bnfold.onnx_io import is_onnx_path
 
+        _limits(memory_limit, time_limit)
         if is_onnx_path(src):
             from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
 
@@ -445,7 +475,9 @@ def _version_text() -> str:
             parts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             parts.append(f"{package} not installed")
-    return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+    from bnfold import sandbox
+
+    return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})\n{sandbox.status()}"
 
 
 def _show_version(value: bool) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
+from bnfold.affine import DATA_FORMAT, FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import BnfoldError, UsageError, VerificationError, first_line
 from bnfold.files import atomic_write
@@ -38,7 +38,7 @@ from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_d
 )
 from bnfold.findings import print_report as print_findings
 from bnfold.folding import fold_graph
-from bnfold.graph import GraphIndex, attr, parse_input
+from bnfold.graph import GraphIndex, attr, attr_text, parse_input
 from bnfold.runsafety import check_runnable, is_trusted, trusting
 from bnfold.switches import (
     IF_OPS,
@@ -111,7 +111,9 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
         mean, var = ev.value(inputs[3]), ev.value(inputs[4])
     if mean is None or var is None or mean.size == 0:
         return None
-    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
+    fmt = attr_text(node, "data_format", "NHWC")
+    if not DATA_FORMAT.fullmatch(fmt):
+        return None  # not a format TensorFlow has (bytes of a hostile or corrupt file)
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
     axis = -1 if fmt.endswith("C") else 1 - len(fmt)
     return BnStats(node.name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis)  # type: ignore[attr-defined]

@@ -510,6 +510,12 @@ def attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
     return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()
 
 
+def attr_text(node: node_def_pb2.NodeDef, key: str, default: str = "") -> str:
+    """A string attribute as text; bytes that are not UTF-8 (a hostile or corrupt file) become U+FFFD,
+    which matches no known value, so the node is skipped with its reason instead of ending bnfold."""
+    return node.attr[key].s.decode("utf-8", "replace") if key in node.attr else default
+
+
 def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:
     """Library functions a node runs: its op (a function call by name) and its function attributes
     (``f`` of ``PartitionedCall``, ``then_branch``/``else_branch``, ``cond``/``body`` of ``While``...)."""
