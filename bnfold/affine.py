@@ -13,7 +13,6 @@ absorbs a conv bias sitting between the linear op and a fused BN.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -322,6 +321,8 @@ def _from_statistics(
         return Unfoldable(node.name, form, affine)
     scale, shift = affine
     fmt = attr_text(node, "data_format", "NHWC")
+    if not DATA_FORMAT.fullmatch(fmt):
+        return Unfoldable(node.name, form, f"data_format {fmt!r} is not one TensorFlow has")
     axis = data_format_axis(fmt, rank_of(index, node.name))
     own = Step(node.name, x_ref, scale, shift, axis, True, tuple(refs))
     return _finish(index, ev, node.name, form, [own])

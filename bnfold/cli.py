@@ -93,6 +93,20 @@ def _limits(memory: str | None, time: float | None) -> None:
     sandbox.configure(size, time)
 
 
+def _check_paths(src: Path, outputs: dict[str, Path | None]) -> None:
+    """Before any work: IN is a file or a directory (exit 3), and no output is IN or inside it (exit 5)."""
+    from bnfold import files
+
+    files.check_input_kind(src)
+    for option, path in outputs.items():
+        files.check_not_input(src, path, option)
+
+
+def one_line(text: str) -> str:
+    """A message as one line: control characters (a newline in a file name) shown escaped, as Python writes them."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _shapes(values: list[str] | None) -> dict[str, list[int]]:
     shapes = {}
     for name, dims in _pairs(values, "--input-shape").items():
@@ -100,6 +114,8 @@ def _shapes(values: list[str] | None) -> dict[str, list[int]]:
             shapes[name] = [int(d) for d in dims.split(",")]
         except ValueError:
             raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be integers, like 1,224,224,3") from None
+        if any(d < 0 for d in shapes[name]):
+            raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be 0 or more (a known size for every unknown dim)")
     return shapes
 
 
@@ -146,7 +162,7 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
     except BnfoldError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]bnfold: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # messages quote [brackets]
+        err.print(f"[red]bnfold: error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)  # messages quote [brackets]
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("bnfold: interrupted; nothing was written")
@@ -157,7 +173,7 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
         if debug:
             traceback.print_exc()
         err.print(
-            f"[red]bnfold: internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+            f"[red]bnfold: internal error:[/] {type(exc).__name__}: {escape(one_line(str(exc)))} (rerun with --debug for a traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -222,6 +238,9 @@ def fold_command(
         from bnfold.comparison import parse_feed_value
 
         _limits(memory_limit, time_limit)
+        # OUT that is IN itself is check_output_path's (--in-place allows it); OUT inside a SavedModel IN never is.
+        same = dst is not None and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
+        _check_paths(src, {"--report": report, "OUT": None if dry_run or same else dst})
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
         if dst is not None and not dry_run:
@@ -390,6 +409,7 @@ def doctor_command(
         from bnfold.onnx_io import is_onnx_path
 
         _limits(memory_limit, time_limit)
+        _check_paths(src, {"--json": json_path, "--plot": plot})
         if is_onnx_path(src):
             from bnfold import onnx_doctor as doctor  # no TensorFlow for ONNX files
         else:
@@ -446,6 +466,7 @@ def inspect_command(
         from bnfold.onnx_io import is_onnx_path
 
         _limits(memory_limit, time_limit)
+        _check_paths(src, {"--report": report})
         if is_onnx_path(src):
             from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
 

@@ -103,7 +103,7 @@ def check_saved_model(path: Path) -> None:
             proto.ParseFromString((path / "saved_model.pb").read_bytes())
         else:
             text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
-    except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+    except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
     refusals = saved_model_load_refusals(proto)
     if refusals:
@@ -114,8 +114,26 @@ def check_saved_model(path: Path) -> None:
         )
 
 
+def check_files_inside(path: Path) -> None:
+    """Refuse a SavedModel whose files (``variables/``, ``assets/``) are links that leave its directory.
+
+    TensorFlow follows them, so a model could make bnfold read ``~/.ssh/id_rsa``
+    into the folded weights; bnfold refuses the same for ONNX external data.
+    Checked with and without ``trust_model``: a link out is no property of a model.
+    """
+    root = os.path.realpath(path)
+    for folder, dirs, names in os.walk(path):
+        for name in [*dirs, *names]:
+            entry = os.path.join(folder, name)
+            real = os.path.realpath(entry)
+            if os.path.commonpath([root, real]) != root:
+                shown = os.path.relpath(entry, path)
+                raise InputError(f"{path}: {shown} links outside the SavedModel (to {real}); copy the file into the model directory")
+
+
 def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:
     """Unless ``trust_model``, what loading runs (resource initializers, init ops) is checked first."""
+    check_files_inside(path)
     if not trust_model:
         check_saved_model(path)
     try:
