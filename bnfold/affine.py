@@ -284,7 +284,8 @@ def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.No
     x_ref, *param_refs = index.data_inputs(node)
     params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
     if len(params) != 4:
-        return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants")
+        note = ev.note(param_refs[:4])
+        return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants" + (f" ({note})" if note else ""))
     gamma, beta, mean, var = params
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
     return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
@@ -297,7 +298,8 @@ def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.N
     x_ref, *param_refs = index.data_inputs(node)
     params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
     if len(params) != 4:
-        return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants")
+        note = ev.note(param_refs[:4])
+        return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants" + (f" ({note})" if note else ""))
     mean, var, beta, gamma = params
     if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)

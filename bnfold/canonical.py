@@ -15,6 +15,7 @@ import numpy as np
 from tensorflow.core.framework import node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
+from bnfold.budgets import BudgetExceeded
 from bnfold.graph import GraphIndex, attr, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
@@ -64,6 +65,7 @@ class ConstEvaluator:
         self._const_memo: dict[str, bool] = {}
         self._contains_memo: dict[str, dict[frozenset[str], bool]] = {}
         self._walking: set[str] = set()  # nodes the running is_const walk will decide
+        self.notes: dict[str, str] = {}  # why a node that looks constant has no value: a budget (bnfold.budgets)
 
     def forget(self, name: str) -> None:
         """Drop memoized values of a node that an edit replaced."""
@@ -238,9 +240,22 @@ class ConstEvaluator:
                 return np.squeeze(args[0], axis=dims or None)
             if op == "ExpandDims":
                 return np.expand_dims(args[0], int(args[1]))
+        except BudgetExceeded as exc:
+            self.notes[name] = str(exc)
+            return None
         except (ValueError, TypeError, IndexError):
             return None
         return None
+
+    def note(self, refs: list[str]) -> str:
+        """The budget that kept one of ``refs`` (or what it is computed from) from being a constant, if one did."""
+        if not self.notes:
+            return ""
+        for ref in refs:
+            for node in self.index.walk(parse_input(ref)[0]):
+                if node.name in self.notes:
+                    return self.notes[node.name]
+        return ""
 
     def _evaluate_in_tf(self, name: str, index: int) -> np.ndarray | None:
         """A constant computed by an op the table above does not mirror (``Dequantize``, ``Transpose``,
@@ -264,8 +279,14 @@ class ConstEvaluator:
             copy.input.extend(r for r in node.input if not r.startswith("^"))  # order does not change a value
             copy.device = ""
         try:
-            graph = IsolatedGraph(sub.SerializeToString(), layout_pass=False)
-        except (GraphRunError, WorkerDied):
+            graph = IsolatedGraph(sub.SerializeToString(), layout_pass=False, budget=f"the constant {name}")
+        except GraphRunError as exc:
+            if exc.kind == "BudgetExceeded":
+                self.notes[name] = str(exc)
+            return None
+        except WorkerDied as exc:
+            if exc.limit:
+                self.notes[name] = f"evaluating the constant {name} ran past bnfold's {exc.limit}"
             return None
         try:
             (value,) = graph.run([f"{name}:{index}"], {})

@@ -21,6 +21,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from bnfold.affine import DATA_FORMAT, FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
+from bnfold.budgets import BudgetExceeded, Tally
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import BnfoldError, UsageError, VerificationError, first_line
 from bnfold.files import atomic_write
@@ -517,6 +518,7 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
     specs = [s for s in find_inputs(graph_def) if s.name in needed]
     rng = np.random.default_rng(seed)
     feeds = {}
+    tally = Tally("the doctor's probe inputs")
     for spec in specs:
         import tensorflow as tf
 
@@ -525,6 +527,10 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
             reason = f"input {spec.name} is not a float tensor with a free batch dimension and known other dimensions"
             return dict.fromkeys(nodes, (None, reason))
         dims = [int(d) for d in spec.shape[1:] if d is not None]
+        try:  # from the shape, before numpy allocates anything
+            tally.tensor(f"input {spec.name!r}", [PROBE_BATCH, *dims])
+        except BudgetExceeded as exc:
+            return dict.fromkeys(nodes, (None, str(exc)))
         feeds[spec.name] = rng.standard_normal([PROBE_BATCH, *dims]).astype(dtype.as_numpy_dtype)
     try:
         runner = open_graph_runner(graph_def, "the graph", hint="")

@@ -464,6 +464,10 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
                 count *= d
             if min(shape, default=0) >= 0 and count * np_dtype.itemsize == len(content):
                 return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    from bnfold.budgets import check_tensor
+
+    # Values not all stored (one float broadcast to the declared shape): the shape alone decides the memory.
+    check_tensor("a Const", [d.size for d in tensor.tensor_shape.dim])
     return tensor_util.MakeNdarray(tensor)
 
 

@@ -493,12 +493,15 @@ def _stop_workers() -> None:
 class IsolatedGraph:
     """A GraphDef loaded in a worker: ``run`` fetches tensors for feeds, as a ``Session.run`` would."""
 
-    def __init__(self, graph_bytes: bytes, layout_pass: bool = True, channels_first: bool = True) -> None:
+    def __init__(self, graph_bytes: bytes, layout_pass: bool = True, channels_first: bool = True, budget: str = "") -> None:
         """``layout_pass``: run as the check does (:func:`bnfold.verification.runner_config`), with grappler's
-        layout pass where ``channels_first`` says the graph may need it; else with TensorFlow's default options."""
+        layout pass where ``channels_first`` says the graph may need it; else with TensorFlow's default options.
+        ``budget``: what the graph computes (a constant), to be refused by :mod:`bnfold.budgets` from its
+        static shapes before it runs (:class:`GraphRunError` of kind ``BudgetExceeded``)."""
         self.worker = acquire()
         try:
-            self.worker.request({"op": "load", "layout_pass": layout_pass, "channels_first": channels_first}, graph_bytes)
+            header = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first, "budget": budget}
+            self.worker.request(header, graph_bytes)
         except GraphRunError:
             release(self.worker)  # the worker answered: it holds no graph and serves the next one
             raise
@@ -585,6 +588,28 @@ def import_serialized(tf: Any, data: bytes) -> Any:
     return graph
 
 
+def check_budget(graph: Any, what: str) -> None:
+    """Refuse a graph whose static shapes (TensorFlow infers them on import, constant shape inputs
+    included: a ``Fill`` of a constant size has its full shape) exceed bnfold's budgets, before it runs."""
+    from bnfold.budgets import Tally, product_flops
+
+    tally = Tally(what)
+    for op in graph.get_operations():
+        for tensor in op.outputs:
+            shape = tensor.shape
+            if shape.rank is not None and shape.is_fully_defined():
+                tally.tensor(op.name, shape.as_list())
+        if op.type in _PRODUCTS and op.outputs:
+            dims = [t.shape.as_list() if t.shape.rank is not None else None for t in op.inputs]
+            known = [None if d is None or None in d else d for d in dims]
+            out = op.outputs[0].shape
+            tally.work(op.name, product_flops(op.type, known, out.as_list() if out.rank is not None and out.is_fully_defined() else None))
+
+
+_PRODUCTS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Conv2D", "Conv3D", "DepthwiseConv2dNative",
+             "Conv2DBackpropInput", "Conv3DBackpropInputV2"}  # fmt: skip
+
+
 def _warm_up(tf: Any, runner_config: Any) -> None:
     """Import and run a tiny graph of bnfold's own (conv, BN, dense) before the first request.
 
@@ -639,6 +664,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 session = None  # the previous graph's session, if a caller skipped "unload"
                 graph = import_serialized(tf, payload)
                 payload = b""
+                if head.get("budget"):
+                    check_budget(graph, str(head["budget"]))
                 config = runner_config(bool(head.get("channels_first", True))) if head.get("layout_pass", True) else None
                 session = tf.compat.v1.Session(graph=graph, config=config)
                 _send(reply, {"ok": True})
