@@ -88,7 +88,9 @@ def fold(
     so memory stays near the size of the graph without its weights. The result then
     holds stubs: pass it to :func:`write_result` (which fills them), not to other code.
     """
-    if trust_model and isinstance(source, str | os.PathLike):  # a trusted graph may read its own assets, still nothing else
+    if isinstance(source, str | os.PathLike) and (trust_model or not _is_graph_file(source)):
+        # The worker loads SavedModel and Keras files (bnfold.freeze.load_in_worker); a trusted graph may read its
+        # own assets in the check. Allowed before the worker starts: Landlock rules are fixed when it confines itself.
         sandbox.allow_read(source)
     if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
         isolation.prestart()

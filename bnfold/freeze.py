@@ -136,6 +136,10 @@ def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model
     check_files_inside(path)
     if not trust_model:
         check_saved_model(path)
+    return load_in_worker("saved_model", path, signature, trust_model)
+
+
+def _load_saved_model_here(path: Path, signature: str) -> Loaded:
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:
@@ -258,6 +262,10 @@ def load_keras_file(path: Path, trust_model: bool = False) -> Loaded:
     """
     if not trust_model:
         check_keras_file(path)
+    return load_in_worker("keras", path, DEFAULT_SIGNATURE, trust_model)
+
+
+def _load_keras_file_here(path: Path, trust_model: bool) -> Loaded:
     errors = []
     try:
         import keras
@@ -282,6 +290,31 @@ def load_keras_file(path: Path, trust_model: bool = False) -> Loaded:
     loaded = freeze_keras(model)
     loaded.source = str(path)
     return loaded
+
+
+def load_in_worker(kind: str, path: Path, signature: str, trust_model: bool) -> Loaded:
+    """Load and freeze a SavedModel or Keras file in the confined worker (:mod:`bnfold.sandbox`): loading
+    runs what the model carries (restore functions, resource destructors, layer code under
+    ``trust_model``); the worker may read the model's files and nothing else of the user's, and
+    answers with the frozen GraphDef's bytes and the signature as JSON (no pickle)."""
+    from bnfold import isolation, sandbox
+
+    if isolation.in_worker():
+        return load_here(kind, path, signature, trust_model)
+    sandbox.allow_read(path)
+    graph_bytes, head = isolation.freeze_in_worker({"kind": kind, "path": str(path), "signature": signature, "trust_model": trust_model})
+    graph_def = graph_pb2.GraphDef.FromString(graph_bytes)
+    del graph_bytes
+    sig = head.get("signature")
+    found = Signature(str(sig["name"]), dict(sig["inputs"]), dict(sig["outputs"])) if isinstance(sig, dict) else None
+    return Loaded(graph_def, str(path), found)
+
+
+def load_here(kind: str, path: Path, signature: str, trust_model: bool) -> Loaded:
+    """The worker's side of :func:`load_in_worker`; the checks of the model's bytes ran in bnfold's process."""
+    if kind == "saved_model":
+        return _load_saved_model_here(path, signature)
+    return _load_keras_file_here(path, trust_model)
 
 
 def load(source: Any, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:

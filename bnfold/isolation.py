@@ -464,12 +464,49 @@ def prestart() -> None:
 
 
 def acquire() -> Worker:
+    """A started worker that may read every model path allowed so far (:func:`bnfold.sandbox.allow_read`), else a new one."""
     while _spare:
         worker = _spare.pop()
-        if worker.alive:
+        if worker.alive and set(sandbox.limits.read_paths) <= set(worker.limits.read_paths):
             return worker
         worker.stop()
     return Worker()
+
+
+_serving: list[bool] = []  # set in a worker process: loads there run in place
+
+
+def in_worker() -> bool:
+    return bool(_serving)
+
+
+def freeze_in_worker(request: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Ask a worker to load and freeze a model file (:func:`bnfold.freeze.load_in_worker`); errors keep their exit codes."""
+    from bnfold import errors
+
+    worker = acquire()
+    path = str(request.get("path", ""))
+    try:
+        head, body = worker.request({"op": "freeze", **request})
+    except GraphRunError as exc:
+        release(worker)
+        kind = getattr(errors, exc.kind, None)
+        if isinstance(kind, type) and issubclass(kind, errors.BnfoldError):
+            raise kind(str(exc)) from None
+        raise errors.InputError(f"{path}: cannot load the model ({first_line_of(str(exc))})") from None
+    except WorkerDied as exc:
+        worker.stop()
+        raise errors.InputError(f"{path}: loading the model ended bnfold's worker: {exc.describe()}") from None
+    except BaseException:
+        worker.stop()
+        raise
+    release(worker)
+    return body, head
+
+
+def first_line_of(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else "no message"
 
 
 def release(worker: Worker) -> None:
@@ -633,6 +670,25 @@ def _warm_up(tf: Any, runner_config: Any) -> None:
         session.run(y.name, {"x:0": np.ones((2, 8, 8, 3), np.float32)})
 
 
+def _freeze(head: dict[str, Any], reply: IO[bytes]) -> None:
+    from pathlib import Path
+
+    from bnfold import freeze
+
+    try:
+        loaded = freeze.load_here(str(head["kind"]), Path(str(head["path"])), str(head["signature"]), bool(head["trust_model"]))
+    except BnfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loader's own failure on a hostile or broken file: the parent reports it
+        _send(reply, {"ok": False, "kind": "InputError", "message": f"{head['path']}: cannot load the model ({type(exc).__name__}: {exc})"})
+        return
+    sig = loaded.signature
+    signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
+    data = loaded.graph_def.SerializeToString()
+    del loaded
+    _send(reply, {"ok": True, "signature": signature}, data)
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
@@ -644,6 +700,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         os.dup2(2, 1)
     if requests is None:
         requests = sys.stdin.buffer
+    _serving.append(True)
     import tensorflow as tf
 
     from bnfold.verification import ABORT_RETRIES, runner_config
@@ -685,6 +742,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                             raise
                 meta, data = encode_arrays(outputs)
                 _send(reply, {"ok": True, "arrays": meta}, data)
+            elif head["op"] == "freeze":
+                _freeze(head, reply)
             elif head["op"] == "selftest":
                 answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
                 _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})
