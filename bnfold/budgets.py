@@ -79,7 +79,8 @@ def product_flops(op: str, inputs: Sequence[Sequence[int] | None], output: Seque
         a = inputs[0] if inputs else None
         if a is None or not a:
             return 0
-        inner = max(a[-1], a[-2] if len(a) > 1 else 0)  # transposed or not: the larger side bounds it
+        rows = output[-2] if len(output) > 1 else 1
+        inner = a[-1] * a[-2] // max(rows, 1) if len(a) > 1 else a[-1]  # transposed or not: what is not a row of the output
         return 2 * out * max(inner, 1)
     w = inputs[1] if len(inputs) > 1 else None
     if w is None or not w or any(d < 0 for d in w):
