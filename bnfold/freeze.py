@@ -143,7 +143,10 @@ def _load_saved_model_here(path: Path, signature: str) -> Loaded:
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:
-        raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
+        from bnfold.isolation import op_error_text
+
+        text = op_error_text(exc.message) if isinstance(exc, tf.errors.OpError) else str(exc)
+        raise InputError(f"{path}: cannot load SavedModel ({first_line(Exception(text))[:300]})") from None
     signatures = getattr(model, "signatures", {})
     if signature not in signatures:
         known = ", ".join(sorted(signatures)) or "none"

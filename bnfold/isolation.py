@@ -670,6 +670,17 @@ def _warm_up(tf: Any, runner_config: Any) -> None:
         session.run(y.name, {"x:0": np.ones((2, 8, 8, 3), np.float32)})
 
 
+def op_error_text(message: str) -> str:
+    """TensorFlow's run errors start "Graph execution error:" and say what failed lines later
+    ("/home/u/x; Permission denied" above "[[{{node WriteFile}}]]"): that comes first, for one-line errors."""
+    lines = [line.strip() for line in message.splitlines()]
+    for i, line in enumerate(lines):
+        found = re.match(r"\[\[\{\{node ([^}]+)\}\}\]\]", line)
+        if found and i > 0 and lines[i - 1] and not lines[i - 1].startswith("Node: "):
+            return f"node {found.group(1)!r}: {lines[i - 1]}\n{message}"
+    return message
+
+
 def _freeze(head: dict[str, Any], reply: IO[bytes]) -> None:
     from pathlib import Path
 
@@ -756,5 +767,5 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 raise ValueError(f"unknown request {head['op']!r}")
         except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError, MemoryError) as exc:
             kind = type(exc).__name__
-            message_text = getattr(exc, "message", None) or str(exc)
+            message_text = op_error_text(getattr(exc, "message", None) or str(exc))
             _send(reply, {"ok": False, "kind": kind, "message": message_text})
