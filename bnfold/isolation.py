@@ -181,6 +181,7 @@ class Worker:
         self.limits = sandbox.Limits(sandbox.limits.memory, sandbox.limits.time, list(sandbox.limits.read_paths), private)
         _warn_unconfined()
         self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log, self.limits) if _can_fork() else self._spawn()
+        self.ready = False  # until the worker says it has started (TensorFlow imported, warmed up)
         _started.append(self)
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
@@ -210,6 +211,11 @@ class Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             _send(self.process.stdin, header, payload)
+            if not self.ready:  # its TensorFlow import and warm-up are not the model's time
+                started = _wait_readable(self.process.stdout, STARTUP_LIMIT) and _receive(self.process.stdout) is not None
+                self.ready = True
+                if not started:
+                    raise OSError("the worker did not start")
             answered = _wait_readable(self.process.stdout, self.limits.time)
             reply = _receive(self.process.stdout) if answered else None
         except (BrokenPipeError, ConnectionResetError, OSError):
@@ -276,6 +282,7 @@ class Worker:
             _started.remove(self)
 
 
+STARTUP_LIMIT = 600.0  # seconds a worker may take to import TensorFlow and warm up, on a busy machine
 _LIMITS_ENV = "BNFOLD_WORKER_LIMITS"  # how a spawned worker learns its limits and the model's paths
 _warned: list[bool] = []
 
@@ -720,6 +727,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         _warm_up(tf, runner_config)
     except Exception:  # noqa: BLE001 - only a head start: the requests run all the same without it
         pass
+    _send(reply, {"ok": True, "ready": True})  # from here on, the parent's deadline counts
     session = None
     while True:
         message = _receive(requests)

@@ -9,6 +9,7 @@ Canary files must stay absent and inputs byte-identical.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -86,37 +87,45 @@ def write(graph: tf.Graph, path: Path) -> bytes:
 # -- the worker itself ------------------------------------------------------------------------
 
 
+SELF_TEST = """
+import json, sys
+from bnfold import isolation
+if sys.argv[1] == "forked":  # as the CLI forks it: from a process that has imported TensorFlow, before any run
+    import tensorflow
+    isolation._fork_preferred = True
+    isolation._can_fork = lambda: True
+worker = isolation.Worker()
+head, _ = worker.request({"op": "selftest", "outside": sys.argv[2], "secret": sys.argv[3], "port": int(sys.argv[4])})
+private = worker.limits.private_dir
+worker.stop()
+print(json.dumps({"kind": type(worker.process).__name__, "answers": head["answers"], "private": private}))
+"""
+
+
 @needs_landlock
-@pytest.mark.parametrize("forked", [False, True])
-def test_confined_worker_cannot_write_read_or_connect_outside(tmp_path: Path, listener: int, forked: bool) -> None:
+@pytest.mark.parametrize("how", ["spawned", "forked"])
+def test_confined_worker_cannot_write_read_or_connect_outside(tmp_path: Path, listener: int, how: str) -> None:
     """What a hostile model could try from inside the worker, asked of a real worker (spawned, and forked
-    as the CLI forks it): the private temp dir is writable, nothing else of the user's is readable or writable,
-    and no TCP connection or listening socket is possible (Landlock ABI 4+)."""
+    as the CLI forks it, each from a fresh process): the private temp dir is writable, nothing else of the
+    user's is readable or writable, and no TCP connection or listening socket is possible (Landlock ABI 4+)."""
     secret = tmp_path / "secret.txt"
     secret.write_text("api key")
     canary = tmp_path / "canary"
-    if forked:
-        prefer, can_fork = isolation._fork_preferred, isolation._can_fork
-        isolation._fork_preferred = True
-        isolation._can_fork = lambda: True  # type: ignore[assignment]
-    try:
-        worker = isolation.Worker()
-    finally:
-        if forked:
-            isolation._fork_preferred, isolation._can_fork = prefer, can_fork  # type: ignore[assignment]
-    try:
-        assert type(worker.process).__name__ == ("_Forked" if forked else "Popen")
-        head, _ = worker.request({"op": "selftest", "outside": str(canary), "secret": str(secret), "port": listener})
-    finally:
-        private = worker.limits.private_dir
-        worker.stop()
-    answers = head["answers"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(
+        [sys.executable, "-c", SELF_TEST, how, str(canary), str(secret), str(listener)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["kind"] == ("_Forked" if how == "forked" else "Popen")
+    answers = facts["answers"]
     assert answers["write_outside"] == "blocked" and not canary.exists()
     assert answers["read_secret"] == "blocked"
     assert answers["write_private"] == "allowed"
     if LANDLOCK >= 4:
         assert answers["tcp_connect"] == "blocked" and answers["tcp_bind"] == "blocked"
-    assert not os.path.exists(private)  # the parent removes the worker's private directory
+    assert not os.path.exists(facts["private"])  # the parent removes the worker's private directory
 
 
 def test_worker_limits_are_set_in_the_worker(tmp_path: Path) -> None:
