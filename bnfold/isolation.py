@@ -212,7 +212,7 @@ class Worker:
         try:
             _send(self.process.stdin, header, payload)
             if not self.ready:  # its TensorFlow import and warm-up are not the model's time
-                started = _wait_readable(self.process.stdout, STARTUP_LIMIT) and _receive(self.process.stdout) is not None
+                started = _wait_readable(self.process.stdout, STARTUP_LIMIT) and _ready(self.process.stdout.fileno())
                 self.ready = True
                 if not started:
                     raise OSError("the worker did not start")
@@ -297,6 +297,25 @@ def _gib(size: int) -> str:
 
 def _cpu_spent(words: str) -> bool:
     return "CPU time limit" in words
+
+
+def _ready(fd: int) -> bool:
+    """Read the worker's "ready" message from the pipe itself, byte-exact: a buffered read could take the
+    answer that follows it into Python's buffer, where the deadline's ``select`` would not see it."""
+    def exactly(size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    fixed = exactly(HEADER.size)
+    if fixed is None:
+        return False
+    head_size, payload_size = HEADER.unpack(fixed)
+    return exactly(head_size + payload_size) is not None
 
 
 def _wait_readable(stream: IO[bytes], seconds: float) -> bool:
