@@ -45,8 +45,7 @@ NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
 MAX_CONST_ELEMENTS = 1 << 28
 # Ops whose output size comes from input values rather than input sizes: with a size shape inference cannot
 # tell, bnfold does not evaluate them (bnfold.budgets).
-SIZE_MAKING_OPS = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "ConvTranspose",
-                   "MatMul", "Gemm", "Conv", "Einsum"}  # fmt: skip
+SIZE_MAKING_OPS = {"ConstantOfShape", "Tile", "Range", "Resize", "Upsample", "OneHot"}
 # Floating-point initializers from this many elements up go to shape inference as type and dims only (see _shape_skeleton).
 SKELETON_MIN_ELEMENTS = 1024
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
