@@ -12,6 +12,7 @@ absorbs a conv bias sitting between the linear op and a fused BN.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from bnfold.canonical import FLOAT_TYPES, NORMALIZATION_EVIDENCE, ConstEvaluator, input_dtype, output_dtype
 from bnfold.foldmath import bn_affine
-from bnfold.graph import GraphIndex, attr
+from bnfold.graph import GraphIndex, attr, attr_text
 
 FUSED_BN_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
 GLOBAL_BN_OPS = {"BatchNormWithGlobalNormalization"}
@@ -91,8 +92,13 @@ def per_channel(value: np.ndarray, rank_hint: int | None = None) -> tuple[np.nda
     return value.reshape(-1), wide[0] - value.ndim
 
 
+DATA_FORMAT = re.compile(r"N(C[DHW]*|[DHW]*C)")
+
+
 def data_format_axis(data_format: str, rank: int | None) -> int | None:
-    """The channel axis, counted from the end, of a tensor in ``data_format``."""
+    """The channel axis, counted from the end, of a tensor in ``data_format``; None for a format TensorFlow has not."""
+    if data_format and not DATA_FORMAT.fullmatch(data_format):
+        return None
     if not data_format or data_format.endswith("C"):
         return -1
     if rank is None:
@@ -109,7 +115,7 @@ def rank_of(index: GraphIndex, ref: str) -> int | None:
     if node.op in STEP_OPS:
         return rank_of(index, node.input[0])
     if node.op == "FusedBatchNormV3" or node.op in GLOBAL_BN_OPS:
-        fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
+        fmt = attr_text(node, "data_format", "NHWC")
         return len(fmt) if node.op != "BatchNormWithGlobalNormalization" else 4
     shapes = attr(node, "_output_shapes").list.shape if "_output_shapes" in node.attr else []
     if shapes and not shapes[0].unknown_rank:
@@ -144,7 +150,7 @@ def as_step(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -
     if node.op == "BiasAdd":
         if a_const:
             return None
-        fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
+        fmt = attr_text(node, "data_format", "NHWC")
         if c.ndim != 1:
             return None
         axis = data_format_axis(fmt, rank_of(index, x_ref))
@@ -278,7 +284,8 @@ def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.No
     x_ref, *param_refs = index.data_inputs(node)
     params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
     if len(params) != 4:
-        return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants")
+        note = ev.note(param_refs[:4])
+        return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants" + (f" ({note})" if note else ""))
     gamma, beta, mean, var = params
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
     return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
@@ -291,7 +298,8 @@ def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.N
     x_ref, *param_refs = index.data_inputs(node)
     params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
     if len(params) != 4:
-        return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants")
+        note = ev.note(param_refs[:4])
+        return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants" + (f" ({note})" if note else ""))
     mean, var, beta, gamma = params
     if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)
@@ -314,7 +322,9 @@ def _from_statistics(
     if isinstance(affine, str):
         return Unfoldable(node.name, form, affine)
     scale, shift = affine
-    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"
+    fmt = attr_text(node, "data_format", "NHWC")
+    if not DATA_FORMAT.fullmatch(fmt):
+        return Unfoldable(node.name, form, f"data_format {fmt!r} is not one TensorFlow has")
     axis = data_format_axis(fmt, rank_of(index, node.name))
     own = Step(node.name, x_ref, scale, shift, axis, True, tuple(refs))
     return _finish(index, ev, node.name, form, [own])

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold import io, isolation
+from bnfold import io, isolation, sandbox
 from bnfold.errors import UsageError, VerificationError
 from bnfold.folding import fold_graph_outcome
 from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
@@ -88,6 +88,10 @@ def fold(
     so memory stays near the size of the graph without its weights. The result then
     holds stubs: pass it to :func:`write_result` (which fills them), not to other code.
     """
+    if isinstance(source, str | os.PathLike) and (trust_model or not _is_graph_file(source)):
+        # The worker loads SavedModel and Keras files (bnfold.freeze.load_in_worker); a trusted graph may read its
+        # own assets in the check. Allowed before the worker starts: Landlock rules are fixed when it confines itself.
+        sandbox.allow_read(source)
     if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
         isolation.prestart()
     contents = None

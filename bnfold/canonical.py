@@ -15,6 +15,7 @@ import numpy as np
 from tensorflow.core.framework import node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
+from bnfold.budgets import BudgetExceeded
 from bnfold.graph import GraphIndex, attr, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
@@ -63,6 +64,8 @@ class ConstEvaluator:
         self._memo: dict[str, dict[int, np.ndarray | None]] = {}
         self._const_memo: dict[str, bool] = {}
         self._contains_memo: dict[str, dict[frozenset[str], bool]] = {}
+        self._walking: set[str] = set()  # nodes the running is_const walk will decide
+        self.notes: dict[str, str] = {}  # why a node that looks constant has no value: a budget (bnfold.budgets)
 
     def forget(self, name: str) -> None:
         """Drop memoized values of a node that an edit replaced."""
@@ -76,10 +79,15 @@ class ConstEvaluator:
         if node is None:
             return None
         try:
+            for _ in range(len(self.index.nodes) + 1):  # a loop, not recursion: a chain of 10,000 Identity ops is a valid graph
+                if node is None or node.op not in PASS_THROUGH:
+                    break
+                ref = node.input[index if node.op == "IdentityN" else 0]
+                node, index = self.index.producer(ref)
+            if node is None:
+                return None
             if node.op == "Const":
                 return self.index.const_value(node)
-            if node.op in PASS_THROUGH:
-                return self.raw(node.input[index if node.op == "IdentityN" else 0])
             value = self.value(ref)
             dtype = output_dtype(node, index)
             if value is None or dtype is None:
@@ -92,9 +100,46 @@ class ConstEvaluator:
         name, index, _ = parse_input(ref)
         outputs = self._memo.setdefault(name, {})
         if index not in outputs:
-            outputs[index] = None  # a cycle (a corrupt graph) evaluates to "not constant"
-            outputs[index] = self._evaluate(name, index)
+            for key in self._upstream_first(name, index):  # inputs before their readers: each _evaluate looks one level up
+                outputs_of = self._memo.setdefault(key[0], {})
+                outputs_of[key[1]] = self._evaluate(*key)
         return outputs[index]
+
+    def _upstream_first(self, name: str, index: int) -> list[tuple[str, int]]:
+        """The tensors :meth:`_evaluate` of ``name:index`` reads, transitively, not yet memoized, inputs first.
+
+        Each is memoized as ``None`` when found, so a cycle (a corrupt graph)
+        evaluates to "not constant"; an explicit stack, since a valid graph may
+        chain more ops than Python's recursion allows.
+        """
+        order: list[tuple[str, int]] = []
+        self._memo.setdefault(name, {})[index] = None
+        stack: list[tuple[tuple[str, int], bool]] = [((name, index), False)]
+        while stack:
+            key, expanded = stack.pop()
+            if expanded:
+                order.append(key)
+                continue
+            stack.append((key, True))
+            for child in self._reads(*key):
+                memo = self._memo.setdefault(child[0], {})
+                if child[1] not in memo:
+                    memo[child[1]] = None
+                    stack.append((child, False))
+        return order
+
+    def _reads(self, name: str, index: int) -> list[tuple[str, int]]:
+        node = self.index.nodes.get(name)
+        if node is None or node.op == "Const":
+            return []
+        inputs = [r for r in node.input if not r.startswith("^")]
+        if node.op in PASS_THROUGH:
+            picked = inputs[index if node.op == "IdentityN" else 0 : (index if node.op == "IdentityN" else 0) + 1]
+        elif node.op in _EVALUABLE:
+            picked = inputs
+        else:
+            return []  # evaluated whole in the worker
+        return [(n, i) for n, i, _ in map(parse_input, picked)]
 
     def is_const(self, ref: str) -> bool:
         """Whether ``ref`` depends on constants only, decided from op types alone.
@@ -104,6 +149,9 @@ class ConstEvaluator:
         """
         name = parse_input(ref)[0]
         known = self._const_memo.get(name)
+        if known is None and name not in self._walking:
+            self._const_inputs_first(name)
+            known = self._const_memo.get(name)
         if known is None:
             self._const_memo[name] = False  # a cycle (a corrupt graph) is not constant
             node = self.index.nodes.get(name)
@@ -120,6 +168,35 @@ class ConstEvaluator:
                 known = False
             self._const_memo[name] = known
         return known
+
+    def _const_inputs_first(self, name: str) -> None:
+        """Decide :meth:`is_const` for what ``name`` reads before ``name`` itself, without recursion (long chains)."""
+        stack: list[tuple[str, bool]] = [(name, False)]
+        pending = self._walking
+        pending.add(name)
+        try:
+            self._walk_const(name, stack, pending)
+        finally:
+            pending.clear()
+
+    def _walk_const(self, name: str, stack: list[tuple[str, bool]], pending: set[str]) -> None:
+        while stack:
+            current, expanded = stack.pop()
+            if expanded:
+                if current != name:
+                    self.is_const(current)  # its inputs are decided: one level deep
+                continue
+            stack.append((current, True))
+            node = self.index.nodes.get(current)
+            if node is None:
+                continue
+            for ref in node.input:
+                if ref.startswith("^"):
+                    continue
+                child = parse_input(ref)[0]
+                if child not in self._const_memo and child not in pending:
+                    pending.add(child)
+                    stack.append((child, False))
 
     def contains_op(self, ref: str, ops: set[str]) -> bool:
         """Whether the constant subgraph behind ``ref`` holds one of ``ops`` (memoized like values)."""
@@ -163,9 +240,22 @@ class ConstEvaluator:
                 return np.squeeze(args[0], axis=dims or None)
             if op == "ExpandDims":
                 return np.expand_dims(args[0], int(args[1]))
+        except BudgetExceeded as exc:
+            self.notes[name] = str(exc)
+            return None
         except (ValueError, TypeError, IndexError):
             return None
         return None
+
+    def note(self, refs: list[str]) -> str:
+        """The budget that kept one of ``refs`` (or what it is computed from) from being a constant, if one did."""
+        if not self.notes:
+            return ""
+        for ref in refs:
+            for node in self.index.walk(parse_input(ref)[0]):
+                if node.name in self.notes:
+                    return self.notes[node.name]
+        return ""
 
     def _evaluate_in_tf(self, name: str, index: int) -> np.ndarray | None:
         """A constant computed by an op the table above does not mirror (``Dequantize``, ``Transpose``,
@@ -189,8 +279,14 @@ class ConstEvaluator:
             copy.input.extend(r for r in node.input if not r.startswith("^"))  # order does not change a value
             copy.device = ""
         try:
-            graph = IsolatedGraph(sub.SerializeToString(), layout_pass=False)
-        except (GraphRunError, WorkerDied):
+            graph = IsolatedGraph(sub.SerializeToString(), layout_pass=False, budget=f"the constant {name}")
+        except GraphRunError as exc:
+            if exc.kind == "BudgetExceeded":
+                self.notes[name] = str(exc)
+            return None
+        except WorkerDied as exc:
+            if exc.limit:
+                self.notes[name] = f"evaluating the constant {name} ran past bnfold's {exc.limit}"
             return None
         try:
             (value,) = graph.run([f"{name}:{index}"], {})

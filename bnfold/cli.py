@@ -42,6 +42,14 @@ TrustOpt = Annotated[
         help="Trust the file: load Keras code (Lambda layers) and run graphs that read/write files or use resources (README: Security).",
     ),
 ]
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--memory-limit", help="Memory the worker that loads and runs the model may use, like 8G (default: 3/4 of RAM)."),
+]
+TimeOpt = Annotated[
+    Optional[float],
+    typer.Option("--time-limit", min=1, help="Seconds of wall time per load or run of the model in the worker (default 600; CPU: x cores)."),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="NAME=true|false: the value of a training flag; conditionals on it keep only that branch."),
@@ -96,6 +104,33 @@ def _data_arrays(values: list[str] | None, option: str) -> dict[str, Any] | list
     return named or ordered or None
 
 
+def _limits(memory: str | None, time: float | None) -> None:
+    """``--memory-limit`` / ``--time-limit``: for every worker started from now on (bnfold.sandbox)."""
+    from bnfold import sandbox
+
+    size = None
+    if memory is not None:
+        try:
+            size = sandbox.parse_size(memory)
+        except ValueError:
+            raise UsageError(f"--memory-limit: {memory!r}: give a size like 8G, 512M or 2.5GiB") from None
+    sandbox.configure(size, time)
+
+
+def _check_paths(src: Path, outputs: dict[str, Path | None]) -> None:
+    """Before any work: IN is a file or a directory (exit 3), and no output is IN or inside it (exit 5)."""
+    from bnfold import files
+
+    files.check_input_kind(src)
+    for option, path in outputs.items():
+        files.check_not_input(src, path, option)
+
+
+def one_line(text: str) -> str:
+    """A message as one line: control characters (a newline in a file name) shown escaped, as Python writes them."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _shapes(values: list[str] | None) -> dict[str, list[int]]:
     shapes = {}
     for name, dims in _pairs(values, "--input-shape").items():
@@ -103,6 +138,8 @@ def _shapes(values: list[str] | None) -> dict[str, list[int]]:
             shapes[name] = [int(d) for d in dims.split(",")]
         except ValueError:
             raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be integers, like 1,224,224,3") from None
+        if any(d < 0 for d in shapes[name]):
+            raise UsageError(f"--input-shape: {name}={dims!r}: dimensions must be 0 or more (a known size for every unknown dim)")
     return shapes
 
 
@@ -149,7 +186,7 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
     except BnfoldError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]bnfold: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # messages quote [brackets]
+        err.print(f"[red]bnfold: error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)  # messages quote [brackets]
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("bnfold: interrupted; nothing was written")
@@ -160,7 +197,7 @@ def _run(debug: bool, body) -> None:  # type: ignore[no-untyped-def]
         if debug:
             traceback.print_exc()
         err.print(
-            f"[red]bnfold: internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+            f"[red]bnfold: internal error:[/] {type(exc).__name__}: {escape(one_line(str(exc)))} (rerun with --debug for a traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -216,6 +253,8 @@ def fold_command(
     ] = None,
     quiet: QuietOpt = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fold BN in SRC and write DST (.pb, .pbtxt, or .onnx: converted with tf2onnx and checked in onnxruntime)."""
@@ -226,6 +265,10 @@ def fold_command(
         from bnfold import report as rep
         from bnfold.comparison import parse_feed_value
 
+        _limits(memory_limit, time_limit)
+        # OUT that is IN itself is check_output_path's (--in-place allows it); OUT inside a SavedModel IN never is.
+        same = dst is not None and os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
+        _check_paths(src, {"--report": report, "OUT": None if dry_run or same else dst})
         if dst is None and not dry_run:
             raise UsageError("give an output path, or --dry-run to only report")
         if dst is not None and not dry_run:
@@ -396,6 +439,8 @@ def doctor_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --data: draw the drift per BN layer to this PNG (needs matplotlib).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors; the exit code and --json carry the findings.")] = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find BN misuse that makes inference differ from training; exit 1 when anything is at warning level or above.
@@ -406,6 +451,8 @@ def doctor_command(
     def body() -> None:
         from bnfold.onnx_io import is_onnx_path
 
+        _limits(memory_limit, time_limit)
+        _check_paths(src, {"--json": json_path, "--plot": plot})
         if is_onnx_path(src):
             from bnfold import onnx_doctor as doctor  # no TensorFlow for ONNX files
         else:
@@ -505,6 +552,8 @@ def inspect_command(
     report: ReportOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (with --report: only the JSON).")] = False,
     trust_model: TrustOpt = False,
+    memory_limit: MemoryOpt = None,
+    time_limit: TimeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Report what would be folded, and why anything would not; write nothing."""
@@ -513,6 +562,8 @@ def inspect_command(
         from bnfold import report as rep
         from bnfold.onnx_io import is_onnx_path
 
+        _limits(memory_limit, time_limit)
+        _check_paths(src, {"--report": report})
         if is_onnx_path(src):
             from bnfold.allowlist import trusting
             from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
@@ -544,7 +595,9 @@ def _version_text() -> str:
             parts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             parts.append(f"{package} not installed")
-    return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+    from bnfold import sandbox
+
+    return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})\n{sandbox.status()}"
 
 
 def _show_version(value: bool) -> None:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bnfold.budgets import BudgetExceeded, Tally
 from bnfold.errors import UsageError, VerificationError, first_line
 
 
@@ -189,7 +190,10 @@ def looks_like_training_flag(name: str) -> bool:
     return any(word in low for word in TRAINING_WORDS)
 
 
-def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def _synthesize(
+    spec: InputSpec, shape_override: list[int] | None, batch: int, rng: np.random.Generator, tally: Tally | None = None
+) -> tuple[np.ndarray, str]:
+    """Random data for one input; ``tally`` sums the elements of every input made for the check (bnfold.budgets)."""
     np_dtype = np.dtype(spec.dtype)
     shape: list[int | None]
     if shape_override is not None:
@@ -216,6 +220,10 @@ def _synthesize(spec: InputSpec, shape_override: list[int] | None, batch: int, r
             )
     kind = dtype_name(np_dtype)
     dims = [d for d in shape if d is not None]  # every dimension is known by now
+    try:  # from the shape, before numpy allocates anything
+        (tally or Tally("the check's random inputs")).tensor(f"input {spec.name!r}", dims)
+    except BudgetExceeded as exc:
+        raise VerificationError(f"{exc}; give a smaller --input-shape {spec.name}=..., a --feed, or --no-verify") from None
     if np_dtype.kind == "f" or kind == "bfloat16":
         value = rng.standard_normal(dims).astype(np_dtype)
     elif np_dtype.kind == "b":
@@ -282,12 +290,13 @@ def run_reference(
     result = Verification(samples=options.samples)
     rng = np.random.default_rng(options.seed)
     per_sample: list[dict[str, np.ndarray]] = []
+    tally = Tally("the check's random inputs")
     for _ in range(max(1, options.samples)):
         batch_feeds = dict(feeds)
         for name, spec in specs.items():
             if name in fed_names or name in feeds:
                 continue
-            batch_feeds[name], how = _synthesize(spec, options.input_shapes.get(name), DEFAULT_BATCH, rng)
+            batch_feeds[name], how = _synthesize(spec, options.input_shapes.get(name), DEFAULT_BATCH, rng, tally)
             result.inputs[name] = how
         per_sample.append(batch_feeds)
     for name in feeds:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
+from bnfold.affine import DATA_FORMAT, FUSED_BN_OPS, GLOBAL_BN_OPS, Affine, recognize
+from bnfold.budgets import BudgetExceeded, Tally
 from bnfold.canonical import ConstEvaluator
 from bnfold.errors import BnfoldError, UsageError, VerificationError, first_line
 from bnfold.files import atomic_write
@@ -42,7 +43,7 @@ from bnfold.findings import (  # noqa: F401  (format-neutral, shared with onnx_d
 )
 from bnfold.findings import print_report as print_findings
 from bnfold.folding import fold_graph
-from bnfold.graph import GraphIndex, attr, parse_input
+from bnfold.graph import GraphIndex, attr, attr_text, parse_input
 from bnfold.runsafety import check_runnable, is_trusted, trusting
 from bnfold.switches import (
     IF_OPS,
@@ -115,7 +116,9 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
         mean, var = ev.value(inputs[3]), ev.value(inputs[4])
     if mean is None or var is None or mean.size == 0:
         return None
-    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else "NHWC"  # type: ignore[attr-defined]
+    fmt = attr_text(node, "data_format", "NHWC")
+    if not DATA_FORMAT.fullmatch(fmt):
+        return None  # not a format TensorFlow has (bytes of a hostile or corrupt file)
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4  # type: ignore[attr-defined]
     axis = -1 if fmt.endswith("C") else 1 - len(fmt)
     name = node.name  # type: ignore[attr-defined]
@@ -508,6 +511,7 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
     specs = [s for s in find_inputs(graph_def) if s.name in needed]
     rng = np.random.default_rng(seed)
     feeds = {}
+    tally = Tally("the doctor's probe inputs")
     for spec in specs:
         import tensorflow as tf
 
@@ -516,6 +520,10 @@ def probe_batch_dependence(graph_def: graph_pb2.GraphDef, nodes: list[str], seed
             reason = f"input {spec.name} is not a float tensor with a free batch dimension and known other dimensions"
             return dict.fromkeys(nodes, (None, reason))
         dims = [int(d) for d in spec.shape[1:] if d is not None]
+        try:  # from the shape, before numpy allocates anything
+            tally.tensor(f"input {spec.name!r}", [PROBE_BATCH, *dims])
+        except BudgetExceeded as exc:
+            return dict.fromkeys(nodes, (None, str(exc)))
         feeds[spec.name] = rng.standard_normal([PROBE_BATCH, *dims]).astype(dtype.as_numpy_dtype)
     try:
         runner = open_graph_runner(graph_def, "the graph", hint="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,41 @@ def read_bytes(path: Path) -> bytes:
         raise InputError(f"{path}: permission denied; make the file readable") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def check_input_kind(path: Path) -> None:
+    """IN is a regular file or a directory (a SavedModel), checked before anything opens it.
+
+    A FIFO would block the read forever, a device (``/dev/zero``) would be read
+    until memory runs out, a socket cannot be read: each is refused at once.
+    A path that does not exist is left to the loader (a TF1 checkpoint prefix is
+    no file, and the loaders say "no such file" with their own hint).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    raise InputError(f"{path}: is {kind}, not a model file; give a model file or a SavedModel directory")
+
+
+def check_not_input(src: Path | None, dst: Path | None, option: str) -> None:
+    """No output may be the input, or a file inside an input directory, by its path or through a link (exit 5).
+
+    ``--report IN`` or ``--json`` into a SavedModel directory would replace part
+    of the model that bnfold promises never to modify.
+    """
+    if src is None or dst is None or not os.path.lexists(src):
+        return
+    source = os.path.realpath(src)
+    target = os.path.realpath(dst)  # follows a link at dst, and links among its parents
+    inside = os.path.isdir(source) and os.path.commonpath([source, target]) == source
+    same = target == source or (os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst))  # a hard link
+    if same or inside:
+        where = "is the input" if same else f"is inside the input {src}"
+        raise OutputError(f"{dst}: {option} {where}; choose a path outside the model")
 
 
 def check_output_path(src: Path | None, dst: Path, in_place: bool = False, directory: bool = False) -> None:

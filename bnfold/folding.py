@@ -18,7 +18,7 @@ from tensorflow.python.framework import dtypes
 from bnfold.affine import Affine, OtherNormalization, Unfoldable, as_step, data_format_axis, recognize
 from bnfold.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
 from bnfold.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
-from bnfold.graph import ContentBuffer, GraphIndex, Scratch, attr, collection_paused, make_node, parse_input
+from bnfold.graph import ContentBuffer, GraphIndex, Scratch, attr, attr_text, collection_paused, make_node, parse_input
 
 if TYPE_CHECKING:
     from bnfold.streaming import Contents
@@ -58,7 +58,7 @@ def _weight_axes(node: node_def_pb2.NodeDef, spec: LinearSpec) -> tuple[int, int
 
 
 def _data_axis(node: node_def_pb2.NodeDef, spec: LinearSpec) -> int | None:
-    fmt = attr(node, "data_format").s.decode() if "data_format" in node.attr else ""
+    fmt = attr_text(node, "data_format", "")
     return data_format_axis(fmt, spec.rank)
 
 
@@ -201,7 +201,7 @@ class Folder:
         if linear.op == "MatMul" and attr(linear, "transpose_a").b:
             return f"{linear.name} transposes its input"
         has_shift = bool(np.any(site.shift != 0))
-        padding = attr(linear, "padding").s.decode() if "padding" in linear.attr else "VALID"
+        padding = attr_text(linear, "padding", "VALID")
         if linear.op != "MatMul" and has_shift and padding != "VALID":
             return f"{linear.name} pads with zeros ({padding}), which would meet the BN shift"
         weights = self._usable_weights(site, linear, spec)

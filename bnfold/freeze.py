@@ -104,7 +104,7 @@ def check_saved_model(path: Path) -> None:
             proto.ParseFromString((path / "saved_model.pb").read_bytes())
         else:
             text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
-    except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+    except (OSError, message.DecodeError, text_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
     refusals = saved_model_refusals(proto)
     if refusals:
@@ -115,14 +115,40 @@ def check_saved_model(path: Path) -> None:
         )
 
 
+def check_files_inside(path: Path) -> None:
+    """Refuse a SavedModel whose files (``variables/``, ``assets/``) are links that leave its directory.
+
+    TensorFlow follows them, so a model could make bnfold read ``~/.ssh/id_rsa``
+    into the folded weights; bnfold refuses the same for ONNX external data.
+    Checked with and without ``trust_model``: a link out is no property of a model.
+    """
+    root = os.path.realpath(path)
+    for folder, dirs, names in os.walk(path):
+        for name in [*dirs, *names]:
+            entry = os.path.join(folder, name)
+            real = os.path.realpath(entry)
+            if os.path.commonpath([root, real]) != root:
+                shown = os.path.relpath(entry, path)
+                raise InputError(f"{path}: {shown} links outside the SavedModel (to {real}); copy the file into the model directory")
+
+
 def load_saved_model(path: Path, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:
-    """Unless ``trust_model``, everything loading could run is checked against the allowlist first (:mod:`bnfold.allowlist`)."""
+    """Unless ``trust_model``, everything loading could run is checked against the allowlist first (:mod:`bnfold.allowlist`);
+    then the model is loaded in the confined worker (:func:`load_in_worker`)."""
+    check_files_inside(path)
     if enforced(trust_model):
         check_saved_model(path)
+    return load_in_worker("saved_model", path, signature, trust_model)
+
+
+def _load_saved_model_here(path: Path, signature: str) -> Loaded:
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:
-        raise InputError(f"{path}: cannot load SavedModel ({first_line(exc)[:200]})") from None
+        from bnfold.isolation import op_error_text
+
+        text = op_error_text(exc.message) if isinstance(exc, tf.errors.OpError) else str(exc)
+        raise InputError(f"{path}: cannot load SavedModel ({first_line(Exception(text))[:300]})") from None
     signatures = getattr(model, "signatures", {})
     if signature not in signatures:
         known = ", ".join(sorted(signatures)) or "none"
@@ -413,13 +439,45 @@ def load_keras_model(path: Path, trust_model: bool = False, objects: Any = None)
 
 
 def load_keras_file(path: Path, trust_model: bool = False) -> Loaded:
-    """A Keras file, loaded by the Keras that wrote it (:func:`load_keras_model`), frozen in inference mode."""
+    """A Keras file, loaded by the Keras that wrote it (:func:`load_keras_model`) and frozen in inference mode,
+    in the confined worker (:func:`load_in_worker`); the allowlist is checked here first."""
+    if enforced(trust_model):
+        check_keras_file(path)
+    return load_in_worker("keras", path, DEFAULT_SIGNATURE, trust_model)
+
+
+def _load_keras_file_here(path: Path, trust_model: bool) -> Loaded:
     from bnfold.keras_fold import custom_objects
 
     model = load_keras_model(path, trust_model, custom_objects)
     loaded = freeze_keras(model)
     loaded.source = str(path)
     return loaded
+
+
+def load_in_worker(kind: str, path: Path, signature: str, trust_model: bool) -> Loaded:
+    """Load and freeze a SavedModel or Keras file in the confined worker (:mod:`bnfold.sandbox`): loading
+    runs what the model carries (restore functions, resource destructors, layer code under
+    ``trust_model``); the worker may read the model's files and nothing else of the user's, and
+    answers with the frozen GraphDef's bytes and the signature as JSON (no pickle)."""
+    from bnfold import isolation, sandbox
+
+    if isolation.in_worker():
+        return load_here(kind, path, signature, trust_model)
+    sandbox.allow_read(path)
+    graph_bytes, head = isolation.freeze_in_worker({"kind": kind, "path": str(path), "signature": signature, "trust_model": trust_model})
+    graph_def = graph_pb2.GraphDef.FromString(graph_bytes)
+    del graph_bytes
+    sig = head.get("signature")
+    found = Signature(str(sig["name"]), dict(sig["inputs"]), dict(sig["outputs"])) if isinstance(sig, dict) else None
+    return Loaded(graph_def, str(path), found)
+
+
+def load_here(kind: str, path: Path, signature: str, trust_model: bool) -> Loaded:
+    """The worker's side of :func:`load_in_worker`; the checks of the model's bytes ran in bnfold's process."""
+    if kind == "saved_model":
+        return _load_saved_model_here(path, signature)
+    return _load_keras_file_here(path, trust_model)
 
 
 def load(source: Any, signature: str = DEFAULT_SIGNATURE, trust_model: bool = False) -> Loaded:

@@ -464,6 +464,10 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
                 count *= d
             if min(shape, default=0) >= 0 and count * np_dtype.itemsize == len(content):
                 return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    from bnfold.budgets import check_tensor
+
+    # Values not all stored (one float broadcast to the declared shape): the shape alone decides the memory.
+    check_tensor("a Const", [d.size for d in tensor.tensor_shape.dim])
     return tensor_util.MakeNdarray(tensor)
 
 
@@ -508,6 +512,12 @@ def attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
     """Read an attribute without inserting it: indexing a proto map adds the key,
     which would edit the caller's GraphDef."""
     return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()
+
+
+def attr_text(node: node_def_pb2.NodeDef, key: str, default: str = "") -> str:
+    """A string attribute as text; bytes that are not UTF-8 (a hostile or corrupt file) become U+FFFD,
+    which matches no known value, so the node is skipped with its reason instead of ending bnfold."""
+    return node.attr[key].s.decode("utf-8", "replace") if key in node.attr else default
 
 
 def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]:

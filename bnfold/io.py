@@ -64,6 +64,8 @@ def load_graph_def(path: str | os.PathLike[str]) -> graph_pb2.GraphDef:
             text_format.Parse(data.decode("utf-8"), graph_def)
         else:
             graph_def.ParseFromString(data)
+    except RecursionError:  # protobuf's text parser recurses once per nesting level
+        raise InputError(f"{path}: nested too deeply to be a GraphDef; pass a frozen .pb or .pbtxt") from None
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as exc:
         kind = "text" if path.suffix.lower() in TEXT_SUFFIXES else "binary"
         raise InputError(f"{path}: not a {kind} GraphDef ({first_line(exc)}); pass a frozen .pb or .pbtxt") from None

@@ -12,6 +12,11 @@ that makes the worker write to its stdout cannot make the parent run anything.
 One worker serves one graph at a time and is kept for the next graph; a worker
 that died is replaced. :func:`prestart` starts one early, so that its
 TensorFlow import overlaps the fold.
+
+The worker is confined (:mod:`bnfold.sandbox`) as it starts, while it has one
+thread and before it imports TensorFlow or sees a model: Landlock where the
+kernel has it, memory and CPU limits everywhere. The parent keeps the
+wall-clock deadline of each request and kills a worker that runs past it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -33,6 +39,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
+from bnfold import sandbox
 from bnfold.errors import BnfoldError
 
 try:
@@ -57,13 +64,16 @@ class GraphRunError(Exception):
 class WorkerDied(Exception):
     """The worker process ended while loading or running a graph: TensorFlow aborted, or the process was killed."""
 
-    def __init__(self, returncode: int | None, last_words: str) -> None:
+    def __init__(self, returncode: int | None, last_words: str, limit: str = "") -> None:
         self.returncode = returncode
         self.last_words = last_words
+        self.limit = limit  # which of bnfold's limits ended it, when one did
         super().__init__(self.describe())
 
     def describe(self) -> str:
         code = self.returncode
+        if self.limit:
+            return f"the model ran past bnfold's {self.limit}"
         if code is not None and code < 0:
             try:
                 how = f"aborted ({signal.Signals(-code).name})"
@@ -172,7 +182,11 @@ class Worker:
         """``onednn=False``: a new interpreter with TensorFlow's oneDNN kernels off (:data:`ABORT_POLICY`)."""
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
         self.onednn = onednn
-        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log) if onednn and _can_fork() else self._spawn()
+        private = tempfile.mkdtemp(prefix="bnfold-worker-")  # removed by stop(): the worker cannot be trusted to
+        self.limits = sandbox.Limits(sandbox.limits.memory, sandbox.limits.time, list(sandbox.limits.read_paths), private)
+        _warn_unconfined()
+        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log, self.limits) if onednn and _can_fork() else self._spawn()
+        self.ready = False  # until the worker says it has started (TensorFlow imported, warmed up)
         _started.append(self)
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
@@ -186,8 +200,12 @@ class Worker:
         # The worker imports this very bnfold, also when it was found through sys.path alone.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+        env[_LIMITS_ENV] = json.dumps(
+            {"memory": self.limits.memory, "time": self.limits.time, "read": self.limits.read_paths, "private": self.limits.private_dir}
+        )
         return subprocess.Popen(
-            [sys.executable, "-c", "from bnfold.isolation import serve; serve()"],
+            # Confined first, with one thread: bnfold.sandbox imports nothing that starts threads (numpy's BLAS does).
+            [sys.executable, "-c", "from bnfold.isolation_start import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -200,11 +218,23 @@ class Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             _send(self.process.stdin, header, payload)
-            reply = _receive(self.process.stdout)
+            if not self.ready:  # its TensorFlow import and warm-up are not the model's time
+                started = _wait_readable(self.process.stdout, STARTUP_LIMIT) and _ready(self.process.stdout.fileno())
+                self.ready = True
+                if not started:
+                    raise OSError("the worker did not start")
+            answered = _wait_readable(self.process.stdout, self.limits.time)
+            reply = _receive(self.process.stdout) if answered else None
         except (BrokenPipeError, ConnectionResetError, OSError):
-            reply = None
+            answered, reply = True, None
+        if not answered:
+            self.process.kill()
+            self.process.wait()
+            raise WorkerDied(None, "", f"time limit of {self.limits.time:g} s for one step (--time-limit)")
         if reply is None:
             raise self._death()
+        if head_kind(reply[0]) == "MemoryError":
+            raise WorkerDied(None, "", f"memory limit of {_gib(self.limits.memory)} (--memory-limit)")
         head, body = reply
         if not head.get("ok"):
             raise GraphRunError(str(head.get("kind", "error")), str(head.get("message", "")))
@@ -216,7 +246,13 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        return WorkerDied(code, self._last_words())
+        words = self._last_words()
+        limit = ""
+        if code == -signal.SIGXCPU or code == -signal.SIGKILL and _cpu_spent(words):
+            limit = f"CPU-time limit of {self.limits.time:g} s x cores (--time-limit)"
+        elif "MemoryError" in words or "bad_alloc" in words or "Out of memory" in words or "OOM" in words:
+            limit = f"memory limit of {_gib(self.limits.memory)} (--memory-limit)"
+        return WorkerDied(code, words, limit)
 
     def _last_words(self) -> str:
         """The line TensorFlow printed when it gave up (``Check failed: ...``), if any."""
@@ -248,8 +284,67 @@ class Worker:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        shutil.rmtree(self.limits.private_dir, ignore_errors=True)
         if self in _started:
             _started.remove(self)
+
+
+STARTUP_LIMIT = 600.0  # seconds a worker may take to import TensorFlow and warm up, on a busy machine
+_LIMITS_ENV = "BNFOLD_WORKER_LIMITS"  # how a spawned worker learns its limits and the model's paths
+_warned: list[bool] = []
+
+
+def head_kind(head: dict[str, Any]) -> str:
+    return "" if head.get("ok") else str(head.get("kind", ""))
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.3g} GiB"
+
+
+def _cpu_spent(words: str) -> bool:
+    return "CPU time limit" in words
+
+
+def _ready(fd: int) -> bool:
+    """Read the worker's "ready" message from the pipe itself, byte-exact: a buffered read could take the
+    answer that follows it into Python's buffer, where the deadline's ``select`` would not see it."""
+    def exactly(size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    fixed = exactly(HEADER.size)
+    if fixed is None:
+        return False
+    head_size, payload_size = HEADER.unpack(fixed)
+    return exactly(head_size + payload_size) is not None
+
+
+def _wait_readable(stream: IO[bytes], seconds: float) -> bool:
+    """Whether the worker starts its answer within ``seconds`` (the wall-clock deadline of one request)."""
+    import select
+
+    try:
+        ready, _, _ = select.select([stream], [], [], seconds)
+    except (OSError, ValueError):
+        return True  # the read that follows reports the broken pipe
+    return bool(ready)
+
+
+def _warn_unconfined() -> None:
+    """Say once per process, on stderr, that workers run without Landlock here (README "Security")."""
+    if _warned or sandbox.landlock_abi():
+        return
+    _warned.append(True)
+    try:
+        print(f"bnfold: warning: {sandbox.status()}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 _spare: list[Worker] = []
@@ -365,7 +460,7 @@ class _Forked:
                 pass
 
 
-def _fork(log: IO[bytes]) -> _Forked:
+def _fork(log: IO[bytes], limits: sandbox.Limits) -> _Forked:
     """Fork a worker that serves requests on a pipe, its stderr (and stdout) going to ``log``."""
     request_read, request_write = os.pipe()
     reply_read, reply_write = os.pipe()
@@ -389,6 +484,7 @@ def _fork(log: IO[bytes]) -> _Forked:
             os.dup2(log.fileno(), 1)
             os.dup2(request_read, 0)
             sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sandbox.confine(limits)  # the child has one thread: the confinement covers every thread it starts
             serve(os.fdopen(request_read, "rb"), os.fdopen(reply_write, "wb"))
             code = 0
         except BaseException:  # noqa: BLE001 - the worker's last words, for the parent to report
@@ -409,12 +505,49 @@ def prestart() -> None:
 
 
 def acquire() -> Worker:
+    """A started worker that may read every model path allowed so far (:func:`bnfold.sandbox.allow_read`), else a new one."""
     while _spare:
         worker = _spare.pop()
-        if worker.alive:
+        if worker.alive and set(sandbox.limits.read_paths) <= set(worker.limits.read_paths):
             return worker
         worker.stop()
     return Worker()
+
+
+_serving: list[bool] = []  # set in a worker process: loads there run in place
+
+
+def in_worker() -> bool:
+    return bool(_serving)
+
+
+def freeze_in_worker(request: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Ask a worker to load and freeze a model file (:func:`bnfold.freeze.load_in_worker`); errors keep their exit codes."""
+    from bnfold import errors
+
+    worker = acquire()
+    path = str(request.get("path", ""))
+    try:
+        head, body = worker.request({"op": "freeze", **request})
+    except GraphRunError as exc:
+        release(worker)
+        kind = getattr(errors, exc.kind, None)
+        if isinstance(kind, type) and issubclass(kind, errors.BnfoldError):
+            raise kind(str(exc)) from None
+        raise errors.InputError(f"{path}: cannot load the model ({first_line_of(str(exc))})") from None
+    except WorkerDied as exc:
+        worker.stop()
+        raise errors.InputError(f"{path}: loading the model ended bnfold's worker: {exc.describe()}") from None
+    except BaseException:
+        worker.stop()
+        raise
+    release(worker)
+    return body, head
+
+
+def first_line_of(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else "no message"
 
 
 def release(worker: Worker) -> None:
@@ -432,6 +565,7 @@ def _stop_workers() -> None:
         if worker.alive:
             worker.process.kill()
             worker.process.wait()
+        shutil.rmtree(worker.limits.private_dir, ignore_errors=True)
 
 
 ABORT_RETRIES = 3  # how often one process runs a graph that TensorFlow aborts (AbortedError), see ABORT_POLICY
@@ -471,10 +605,13 @@ class IsolatedGraph:
         channels_first: bool = True,
         reload: Callable[[], bytes] | None = None,
         onednn: bool = True,
+        budget: str = "",
     ) -> None:
         """``layout_pass``: run as the check does (:func:`bnfold.verification.runner_config`), with grappler's
-        layout pass where ``channels_first`` says the graph may need it; else with TensorFlow's default options."""
-        self.load = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first}
+        layout pass where ``channels_first`` says the graph may need it; else with TensorFlow's default options.
+        ``budget``: what the graph computes (a constant), to be refused by :mod:`bnfold.budgets` from its
+        static shapes before it runs (:class:`GraphRunError` of kind ``BudgetExceeded``)."""
+        self.load = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first, "budget": budget}
         self.reload = reload if reload is not None else (lambda: graph_bytes)
         self.worker = self._start(graph_bytes, onednn)
 
@@ -585,6 +722,28 @@ def import_serialized(tf: Any, data: bytes) -> Any:
     return graph
 
 
+def check_budget(graph: Any, what: str) -> None:
+    """Refuse a graph whose static shapes (TensorFlow infers them on import, constant shape inputs
+    included: a ``Fill`` of a constant size has its full shape) exceed bnfold's budgets, before it runs."""
+    from bnfold.budgets import Tally, product_flops
+
+    tally = Tally(what)
+    for op in graph.get_operations():
+        for tensor in op.outputs:
+            shape = tensor.shape
+            if shape.rank is not None and shape.is_fully_defined():
+                tally.tensor(op.name, shape.as_list())
+        if op.type in _PRODUCTS and op.outputs:
+            dims = [t.shape.as_list() if t.shape.rank is not None else None for t in op.inputs]
+            known = [None if d is None or None in d else d for d in dims]
+            out = op.outputs[0].shape
+            tally.work(op.name, product_flops(op.type, known, out.as_list() if out.rank is not None and out.is_fully_defined() else None))
+
+
+_PRODUCTS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Conv2D", "Conv3D", "DepthwiseConv2dNative",
+             "Conv2DBackpropInput", "Conv3DBackpropInputV2"}  # fmt: skip
+
+
 def _warm_up(tf: Any, runner_config: Any) -> None:
     """Import and run a tiny graph of bnfold's own (conv, BN, dense) before the first request.
 
@@ -608,6 +767,36 @@ def _warm_up(tf: Any, runner_config: Any) -> None:
         session.run(y.name, {"x:0": np.ones((2, 8, 8, 3), np.float32)})
 
 
+def op_error_text(message: str) -> str:
+    """TensorFlow's run errors start "Graph execution error:" and say what failed lines later
+    ("/home/u/x; Permission denied" above "[[{{node WriteFile}}]]"): that comes first, for one-line errors."""
+    lines = [line.strip() for line in message.splitlines()]
+    for i, line in enumerate(lines):
+        found = re.match(r"\[\[\{\{node ([^}]+)\}\}\]\]", line)
+        if found and i > 0 and lines[i - 1] and not lines[i - 1].startswith("Node: "):
+            return f"node {found.group(1)!r}: {lines[i - 1]}\n{message}"
+    return message
+
+
+def _freeze(head: dict[str, Any], reply: IO[bytes]) -> None:
+    from pathlib import Path
+
+    from bnfold import freeze
+
+    try:
+        loaded = freeze.load_here(str(head["kind"]), Path(str(head["path"])), str(head["signature"]), bool(head["trust_model"]))
+    except BnfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loader's own failure on a hostile or broken file: the parent reports it
+        _send(reply, {"ok": False, "kind": "InputError", "message": f"{head['path']}: cannot load the model ({type(exc).__name__}: {exc})"})
+        return
+    sig = loaded.signature
+    signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
+    data = loaded.graph_def.SerializeToString()
+    del loaded
+    _send(reply, {"ok": True, "signature": signature}, data)
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
@@ -619,6 +808,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         os.dup2(2, 1)
     if requests is None:
         requests = sys.stdin.buffer
+    _serving.append(True)
     import tensorflow as tf
 
     from bnfold.verification import runner_config
@@ -627,6 +817,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         _warm_up(tf, runner_config)
     except Exception:  # noqa: BLE001 - only a head start: the requests run all the same without it
         pass
+    _send(reply, {"ok": True, "ready": True})  # from here on, the parent's deadline counts
     session = None
     while True:
         message = _receive(requests)
@@ -639,6 +830,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 session = None  # the previous graph's session, if a caller skipped "unload"
                 graph = import_serialized(tf, payload)
                 payload = b""
+                if head.get("budget"):
+                    check_budget(graph, str(head["budget"]))
                 config = runner_config(bool(head.get("channels_first", True))) if head.get("layout_pass", True) else None
                 session = tf.compat.v1.Session(graph=graph, config=config)
                 _send(reply, {"ok": True})
@@ -650,6 +843,11 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
                 meta, data = encode_arrays(outputs)
                 _send(reply, {"ok": True, "arrays": meta}, data)
+            elif head["op"] == "freeze":
+                _freeze(head, reply)
+            elif head["op"] == "selftest":
+                answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
+                _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})
             elif head["op"] == "unload":
                 if session is not None:
                     session.close()
@@ -657,7 +855,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 _send(reply, {"ok": True})
             else:
                 raise ValueError(f"unknown request {head['op']!r}")
-        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError) as exc:
+        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError, MemoryError) as exc:
             kind = type(exc).__name__
-            message_text = getattr(exc, "message", None) or str(exc)
+            message_text = op_error_text(getattr(exc, "message", None) or str(exc))
             _send(reply, {"ok": False, "kind": kind, "message": message_text})

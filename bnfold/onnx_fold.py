@@ -31,6 +31,7 @@ import onnx
 from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
+from bnfold.budgets import BudgetExceeded, Tally, product_flops
 from bnfold.foldmath import Action, Folded, SiteRecord, bn_affine, fit_channels, fold_after, fold_before, storable
 from bnfold.onnx_io import known_dim, op_counts
 
@@ -42,6 +43,9 @@ ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 # Constant subgraphs larger than this (elements of one value) are not evaluated: they are not weights anyone folds.
 MAX_CONST_ELEMENTS = 1 << 28
+# Ops whose output size comes from input values rather than input sizes: with a size shape inference cannot
+# tell, bnfold does not evaluate them (bnfold.budgets).
+SIZE_MAKING_OPS = {"ConstantOfShape", "Tile", "Range", "Resize", "Upsample", "OneHot"}
 # Floating-point initializers from this many elements up go to shape inference as type and dims only (see _shape_skeleton).
 SKELETON_MIN_ELEMENTS = 1024
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -120,6 +124,7 @@ class ConstValues:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.const: set[str] = set(self.inits)
         self.cache: dict[str, np.ndarray | None] = {}
+        self.notes: dict[str, str] = {}  # why a constant-looking tensor has no value: a budget (bnfold.budgets)
         for node in graph.node:
             for out in node.output:
                 if out:
@@ -157,6 +162,39 @@ class ConstValues:
             value = self._evaluate(name)
         self.cache[name] = value
         return value
+
+    def note(self, names: list[str]) -> str:
+        """The budget that kept one of ``names`` from being evaluated, if one did."""
+        return next((self.notes[n] for n in names if n in self.notes), "")
+
+    @staticmethod
+    def _check_budget(sub: onnx.ModelProto, name: str) -> None:
+        """Every tensor of the constant subgraph from shape inference (a ``ConstantOfShape`` of an
+        initializer has its full shape) within bnfold's budgets, before the reference evaluator
+        allocates anything; an op that makes a tensor of a size shape inference cannot tell is not
+        evaluated either."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(sub)  # not data_prop: onnx then computes the values it propagates (10 GB)
+        except Exception:  # noqa: BLE001 - shape inference rejects some valid models; shapes are then unknown
+            inferred = sub
+        shapes: dict[str, list[int] | None] = {}
+        for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+            dims = info.type.tensor_type.shape.dim if info.type.tensor_type.HasField("shape") else None
+            shapes[info.name] = None if dims is None or any(not d.HasField("dim_value") for d in dims) else [d.dim_value for d in dims]
+        for init in sub.graph.initializer:
+            shapes[init.name] = list(init.dims)
+        tally = Tally(f"the constant {name}")
+        for node in sub.graph.node:
+            for out in node.output:
+                if not out:
+                    continue
+                shape = shapes.get(out)
+                if shape is None and node.op_type in SIZE_MAKING_OPS:
+                    raise BudgetExceeded(f"the constant {name}: the size of {node.op_type} {out!r} is not known before it runs")
+                if shape is not None:
+                    tally.tensor(out, shape)
+            out_shape = shapes.get(node.output[0]) if node.output else None
+            tally.work(node.name or node.op_type, product_flops(node.op_type, [shapes.get(i) for i in node.input], out_shape))
 
     def _evaluate(self, name: str) -> np.ndarray | None:
         from onnx.reference import ReferenceEvaluator
@@ -201,6 +239,11 @@ class ConstValues:
         inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in {**feeds, **known}.items()]
         graph = helper.make_graph(nodes, "bnfold_const", inputs, [helper.make_empty_tensor_value_info(name)], inits)
         sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        try:
+            self._check_budget(sub, name)
+        except BudgetExceeded as exc:
+            self.notes[name] = str(exc)
+            return None
         try:
             (value,) = ReferenceEvaluator(sub).run([name], {**feeds, **known})
         except Exception:  # noqa: BLE001 - the reference evaluator raises anything; such a value is simply not a constant
@@ -356,7 +399,8 @@ class OnnxFolder:
         values = [self.const(name) for name in node.input[1:5]]
         gamma, beta, mean, var = (values + [None] * 4)[:4]
         if gamma is None or beta is None or mean is None or var is None:
-            return "scale, B, mean or var is not a constant"
+            note = self.consts.note([n for n in node.input[1:5]])
+            return "scale, B, mean or var is not a constant" + (f" ({note})" if note else "")
         affine = bn_affine(gamma, beta, mean, var, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type]
         if isinstance(affine, str):
             return affine

@@ -56,8 +56,9 @@ def test_version_from_python_m_bnfold(tmp_path: Path) -> None:
     proc = bnfold_process("--version", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    (line,) = proc.stdout.splitlines()
+    line, sandbox_line = proc.stdout.splitlines()
     assert line.startswith(f"bnfold {bnfold.__version__} (tensorflow ")
+    assert sandbox_line.startswith("sandbox: ")
     assert not list(tmp_path.iterdir())
 
 

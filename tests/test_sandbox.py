@@ -1,0 +1,270 @@
+"""The worker that loads and runs models is confined by the OS (bnfold.sandbox): real workers, real CLI runs.
+
+Each attack runs as a user would run bnfold (a subprocess of the CLI, under a
+memory cap the test sets), and is also given ``--trust-model`` with the
+allowlist switched off (``BNFOLD_TEST_DISABLE_ALLOWLIST=1``), so that only the
+sandbox stands between the model and the files or network it reaches for.
+Canary files must stay absent and inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnfold import isolation, sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+LANDLOCK = sandbox.landlock_abi()
+needs_landlock = pytest.mark.skipif(LANDLOCK == 0, reason=sandbox.status())
+CAP = 8 << 30  # the memory the test lets the whole bnfold process use (RLIMIT_DATA)
+
+
+def cli(*args: str | Path, cwd: Path, disable_allowlist: bool = False, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["COLUMNS"] = "200"
+    if disable_allowlist:
+        env["BNFOLD_TEST_DISABLE_ALLOWLIST"] = "1"
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (CAP, CAP))
+
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, preexec_fn=cap
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("bnfold: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def bn_graph(extra=None) -> tf.Graph:  # type: ignore[no-untyped-def]
+    """conv -> BN -> output; ``extra(x, y)`` returns the output to use instead of ``y`` (the attack)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        w = tf.constant(np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32))
+        y = tf.nn.conv2d(x, w, 1, "SAME")
+        scale = np.linspace(0.5, 1.5, 4).astype(np.float32)
+        y = tf.compat.v1.nn.fused_batch_norm(y, scale, np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32), is_training=False)[0]
+        out = extra(x, y) if extra is not None else y
+        tf.identity(out, name="out")
+    return graph
+
+
+def write(graph: tf.Graph, path: Path) -> bytes:
+    data = graph.as_graph_def().SerializeToString()
+    path.write_bytes(data)
+    return data
+
+
+# -- the worker itself ------------------------------------------------------------------------
+
+
+SELF_TEST = """
+import json, sys
+from bnfold import isolation
+if sys.argv[1] == "forked":  # as the CLI forks it: from a process that has imported TensorFlow, before any run
+    import tensorflow
+    isolation._fork_preferred = True
+    isolation._can_fork = lambda: True
+worker = isolation.Worker()
+head, _ = worker.request({"op": "selftest", "outside": sys.argv[2], "secret": sys.argv[3], "port": int(sys.argv[4])})
+private = worker.limits.private_dir
+worker.stop()
+print(json.dumps({"kind": type(worker.process).__name__, "answers": head["answers"], "private": private}))
+"""
+
+
+@needs_landlock
+@pytest.mark.parametrize("how", ["spawned", "forked"])
+def test_confined_worker_cannot_write_read_or_connect_outside(tmp_path: Path, listener: int, how: str) -> None:
+    """What a hostile model could try from inside the worker, asked of a real worker (spawned, and forked
+    as the CLI forks it, each from a fresh process): the private temp dir is writable, nothing else of the
+    user's is readable or writable, and no TCP connection or listening socket is possible (Landlock ABI 4+)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api key")
+    canary = tmp_path / "canary"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(
+        [sys.executable, "-c", SELF_TEST, how, str(canary), str(secret), str(listener)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["kind"] == ("_Forked" if how == "forked" else "Popen")
+    answers = facts["answers"]
+    assert answers["write_outside"] == "blocked" and not canary.exists()
+    assert answers["read_secret"] == "blocked"
+    assert answers["write_private"] == "allowed"
+    if LANDLOCK >= 4:
+        assert answers["tcp_connect"] == "blocked" and answers["tcp_bind"] == "blocked"
+    assert not os.path.exists(facts["private"])  # the parent removes the worker's private directory
+
+
+def test_worker_limits_are_set_in_the_worker(tmp_path: Path) -> None:
+    """The memory and CPU limits a caller configures are the worker's rlimits (read back from /proc)."""
+    saved = sandbox.Limits(sandbox.limits.memory, sandbox.limits.time)
+    sandbox.configure(memory_limit=3 << 30, time_limit=7)
+    try:
+        worker = isolation.Worker()
+    finally:
+        sandbox.configure(saved.memory, saved.time)
+    try:
+        text = Path(f"/proc/{worker.process.pid}/limits").read_text()
+        worker.request({"op": "unload"})  # answered: confined and serving
+        text = Path(f"/proc/{worker.process.pid}/limits").read_text()
+    finally:
+        worker.stop()
+    data = next(line for line in text.splitlines() if line.startswith("Max data size")).split()
+    cpu = next(line for line in text.splitlines() if line.startswith("Max cpu time")).split()
+    assert int(data[3]) == 3 << 30
+    assert int(cpu[3]) == 7 * (os.cpu_count() or 1)
+
+
+# -- attacks through the command line ---------------------------------------------------------
+
+
+@needs_landlock
+@pytest.mark.parametrize("disable_allowlist", [False, True])
+def test_trusted_graph_that_writes_a_file_is_stopped_by_the_sandbox(tmp_path: Path, disable_allowlist: bool) -> None:
+    """``--trust-model`` lets the check run a graph's ``WriteFile``; the confined worker still cannot write outside."""
+    canary = tmp_path / "outside" / "canary.txt"
+    canary.parent.mkdir()
+
+    def attack(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        written = tf.io.write_file(str(canary), tf.strings.as_string(tf.reduce_sum(x)))
+        with tf.control_dependencies([written]):
+            return tf.identity(y)
+
+    src = tmp_path / "model.pb"
+    data = write(bn_graph(attack), src)
+    proc = cli(src, tmp_path / "out.pb", "--trust-model", cwd=tmp_path, disable_allowlist=disable_allowlist)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "canary" in line or "ermission" in line
+    assert not canary.exists() and not (tmp_path / "out.pb").exists()
+    assert src.read_bytes() == data
+
+
+@needs_landlock
+def test_trusted_saved_model_whose_loading_writes_a_file_is_stopped(tmp_path: Path) -> None:
+    """Loading a TF1 SavedModel runs its main op: under --trust-model it runs, in the confined worker, and fails there."""
+    canary = tmp_path / "canary.txt"
+    export = tmp_path / "sm"
+    graph = bn_graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        main_op = tf.io.write_file(str(canary), "owned")
+        builder = tf.compat.v1.saved_model.Builder(str(export))
+        signature = tf.compat.v1.saved_model.predict_signature_def(
+            {"x": graph.get_tensor_by_name("x:0")}, {"out": graph.get_tensor_by_name("out:0")}
+        )
+        builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature}, main_op=main_op)
+        builder.save()
+    before = {p: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    proc = cli("inspect", export, "--trust-model", cwd=tmp_path, disable_allowlist=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    error_line(proc)
+    assert not canary.exists()
+    assert {p: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+
+
+def test_memory_limit_ends_a_run_that_allocates_past_it(tmp_path: Path) -> None:
+    """A graph that allocates 4 GB at run time (its size depends on the input, so no budget sees it) under
+    ``--memory-limit 1G``: exit 4, one line, nothing written."""
+
+    def attack(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        size = tf.cast(tf.reduce_mean(x) * 0.0 + 1e9, tf.int32)
+        big = tf.fill(tf.reshape(size, [1]), tf.reduce_mean(x))
+        return y + tf.reduce_sum(big) * 0.0
+
+    src = tmp_path / "model.pb"
+    data = write(bn_graph(attack), src)
+    proc = cli(src, tmp_path / "out.pb", "--memory-limit", "1G", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "memory" in line.lower() or "OOM" in line or "alloc" in line.lower()
+    assert not (tmp_path / "out.pb").exists() and src.read_bytes() == data
+
+
+def test_time_limit_ends_a_run_that_never_finishes(tmp_path: Path) -> None:
+    """A loop that never ends (its bound comes from the input) under ``--time-limit 20``: exit 4 naming the limit."""
+
+    def attack(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        bound = tf.cast(tf.reduce_mean(x) * 0.0, tf.int64) + (1 << 62)
+        count = tf.while_loop(lambda i: i < bound, lambda i: i + 1, [tf.constant(0, tf.int64)])
+        return y + tf.cast(count, tf.float32) * 0.0
+
+    src = tmp_path / "model.pb"
+    write(bn_graph(attack), src)
+    proc = cli(src, tmp_path / "out.pb", "--time-limit", "20", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "--time-limit" in error_line(proc)
+    assert not (tmp_path / "out.pb").exists()
+
+
+def test_version_reports_the_sandbox(tmp_path: Path) -> None:
+    proc = cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("sandbox: ")
+    assert (f"Landlock ABI {LANDLOCK}" in lines[1]) == (LANDLOCK > 0)
+
+
+def test_bad_limit_values_are_usage_errors(tmp_path: Path) -> None:
+    proc = cli("inspect", tmp_path / "m.pb", "--memory-limit", "lots", cwd=tmp_path)
+    assert proc.returncode == 2 and "--memory-limit" in error_line(proc)
+
+
+def test_parse_size() -> None:
+    assert sandbox.parse_size("8G") == 8 << 30
+    assert sandbox.parse_size("512M") == 512 << 20
+    assert sandbox.parse_size("1.5GiB") == 3 << 29
+    assert sandbox.parse_size("1000") == 1000
+    for bad in ("", "-1G", "0", "8Q", "G"):
+        with pytest.raises(ValueError):
+            sandbox.parse_size(bad)
+
+
+@needs_landlock
+def test_saved_model_with_variables_linked_outside_is_refused(tmp_path: Path) -> None:
+    """A SavedModel whose variables/ file is a link to a file outside: exit 3, the file is never read into weights."""
+    module = tf.Module()
+    module.v = tf.Variable(np.ones((3, 4), np.float32))
+    module.f = tf.function(lambda x: tf.matmul(x, module.v), input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    export = tmp_path / "sm"
+    tf.saved_model.save(module, str(export), signatures={"serving_default": module.f})
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for data in (export / "variables").glob("variables.data-*"):
+        shutil.move(data, outside / data.name)
+        data.symlink_to(outside / data.name)
+    proc = cli("inspect", export, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "links outside the SavedModel" in error_line(proc)
