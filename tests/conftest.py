@@ -162,7 +162,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     absent = pytest.mark.skip(reason=REALWORLD_SKIP)
     slow = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
-        if REALWORLD_ROOT is None and (item.get_closest_marker("realworld") or "realworld" in getattr(item, "fixturenames", ())):
+        if "realworld" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realworld"):
+            item.add_marker(pytest.mark.realworld)  # so that ``-m realworld`` selects every test that reads them
+        if REALWORLD_ROOT is None and item.get_closest_marker("realworld"):
             item.add_marker(absent)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(slow)

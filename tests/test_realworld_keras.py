@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_close, run_graph
+from conftest import assert_close, realworld_path, run_graph
 
 import bnfold
 from bnfold.errors import BnfoldError
 
-REALWORLD = ROOT.parent / "shared" / "realworld" / "keras"
+REALWORLD = realworld_path("keras")
 FILES = {
     "fer": "fer/fer/data/emotion_model.hdf5",
     "inaSpeechSegmenter": "inaSpeechSegmenter/inaSpeechSegmenter/keras_male_female_cnn.hdf5",
@@ -42,7 +42,7 @@ REFUSED = {
 # file -> BN layers in the model (MANIFEST.md), for the table
 BN_LAYERS = {"fer": 14, "inaSpeechSegmenter": 9, "basic-pitch": 3, "yamnet": 11, "mobilenet": 27}
 
-pytestmark = pytest.mark.skipif(not REALWORLD.is_dir(), reason="../shared/realworld is not beside the project")
+pytestmark = pytest.mark.realworld
 
 
 @dataclass
