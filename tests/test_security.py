@@ -138,18 +138,27 @@ def test_lambda_keras_file_is_refused(tmp_path: Path) -> None:
     assert not marker.exists() and not (tmp_path / "o.pb").exists()
 
 
-def test_keras_safe_mode_stays_as_second_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without bnfold's config check, Keras' own safe mode still refuses the lambda."""
-    import bnfold.freeze
+def test_keras_safe_mode_stays_as_second_line(tmp_path: Path) -> None:
+    """Without bnfold's allowlist (its test-only switch), Keras' own safe mode still refuses the lambda.
+
+    A new bnfold process, so that its worker (where the file is loaded) starts with the switch set.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from bnfold.allowlist import DISABLE_ENV
 
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.keras"
     lambda_model(keras, marker).save(path)  # type: ignore[attr-defined]
     marker.unlink()
-    monkeypatch.setattr(bnfold.freeze, "check_keras_file", lambda path: None)
-    result = invoke("inspect", path)
-    assert result.exit_code == 3, result.output
-    assert "lambda" in one_line_error(result).lower()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, DISABLE_ENV: "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lambda" in lines[0].lower(), result.stderr
     assert not marker.exists()
 
 
