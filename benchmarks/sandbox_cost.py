@@ -12,7 +12,17 @@ seconds, peak RSS of the largest process, CPU seconds of bnfold and its worker):
   SavedModel is loaded and frozen in the confined worker and the GraphDef comes
   back over the pipe; before, it was loaded in bnfold's own process;
 - ``savedmodel --no-verify``: the same, without the check: the worker starts for
-  the load alone.
+  the load alone;
+- ``pb -> onnx check``: ``bnfold ResNet50.pb out.onnx`` -- with the last step of
+  #22, tf2onnx's conversion, the ONNX-side constants and both onnxruntime sessions
+  of the check run in the confined worker; before, in bnfold's own process;
+- ``keras -> keras check``: ``bnfold ResNet50.keras out.keras`` -- the model is
+  loaded, folded, checked, saved and reloaded in the worker, which answers with the
+  file's bytes; before, all of it ran in bnfold's own process.
+
+``--only NAME,...`` runs some of the cases; their results replace those of the
+same name in ``sandbox_cost.json``, the others are kept (each case records the
+load average around it).
 
 Ratios are this tree over the other, from one run of each (``--repeats`` takes
 medians), on whatever machine runs it: the load average is recorded. Writes
@@ -36,7 +46,28 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from check_cost import run_once  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+
+def run_once(tree: Path, model: Path, verify: bool, out_name: str = "out.pb") -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GB, largest process) and CPU seconds (user + system, the worker included) of
+    one ``bnfold MODEL OUT -q`` in a fresh interpreter (``check_cost.run_once``, with OUT's name given)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(tree))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "bnfold", str(model), str(Path(tmp) / out_name), "-q"]
+        if not verify:
+            args.append("--no-verify")
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        if code != 0:
+            raise SystemExit(f"{' '.join(args)} (tree {tree}): exit {code}: {err.strip()}")
+    return wall, usage.ru_maxrss / 1e6, usage.ru_utime + usage.ru_stime  # KB -> GB
 
 
 def models() -> dict[str, Path]:
@@ -47,26 +78,42 @@ def models() -> dict[str, Path]:
     if not (saved / "saved_model.pb").exists():
         model = run.randomized("ResNet50", 224)
         model.export(str(saved), verbose=False)
-    return {"pb": pb, "savedmodel": saved}
+    keras_file = run.WORK / "ResNet50.keras"
+    if not keras_file.exists():
+        run.randomized("ResNet50", 224).save(keras_file)
+    return {"pb": pb, "savedmodel": saved, "keras": keras_file}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, required=True, help="a bnfold tree without the sandbox (e.g. a checkout of main)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated case names (default: all)")
     args = parser.parse_args()
     paths = models()
-    cases = [("pb check", paths["pb"], True), ("savedmodel check", paths["savedmodel"], True), ("savedmodel --no-verify", paths["savedmodel"], False)]
+    cases = [
+        ("pb check", paths["pb"], True, "out.pb"),
+        ("savedmodel check", paths["savedmodel"], True, "out.pb"),
+        ("savedmodel --no-verify", paths["savedmodel"], False, "out.pb"),
+        ("pb -> onnx check", paths["pb"], True, "out.onnx"),
+        ("keras -> keras check", paths["keras"], True, "out.keras"),
+    ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        cases = [c for c in cases if c[0] in wanted]
     trees = {"before": args.before.resolve(), "after": ROOT}
     load_before = os.getloadavg()
     runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {c[0]: {t: [] for t in trees} for c in cases}
+    loads: dict[str, list[list[float]]] = {c[0]: [] for c in cases}
     for repeat in range(args.repeats):
         order = list(trees.items())[:: 1 if repeat % 2 == 0 else -1]  # alternate which tree runs first
-        for name, model, verify in cases:
+        for name, model, verify, out_name in cases:
             for tree_name, tree in order:
-                runs[name][tree_name].append(run_once(tree, model, verify))
+                loads[name].append(list(os.getloadavg()))
+                runs[name][tree_name].append(run_once(tree, model, verify, out_name))
                 print(name, tree_name, runs[name][tree_name][-1], flush=True)
-    results = {}
+    old = json.loads((HERE / "sandbox_cost.json").read_text()) if args.only and (HERE / "sandbox_cost.json").exists() else {}
+    results = dict(old.get("results", {}))
     for name, per_tree in runs.items():
         med = {t: [statistics.median(v[i] for v in per_tree[t]) for i in range(3)] for t in trees}
         results[name] = {
@@ -75,9 +122,12 @@ def main() -> None:
             "wall_ratio": med["after"][0] / med["before"][0],
             "rss_ratio": med["after"][1] / med["before"][1],
             "cpu_ratio": med["after"][2] / med["before"][2],
+            "load_at_start": loads[name],
         }
+    machine = {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()}
     out = {
-        "machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()},
+        **({"machine_first_cases": old["machine"]} if "machine" in old and args.only else {}),
+        "machine": machine,
         "repeats": args.repeats,
         "before_tree": str(trees["before"]),
         "results": results,
@@ -86,6 +136,8 @@ def main() -> None:
     print("| run | wall before / after (s) | ratio | peak RSS before / after (GB) | ratio | CPU before / after (s) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
+        if name not in runs:
+            continue
         b, a = r["before"], r["after"]
         print(
             f"| {name} | {b['wall_s']:.1f} / {a['wall_s']:.1f} | {r['wall_ratio']:.2f} | {b['peak_rss_gb']:.2f} / {a['peak_rss_gb']:.2f} "

@@ -379,9 +379,15 @@ def to_onnx(
 
 
 def _tf2onnx_version() -> str:
-    import tf2onnx
+    """From the package's metadata: tf2onnx itself is imported only by the worker that converts."""
+    from importlib import metadata
 
-    return tf2onnx.__version__
+    try:
+        return metadata.version("tf2onnx")
+    except metadata.PackageNotFoundError:
+        import tf2onnx
+
+        return str(tf2onnx.__version__)
 
 
 def fold_file_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, in_place: bool = False, **options: Any) -> Any:
