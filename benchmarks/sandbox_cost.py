@@ -3,8 +3,9 @@
     python benchmarks/sandbox_cost.py --before /path/to/tree/without/sandbox    # e.g. a checkout of main
     python benchmarks/sandbox_cost.py --before /work/main --repeats 1
 
-Three runs per tree, each in a fresh interpreter (``check_cost.run_once``: wall
-seconds, peak RSS of the largest process, CPU seconds of bnfold and its worker):
+One run per tree and case (``--repeats`` for more), each in a fresh interpreter
+started by a small launcher (``run_once``: wall seconds, peak RSS of the largest
+process, bnfold's or its worker's, CPU seconds of bnfold and its worker):
 
 - ``pb check``: ``bnfold ResNet50.pb out.pb`` -- the check's worker is confined
   (Landlock, rlimits) and each run request waits under a deadline;
@@ -38,7 +39,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,28 +49,36 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+
+
+# Started from a small interpreter, not from this one: Linux keeps a process's peak RSS across exec, so a
+# child forked from this process (TensorFlow and the models loaded) would report this process's peak as its own.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+out, err = proc.communicate()
+wall = time.perf_counter() - start
+import resource
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"code": proc.returncode, "wall": wall, "maxrss_kb": usage.ru_maxrss,
+                  "cpu": usage.ru_utime + usage.ru_stime, "err": err.decode()[-2000:]}))
+"""
 
 
 def run_once(tree: Path, model: Path, verify: bool, out_name: str = "out.pb") -> tuple[float, float, float]:
-    """Wall seconds, peak RSS (GB, largest process) and CPU seconds (user + system, the worker included) of
-    one ``bnfold MODEL OUT -q`` in a fresh interpreter (``check_cost.run_once``, with OUT's name given)."""
+    """Wall seconds, peak RSS (GB, largest process: bnfold or its worker) and CPU seconds (user + system, the
+    worker included) of one ``bnfold MODEL OUT -q`` in a fresh interpreter, started by a small launcher."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(tree))
     with tempfile.TemporaryDirectory() as tmp:
         args = [sys.executable, "-m", "bnfold", str(model), str(Path(tmp) / out_name), "-q"]
         if not verify:
             args.append("--no-verify")
-        start = time.perf_counter()
-        proc = subprocess.Popen(args, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        if code != 0:
-            raise SystemExit(f"{' '.join(args)} (tree {tree}): exit {code}: {err.strip()}")
-    return wall, usage.ru_maxrss / 1e6, usage.ru_utime + usage.ru_stime  # KB -> GB
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, *args], env=env, cwd=tmp, capture_output=True, text=True, check=True)
+        facts = json.loads(proc.stdout.strip().splitlines()[-1])
+        if facts["code"] != 0:
+            raise SystemExit(f"{' '.join(args)} (tree {tree}): exit {facts['code']}: {facts['err'].strip()}")
+    return float(facts["wall"]), facts["maxrss_kb"] / 1e6, float(facts["cpu"])  # KB -> GB
 
 
 def models() -> dict[str, Path]:
