@@ -13,6 +13,14 @@ One worker serves one graph at a time and is kept for the next graph; a worker
 that died is replaced. :func:`prestart` starts one early, so that its
 TensorFlow import overlaps the fold.
 
+Beyond TensorFlow graphs, the worker does every other thing that runs a
+model from a file: it loads and freezes SavedModels and Keras files
+(``freeze``), folds a Keras file into a Keras file (``keras_fold``), converts
+with tf2onnx (``tf2onnx``), holds onnxruntime sessions (``ort_load``, then
+``run``) and evaluates ONNX constants with the reference evaluator
+(``onnx_eval``). A worker for ONNX requests only is a new interpreter without
+TensorFlow (:func:`acquire` with ``tensorflow=False``).
+
 The worker is confined (:mod:`bnfold.sandbox`) as it starts, while it has one
 thread and before it imports TensorFlow or sees a model: Landlock where the
 kernel has it, memory and CPU limits everywhere. The parent keeps the
