@@ -667,7 +667,7 @@ def main() -> None:
 
 def _runs_a_tf_graph(argv: list[str]) -> bool:
     """Whether this command will run a TensorFlow graph in a worker: a fold with the check from a
-    TF model to a TF or ONNX file, or ``doctor --data``. A guess from the words only; a wrong one
+    TF model to a TF or ONNX file, a Keras-to-Keras fold, or ``doctor --data``. A guess from the words only; a wrong one
     costs a process start or the overlap, never a result."""
     if not argv or any(a in ("--help", "-h", "--version", "-V") for a in argv):
         return False
@@ -676,6 +676,8 @@ def _runs_a_tf_graph(argv: list[str]) -> bool:
         return "--data" in argv and not (paths and paths[0].endswith(".onnx"))
     if argv[0] == "recalibrate" or "--recalibrate" in argv:
         return not (paths and paths[0].endswith(".onnx"))
+    if argv[0] == "fold" and len(paths) >= 2 and paths[1].endswith((".keras", ".h5", ".hdf5")):
+        return True  # the Keras-to-Keras fold: load, fold, check and save in a TensorFlow worker
     if argv[0] != "fold" or "--no-verify" in argv or len(paths) < 2:
         return False
     return not paths[0].endswith(".onnx") and not paths[1].endswith((".keras", ".h5"))

@@ -13,6 +13,14 @@ One worker serves one graph at a time and is kept for the next graph; a worker
 that died is replaced. :func:`prestart` starts one early, so that its
 TensorFlow import overlaps the fold.
 
+Beyond TensorFlow graphs, the worker does every other thing that runs a
+model from a file: it loads and freezes SavedModels and Keras files
+(``freeze``), folds a Keras file into a Keras file (``keras_fold``), converts
+with tf2onnx (``tf2onnx``), holds onnxruntime sessions (``ort_load``, then
+``run``) and evaluates ONNX constants with the reference evaluator
+(``onnx_eval``). A worker for ONNX requests only is a new interpreter without
+TensorFlow (:func:`acquire` with ``tensorflow=False``).
+
 The worker is confined (:mod:`bnfold.sandbox`) as it starts, while it has one
 thread and before it imports TensorFlow or sees a model: Landlock where the
 kernel has it, memory and CPU limits everywhere. The parent keeps the
@@ -64,10 +72,11 @@ class GraphRunError(Exception):
 class WorkerDied(Exception):
     """The worker process ended while loading or running a graph: TensorFlow aborted, or the process was killed."""
 
-    def __init__(self, returncode: int | None, last_words: str, limit: str = "") -> None:
+    def __init__(self, returncode: int | None, last_words: str, limit: str = "", engine: str = "TensorFlow") -> None:
         self.returncode = returncode
         self.last_words = last_words
         self.limit = limit  # which of bnfold's limits ended it, when one did
+        self.engine = engine  # what ran in the worker: TensorFlow, onnxruntime, Keras
         super().__init__(self.describe())
 
     def describe(self) -> str:
@@ -82,7 +91,7 @@ class WorkerDied(Exception):
         else:
             how = f"ended (exit status {code})"
         said = f": {self.last_words}" if self.last_words else ""
-        return f"TensorFlow {how} while running the graph{said}"
+        return f"{self.engine} {how} while running the {'model' if self.engine != 'TensorFlow' else 'graph'}{said}"
 
 
 # -- arrays over a pipe, without pickle ------------------------------------------------------
@@ -178,14 +187,18 @@ class Worker:
     else a new interpreter that imports TensorFlow itself.
     """
 
-    def __init__(self, onednn: bool = True) -> None:
-        """``onednn=False``: a new interpreter with TensorFlow's oneDNN kernels off (:data:`ABORT_POLICY`)."""
+    def __init__(self, onednn: bool = True, tensorflow: bool = True) -> None:
+        """``onednn=False``: a new interpreter with TensorFlow's oneDNN kernels off (:data:`ABORT_POLICY`).
+        ``tensorflow=False``: a worker for ONNX models only (onnxruntime, the ONNX reference evaluator), which
+        does not import TensorFlow when it is a new interpreter; a forked worker has TensorFlow either way."""
         self.log = tempfile.TemporaryFile()  # the child's stderr: TF's start-up lines stay out of bnfold's output
         self.onednn = onednn
         private = tempfile.mkdtemp(prefix="bnfold-worker-")  # removed by stop(): the worker cannot be trusted to
         self.limits = sandbox.Limits(sandbox.limits.memory, sandbox.limits.time, list(sandbox.limits.read_paths), private)
         _warn_unconfined()
-        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log, self.limits) if onednn and _can_fork() else self._spawn()
+        forked = onednn and _can_fork()
+        self.tensorflow = tensorflow or forked
+        self.process: subprocess.Popen[bytes] | _Forked = _fork(self.log, self.limits) if forked else self._spawn()
         self.ready = False  # until the worker says it has started (TensorFlow imported, warmed up)
         _started.append(self)
         for stream in (self.process.stdin, self.process.stdout):
@@ -197,6 +210,8 @@ class Worker:
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if not self.onednn:
             env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        if not self.tensorflow:
+            env[_FLAVOR_ENV] = "onnx"
         # The worker imports this very bnfold, also when it was found through sys.path alone.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
@@ -291,6 +306,7 @@ class Worker:
 
 STARTUP_LIMIT = 600.0  # seconds a worker may take to import TensorFlow and warm up, on a busy machine
 _LIMITS_ENV = "BNFOLD_WORKER_LIMITS"  # how a spawned worker learns its limits and the model's paths
+_FLAVOR_ENV = "BNFOLD_WORKER_FLAVOR"  # "onnx": a spawned worker that serves ONNX requests without importing TensorFlow
 _warned: list[bool] = []
 
 
@@ -504,14 +520,17 @@ def prestart() -> None:
         _spare.append(Worker())
 
 
-def acquire() -> Worker:
-    """A started worker that may read every model path allowed so far (:func:`bnfold.sandbox.allow_read`), else a new one."""
+def acquire(tensorflow: bool = True) -> Worker:
+    """A started worker that may read every model path allowed so far (:func:`bnfold.sandbox.allow_read`), else a new one.
+
+    ``tensorflow=False``: the request needs no TensorFlow (an ONNX model's run or constant); a spare worker
+    of either kind serves it, and a new one is an ONNX-only interpreter unless it can be forked."""
     while _spare:
         worker = _spare.pop()
-        if worker.alive and set(sandbox.limits.read_paths) <= set(worker.limits.read_paths):
+        if worker.alive and set(sandbox.limits.read_paths) <= set(worker.limits.read_paths) and (worker.tensorflow or not tensorflow):
             return worker
         worker.stop()
-    return Worker()
+    return Worker(tensorflow=tensorflow)
 
 
 _serving: list[bool] = []  # set in a worker process: loads there run in place
@@ -543,6 +562,36 @@ def freeze_in_worker(request: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         raise
     release(worker)
     return body, head
+
+
+def ask(header: dict[str, Any], payload: bytes = b"", *, tensorflow: bool = True, engine: str = "TensorFlow") -> tuple[dict[str, Any], bytes]:
+    """One request to a pooled worker (a one-shot job: convert, evaluate, fold a Keras file), answered as
+    :meth:`Worker.request` answers; the worker goes back to the pool after an answer and is stopped after a death."""
+    worker = acquire(tensorflow)
+    try:
+        reply = worker.request(header, payload)
+    except GraphRunError:
+        release(worker)
+        raise
+    except WorkerDied as exc:
+        worker.stop()
+        exc.engine = engine
+        raise
+    except BaseException:
+        worker.stop()
+        raise
+    release(worker)
+    return reply
+
+
+def as_bnfold_error(exc: GraphRunError, fallback: Callable[[str], BaseException]) -> BaseException:
+    """The worker's :class:`~bnfold.errors.BnfoldError` as the same class here (its exit code kept), else ``fallback(message)``."""
+    from bnfold import errors
+
+    kind = getattr(errors, exc.kind, None)
+    if isinstance(kind, type) and issubclass(kind, errors.BnfoldError):
+        return kind(str(exc))
+    return fallback(first_line_of(str(exc)))
 
 
 def first_line_of(text: str) -> str:
@@ -797,11 +846,107 @@ def _freeze(head: dict[str, Any], reply: IO[bytes]) -> None:
     _send(reply, {"ok": True, "signature": signature}, data)
 
 
+class ModelRunError(ValueError):
+    """onnxruntime, the ONNX reference evaluator or tf2onnx refused or failed on the model (their own exception types)."""
+
+
+class OrtSession:
+    """An onnxruntime session in the worker (graph optimizations off), run as the TF session is: by names."""
+
+    def __init__(self, source: bytes | str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelRunError(first_line_of(str(exc))) from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(self.session.run(fetches, feeds))
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelRunError(first_line_of(str(exc))) from None
+
+    def close(self) -> None:
+        del self.session
+
+
+def _onnx_eval(head: dict[str, Any], payload: bytes) -> list[np.ndarray]:
+    """The ONNX reference evaluator on a constant's subgraph (:class:`bnfold.onnx_fold.ConstValues`)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    size = int(head["model_bytes"])
+    model = onnx.ModelProto.FromString(payload[:size])
+    feeds = dict(zip(head["feeds"], decode_arrays(head["arrays"], payload[size:]), strict=True))
+    try:
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(list(head["fetches"]), feeds)]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises anything
+        raise ModelRunError(f"{type(exc).__name__}: {first_line_of(str(exc))}") from None
+
+
+def _tf2onnx(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """tf2onnx's conversion of a folded GraphDef (:func:`bnfold.onnx_export.convert`), answered with the ONNX model's bytes;
+    a model past protobuf's 2 GB is written with external data in the private directory instead, and its path answered."""
+    from tensorflow.core.framework import graph_pb2
+
+    from bnfold.onnx_export import convert
+    from bnfold.onnx_io import serialize_within_limit
+
+    graph_def = graph_pb2.GraphDef.FromString(payload)
+    del payload
+    model = convert(graph_def, list(head["inputs"]), list(head["outputs"]), int(head["opset"]))
+    del graph_def
+    data = serialize_within_limit(model)
+    if data is not None:
+        del model
+        _send(reply, {"ok": True}, data)
+        return
+    import onnx
+
+    where = tempfile.mkdtemp(prefix="tf2onnx-")
+    onnx.save_model(model, os.path.join(where, "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    _send(reply, {"ok": True, "path": os.path.join(where, "model.onnx")})
+
+
+def _keras_fold(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """``bnfold a.keras b.keras`` in the worker: load, fold, check, save to the private directory and check the
+    saved file (:func:`bnfold.keras_fold.fold_here`); answered with the file's bytes and the report as JSON."""
+    from bnfold import keras_fold
+    from bnfold.errors import InputError, VerificationError
+
+    options = dict(head["options"])
+    options["feeds"] = dict(zip(head["feeds"], decode_arrays(head["arrays"], payload), strict=True))
+    try:
+        data, result = keras_fold.fold_here(str(head["src"]), str(head["dst"]), bool(head["dry_run"]), bool(head["trust_model"]), options)
+    except VerificationError as exc:
+        if exc.result is None:
+            raise
+        _send(reply, {"ok": True, "failed": str(exc), "result": exc.result.to_json()})  # type: ignore[attr-defined]
+        return
+    except (BnfoldError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer's own code (a trusted Lambda) failing in the confined worker
+        raise InputError(f"{head['src']}: the model failed in bnfold's worker ({type(exc).__name__}: {first_line_of(str(exc))})") from None
+    _send(reply, {"ok": True, "result": result.to_json()}, data or b"")
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
     Anything the graph or TensorFlow prints to stdout goes to stderr instead,
     so it cannot be taken for an answer. A forked worker passes its pipes.
+    A spawned worker for ONNX models only (``BNFOLD_WORKER_FLAVOR=onnx``) does not import TensorFlow.
     """
     if reply is None:
         reply = os.fdopen(os.dup(1), "wb")
@@ -809,16 +954,20 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
     if requests is None:
         requests = sys.stdin.buffer
     _serving.append(True)
-    import tensorflow as tf
+    tf: Any = None
+    caught: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, BnfoldError, MemoryError)
+    if os.environ.pop(_FLAVOR_ENV, "") != "onnx":
+        import tensorflow as tf  # type: ignore[no-redef]
 
-    from bnfold.verification import runner_config
+        from bnfold.verification import runner_config
 
-    try:
-        _warm_up(tf, runner_config)
-    except Exception:  # noqa: BLE001 - only a head start: the requests run all the same without it
-        pass
+        caught = (tf.errors.OpError, *caught)
+        try:
+            _warm_up(tf, runner_config)
+        except Exception:  # noqa: BLE001 - only a head start: the requests run all the same without it
+            pass
     _send(reply, {"ok": True, "ready": True})  # from here on, the parent's deadline counts
-    session = None
+    session: Any = None
     while True:
         message = _receive(requests)
         if message is None:
@@ -826,6 +975,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         head, payload = message
         del message  # the graph's bytes go with ``payload`` once it is imported
         try:
+            if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold") and tf is None:
+                raise ValueError(f"request {head['op']!r} needs TensorFlow, which this worker did not import")
             if head["op"] == "load":
                 session = None  # the previous graph's session, if a caller skipped "unload"
                 graph = import_serialized(tf, payload)
@@ -840,11 +991,26 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                     raise ValueError("no graph is loaded")
                 values = decode_arrays(head["arrays"], payload)
                 feeds = dict(zip(head["feeds"], values, strict=True))
-                outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
+                if isinstance(session, OrtSession):
+                    outputs = session.run(head["fetches"], feeds)
+                else:
+                    outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
                 meta, data = encode_arrays(outputs)
                 _send(reply, {"ok": True, "arrays": meta}, data)
             elif head["op"] == "freeze":
                 _freeze(head, reply)
+            elif head["op"] == "ort_load":
+                session = None
+                session = OrtSession(str(head["path"]) if head.get("path") else payload)
+                payload = b""
+                _send(reply, {"ok": True, "inputs": session.inputs})
+            elif head["op"] == "onnx_eval":
+                meta, data = encode_arrays(_onnx_eval(head, payload))
+                _send(reply, {"ok": True, "arrays": meta}, data)
+            elif head["op"] == "tf2onnx":
+                _tf2onnx(head, payload, reply)
+            elif head["op"] == "keras_fold":
+                _keras_fold(head, payload, reply)
             elif head["op"] == "selftest":
                 answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
                 _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})
@@ -855,7 +1021,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 _send(reply, {"ok": True})
             else:
                 raise ValueError(f"unknown request {head['op']!r}")
-        except (tf.errors.OpError, ValueError, TypeError, KeyError, BnfoldError, MemoryError) as exc:
+        except caught as exc:
             kind = type(exc).__name__
             message_text = op_error_text(getattr(exc, "message", None) or str(exc))
             _send(reply, {"ok": False, "kind": kind, "message": message_text})

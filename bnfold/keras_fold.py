@@ -914,18 +914,36 @@ def load_model(path: Path, trust_model: bool = False) -> Any:
 
 
 def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None) -> None:
-    """Save atomically, after proving the file loads (safe mode for .keras) and predicts what ``model`` does.
+    """Save atomically, after proving the file loads (safe mode for .keras) and predicts what ``model`` does."""
+    write_bytes(dst, saved_bytes(model, dst, check_against))
 
-    The temporary file keeps ``dst``'s suffix, because Keras picks the format
-    from it; it is renamed over ``dst`` only when the reload check passed.
-    """
+
+def write_bytes(dst: Path, data: bytes) -> None:
+    """``dst`` atomically (a temporary file beside it, renamed over it), with the mode a new file gets."""
     parent = dst.parent if str(dst.parent) else Path(".")
-    module = _framework(model)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=dst.suffix, dir=parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        tmp.unlink()
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def saved_bytes(model: Any, dst: Path, check_against: CheckOptions | None = None) -> bytes:
+    """The file ``model.save`` writes for ``dst``, once it is proven to load (safe mode for .keras) and to predict
+    what ``model`` does. Saved in a temporary directory (the worker's private one), keeping ``dst``'s suffix,
+    because Keras picks the format from it."""
+    module = _framework(model)
+    where = Path(tempfile.mkdtemp(prefix="bnfold-save-"))
+    tmp = where / f"{dst.stem or 'model'}{dst.suffix}"
+    try:
         if dst.suffix.lower() == ".keras" or _is_keras3(module):
             model.save(str(tmp))
         else:
@@ -946,14 +964,15 @@ def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None
             raise VerificationError(
                 f"{dst}: the written file does not predict what the folded model does ({failure_message(same)}); nothing written"
             )
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, dst)
+        return tmp.read_bytes()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+        try:
+            where.rmdir()
+        except OSError:
+            pass
 
 
 def _umask() -> int:
@@ -971,12 +990,76 @@ def fold_keras_file(
     trust_model: bool = False,
     **options: Any,
 ) -> tuple[Any, FoldResult]:
-    """``bnfold model.keras folded.keras``: load, fold, check, write (nothing is written when the check fails)."""
+    """``bnfold model.keras folded.keras``: load, fold, check, write (nothing is written when the check fails).
+
+    The model is loaded, folded, checked and saved in bnfold's confined worker
+    (:mod:`bnfold.isolation`), since loading a file runs what it carries; the
+    worker answers with the saved file's bytes and the report as JSON, and this
+    process writes ``dst``. The folded model stays in the worker: the first
+    item returned is None (load ``dst`` to use it). Inside a worker, or for a
+    live model (:func:`fold_keras`), everything runs where it is called.
+    """
+    from bnfold import isolation
+
     src_path, dst_path = Path(src), Path(dst)
     if not is_keras_path(src_path):
         raise UsageError(f"{dst_path}: Keras output needs a Keras model as input (.keras or .h5), not {src_path.name}")
     if not dry_run:
         check_output_path(src_path, dst_path, in_place)
+    if isolation.in_worker():
+        data, result = fold_here(str(src_path), str(dst_path), dry_run, trust_model, options)
+        if data is not None:
+            write_bytes(dst_path, data)
+        return None, result
+    return None, _fold_in_worker(src_path, dst_path, dry_run, trust_model, options)
+
+
+_WORKER_OPTIONS = ("verify_outputs", "standalone_affine", "input_shapes", "rtol", "atol", "samples", "seed", "force")
+
+
+def _fold_in_worker(src: Path, dst: Path, dry_run: bool, trust_model: bool, options: dict[str, Any]) -> FoldResult:
+    """:func:`fold_here` in the confined worker: only the options, the feeds' arrays, the file's bytes and the report's JSON cross."""
+    from bnfold import isolation, sandbox
+    from bnfold.allowlist import enforced
+    from bnfold.freeze import check_keras_file
+    from bnfold.result import result_from_json
+
+    unknown = set(options) - {*_WORKER_OPTIONS, "feeds", "on_batch"}
+    if unknown:
+        raise TypeError(f"fold_keras_file() got unexpected keyword arguments {sorted(unknown)}")
+    if not src.exists():
+        raise InputError(f"{src}: no such file")
+    if src.is_dir():
+        raise InputError(f"{src}: is a directory; Keras output needs a .keras or .h5 model file as input")
+    if enforced(trust_model):
+        check_keras_file(src)  # refused here, before any Keras reads the file
+    feeds = dict(options.get("feeds") or {})
+    meta, payload = isolation.encode_arrays(list(feeds.values()))
+    header = {
+        "op": "keras_fold", "src": str(src), "dst": str(dst), "dry_run": dry_run, "trust_model": trust_model,
+        "options": {k: options[k] for k in _WORKER_OPTIONS if k in options}, "feeds": list(feeds), "arrays": meta,
+    }  # fmt: skip
+    sandbox.allow_read(src)
+    try:
+        head, body = isolation.ask(header, payload, engine="Keras")
+    except isolation.GraphRunError as exc:
+        raise isolation.as_bnfold_error(exc, lambda text: InputError(f"{src}: cannot fold the model ({text})")) from None
+    except isolation.WorkerDied as exc:
+        raise InputError(f"{src}: folding the model ended bnfold's worker: {exc.describe()}") from None
+    result = result_from_json(head["result"])
+    if head.get("failed"):
+        raise VerificationError(str(head["failed"]), result)
+    on_batch = options.get("on_batch")
+    if on_batch is not None and result.verification is not None:
+        on_batch(1, 1)
+    if not dry_run:
+        write_bytes(dst, body)
+    return result
+
+
+def fold_here(src: str, dst: str, dry_run: bool, trust_model: bool, options: dict[str, Any]) -> tuple[bytes | None, FoldResult]:
+    """The worker's side of :func:`fold_keras_file`: the saved file's bytes (None with ``dry_run``) and the report."""
+    src_path, dst_path = Path(src), Path(dst)
     model = load_model(src_path, trust_model)
     new_model, result = fold_keras(model, source=str(src_path), **options)
     check_options = CheckOptions(
@@ -986,9 +1069,7 @@ def fold_keras_file(
         new_model = as_keras3(new_model, src_path, dst_path, check_options)
         if result.verification is not None:
             result.verification.notes.append(f"written by Keras 2: {dst_path.name} is its Keras {keras.__version__} rebuild, checked against it")
-    if not dry_run:
-        write_model(new_model, dst_path, check_options)
-    return new_model, result
+    return (None if dry_run else saved_bytes(new_model, dst_path, check_options)), result
 
 
 # Keras 2 arguments that Keras 3 no longer accepts, dropped only at the value where they change nothing:

@@ -98,6 +98,42 @@ def convert(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str]
     return model
 
 
+def convert_confined(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """:func:`convert` in bnfold's confined worker (:mod:`bnfold.isolation`): tf2onnx runs grappler's constant
+    folding, which evaluates the graph's ops. The GraphDef's bytes go in, the ONNX model's bytes come back; a
+    model past 2 GB comes back as a file with external data in the worker's private directory."""
+    from bnfold import isolation
+
+    if isolation.in_worker():
+        return convert(graph_def, inputs, outputs, opset)
+    header = {"op": "tf2onnx", "inputs": list(inputs), "outputs": list(outputs), "opset": opset}
+    worker = isolation.acquire()
+    try:
+        head, body = worker.request(header, graph_def.SerializeToString())
+        if not head.get("path"):
+            return onnx.ModelProto.FromString(body)
+        from bnfold.allowlist import trusting
+
+        where = os.path.realpath(worker.limits.private_dir)
+        path = os.path.realpath(str(head["path"]))
+        if os.path.commonpath([where, path]) != where:
+            raise InputError("tf2onnx's worker answered with a path outside its directory")
+        with trusting(True):  # tf2onnx's output, taken as the bytes route takes it
+            return load_onnx(path)
+    except isolation.GraphRunError as exc:
+        raise isolation.as_bnfold_error(
+            exc, lambda text: InputError(f"tf2onnx cannot convert the graph at opset {opset}: {text}; try another --opset")
+        ) from None
+    except isolation.WorkerDied as exc:
+        exc.engine = "tf2onnx"
+        raise InputError(f"converting the graph with tf2onnx ended bnfold's worker: {exc.describe()}") from None
+    except BaseException:
+        worker.stop()  # interrupted halfway through the exchange
+        raise
+    finally:
+        isolation.release(worker)  # a worker that died or was stopped is stopped again, harmlessly
+
+
 def _convert_lean(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], opset: int) -> onnx.ModelProto | None:
     """``tf2onnx.convert.from_graph_def`` without its waste; None where an ONNX optimizer failed.
 
@@ -303,7 +339,7 @@ def to_onnx(
             f"{name}: converting to ONNX",
             hint="tf2onnx evaluates constant subgraphs with TensorFlow; --trust-model converts it anyway",
         )
-    model = convert(result.graph_def, in_names, out_names, opset)
+    model = convert_confined(result.graph_def, in_names, out_names, opset)
     names = {n: tensor_name(n) for n in [*in_names, *out_names]}
     ops_before = op_counts(model)
     model, onnx_sites = fold_model(model, set(names.values()), in_place=True)  # tf2onnx's output is ours to edit
@@ -343,9 +379,15 @@ def to_onnx(
 
 
 def _tf2onnx_version() -> str:
-    import tf2onnx
+    """From the package's metadata: tf2onnx itself is imported only by the worker that converts."""
+    from importlib import metadata
 
-    return tf2onnx.__version__
+    try:
+        return metadata.version("tf2onnx")
+    except metadata.PackageNotFoundError:
+        import tf2onnx
+
+        return str(tf2onnx.__version__)
 
 
 def fold_file_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, in_place: bool = False, **options: Any) -> Any:

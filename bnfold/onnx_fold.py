@@ -197,8 +197,6 @@ class ConstValues:
             tally.work(node.name or node.op_type, product_flops(node.op_type, [shapes.get(i) for i in node.input], out_shape))
 
     def _evaluate(self, name: str) -> np.ndarray | None:
-        from onnx.reference import ReferenceEvaluator
-
         nodes: list[onnx.NodeProto] = []
         feeds: dict[str, np.ndarray] = {}
         seen: set[str] = set()
@@ -244,12 +242,35 @@ class ConstValues:
         except BudgetExceeded as exc:
             self.notes[name] = str(exc)
             return None
+        value = evaluate_constant(sub, name, {**feeds, **known})
+        if value is None:
+            return None
+        return value if value.size <= MAX_CONST_ELEMENTS else None
+
+
+def evaluate_constant(sub: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """``name`` in ``sub`` by ``onnx.reference.ReferenceEvaluator``, in bnfold's confined worker
+    (:mod:`bnfold.isolation`): the model is a file's, and its nodes are run. Only the subgraph's bytes,
+    the feeds and the value cross. None when it cannot be evaluated (a value that is simply not a constant)."""
+    from bnfold import isolation
+
+    if isolation.in_worker():
+        from onnx.reference import ReferenceEvaluator
+
         try:
-            (value,) = ReferenceEvaluator(sub).run([name], {**feeds, **known})
+            (value,) = ReferenceEvaluator(sub).run([name], feeds)
         except Exception:  # noqa: BLE001 - the reference evaluator raises anything; such a value is simply not a constant
             return None
-        value = np.asarray(value)
-        return value if value.size <= MAX_CONST_ELEMENTS else None
+        return np.asarray(value)
+    data = sub.SerializeToString()
+    meta, arrays = isolation.encode_arrays(list(feeds.values()))
+    header = {"op": "onnx_eval", "model_bytes": len(data), "fetches": [name], "feeds": list(feeds), "arrays": meta}
+    try:
+        head, body = isolation.ask(header, data + arrays, tensorflow=False, engine="the ONNX reference evaluator")
+    except (isolation.GraphRunError, isolation.WorkerDied):
+        return None
+    (value,) = isolation.decode_arrays(head["arrays"], body)
+    return value
 
 
 @dataclass

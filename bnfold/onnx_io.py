@@ -15,6 +15,7 @@ temporary files and renamed into place, data first.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -297,43 +298,78 @@ class OrtRunner:
     """One onnxruntime session with graph optimizations off, fed and fetched by caller-side names.
 
     Optimizations are off so the check proves the file itself computes the
-    original's outputs, not that a runtime folds it at load time.
+    original's outputs, not that a runtime folds it at load time. The session
+    lives in bnfold's confined worker (:mod:`bnfold.isolation`), whatever the
+    model came from: the model's bytes, the feeds and the outputs cross as
+    bytes, and a model past protobuf's 2 GB is written (external data) into
+    the worker's private directory for it to load.
     """
 
-    # onnxruntime's errors (InvalidArgument, Fail, ...) derive from Exception directly.
+    # onnxruntime's errors, as the worker reports them, and the worker's end.
     errors: tuple[type[BaseException], ...] = (Exception,)
 
     def __init__(self, model: onnx.ModelProto, names: dict[str, str] | None = None) -> None:
-        import onnxruntime as ort
+        from bnfold import isolation
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        self.names = names or {}
         restore = _free_unknown_dims(model)
         try:
             data = serialize_within_limit(model)
-            if data is not None:
-                self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-                del data
-            else:
-                with tempfile.TemporaryDirectory(prefix="bnfold-ort-") as tmp:
-                    copy = onnx.ModelProto()
-                    copy.CopyFrom(model)
-                    onnx.save_model(copy, os.path.join(tmp, "m.onnx"), save_as_external_data=True, location="m.onnx.data")
-                    self.session = ort.InferenceSession(os.path.join(tmp, "m.onnx"), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+            self.worker = isolation.acquire(tensorflow=False)
+            header: dict[str, object] = {"op": "ort_load"}
+            if data is None:
+                where = tempfile.mkdtemp(prefix="ort-", dir=self.worker.limits.private_dir)
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)
+                onnx.save_model(copy, os.path.join(where, "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+                del copy
+                header["path"] = os.path.join(where, "m.onnx")
         finally:
             restore()
-        self.names = names or {}
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        try:
+            head, _ = self.worker.request(header, data or b"")
+        except isolation.GraphRunError as exc:
+            isolation.release(self.worker)
+            raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        except isolation.WorkerDied as exc:
+            self.worker.stop()
+            exc.engine = "onnxruntime"
+            raise VerificationError(f"{exc.describe()} (loading the model in onnxruntime)") from None
+        except BaseException:
+            self.worker.stop()
+            raise
+        finally:
+            if "path" in header:
+                shutil.rmtree(os.path.dirname(str(header["path"])), ignore_errors=True)
+        self.inputs = set(head.get("inputs", []))
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from bnfold import isolation
+
         mapped = {self.names.get(k, k): v for k, v in feeds.items()}
-        return list(self.session.run([self.names.get(f, f) for f in fetches], {k: v for k, v in mapped.items() if k in self.inputs}))
+        fed = {k: v for k, v in mapped.items() if k in self.inputs}
+        meta, payload = isolation.encode_arrays(list(fed.values()))
+        header = {"op": "run", "fetches": [self.names.get(f, f) for f in fetches], "feeds": list(fed), "arrays": meta}
+        try:
+            head, body = self.worker.request(header, payload)
+        except isolation.WorkerDied as exc:
+            self.worker.stop()
+            exc.engine = "onnxruntime"
+            raise
+        return isolation.decode_arrays(head["arrays"], body)
 
     def close(self) -> None:
-        del self.session
+        from bnfold import isolation
+
+        if not self.worker.alive:
+            self.worker.stop()
+            return
+        try:
+            self.worker.request({"op": "unload"})
+        except (isolation.GraphRunError, isolation.WorkerDied):
+            self.worker.stop()
+            return
+        isolation.release(self.worker)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -63,3 +63,35 @@ class FoldResult:
             "foreign_ops": self.foreign_ops,
             "unchanged": self.unchanged or bool(self.onnx and self.onnx.unchanged),
         }
+
+
+def result_from_json(data: dict[str, Any]) -> FoldResult:
+    """A :class:`FoldResult` of a layer-level (Keras) fold again, from :meth:`FoldResult.to_json` as the worker sent it:
+    sites, inputs, outputs, layer counts and the verification; a Keras fold has no graph, ONNX stage or switches."""
+    from bnfold.comparison import OutputCheck
+
+    fields = {f for f in SiteRecord.__dataclass_fields__}
+    checks = {f for f in OutputCheck.__dataclass_fields__}
+    verification = None
+    found = data.get("verification")
+    if isinstance(found, dict):
+        verification = Verification(
+            outputs=[OutputCheck(**{k: v for k, v in o.items() if k in checks}) for o in found.get("outputs", [])],
+            inputs=dict(found.get("inputs", {})),
+            samples=int(found.get("samples", 1)),
+            batch_independent=found.get("batch_independent"),
+            batch_error=found.get("batch_error"),
+            notes=list(found.get("notes", [])),
+        )
+    return FoldResult(
+        graph_def=None,
+        sites=[SiteRecord(**{k: v for k, v in s.items() if k in fields}) for s in data.get("sites", [])],
+        inputs=list(data.get("inputs", [])),
+        outputs=list(data.get("outputs", [])),
+        ops_before=dict(data.get("ops_before", {})),
+        ops_after=dict(data.get("ops_after", {})),
+        verification=verification,
+        source=str(data.get("source", "")),
+        other_normalizations=[SiteRecord(**{k: v for k, v in s.items() if k in fields}) for s in data.get("other_normalizations", [])],
+        unchanged=bool(data.get("unchanged", False)),
+    )

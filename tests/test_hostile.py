@@ -767,6 +767,7 @@ DOCTOR = Run(["doctor", "{IN}"], EXIT_UNSAFE)
 INSPECT_PB = Run(["inspect", "{IN}"], EXIT_OK)  # a frozen graph is read, never run: nothing to refuse
 NO_VERIFY = Run(["fold", "{IN}", "{OUT}", "--no-verify"], EXIT_UNSAFE)
 DATA = Run(["doctor", "{IN}", "--data", "{DIR}/x.npy"], EXIT_UNSAFE)
+KERAS_OUT = Run(["fold", "{IN}", "{DIR}/out.keras"], EXIT_UNSAFE)  # the layer-level fold, loaded and checked in the worker
 GRAPH = "code in a frozen graph"
 FUNCTIONS = "function routes (values, calls, gradients)"
 SAVED = "SavedModel loading runs more than the checked initializers"
@@ -818,6 +819,8 @@ CASES = [
     Case("h5-keras3-lambda", KERAS, keras_lambda("keras", ".h5"), [INSPECT, Run(["fold", "{IN}", "{DIR}/out.h5"], EXIT_UNSAFE)], fires=True),
     Case("h5-tf-keras-lambda", KERAS, keras_lambda("tf_keras", ".h5"), [DOCTOR]),
     Case("keras-lambda", KERAS, keras_lambda("keras", ".keras"), [INSPECT]),
+    Case("keras-lambda-keras-out", KERAS, keras_lambda("keras", ".keras"), [KERAS_OUT, Run(["fold", "{IN}", "{DIR}/out.keras", "--dry-run"], EXIT_UNSAFE)], fires=True),
+    Case("h5-tf-keras-lambda-h5-out", KERAS, keras_lambda("tf_keras", ".h5"), [Run(["fold", "{IN}", "{DIR}/out.h5"], EXIT_UNSAFE)], fires=True),
     Case("keras-lambda-in-wrapper", KERAS, keras_wrapped_lambda, [INSPECT]),
     Case("keras-get-file-cve-2025-8747", KERAS, keras_case(".keras", "keras", k3("keras.utils", "get_file", {"fname": "CANARY/new.txt", "origin": "file://CANARY/keep.txt"}), "activation"), [INSPECT]),
     Case("keras-enable-unsafe-cve-2025-9906", KERAS, keras_case(".keras", "keras", k3("keras.config", "function", "enable_unsafe_deserialization", "function"), "activation"), [INSPECT]),
@@ -831,6 +834,7 @@ CASES = [
     Case("keras-ops-callable", KERAS, keras_case(".keras", "keras", k3_layer("keras.src.ops.core", "Cond", {})), [INSPECT]),
     Case("onnx-custom-domain", ONNX_CLASS, onnx_save(custom_op("com.evil")), [INSPECT, DOCTOR, Run(["fold", "{IN}", "{DIR}/out.onnx", "--no-verify"], EXIT_UNSAFE)]),
     Case("onnx-contrib-domain", ONNX_CLASS, onnx_save(custom_op("com.microsoft")), [INSPECT]),
+    Case("onnx-custom-domain-onnx-out", ONNX_CLASS, onnx_save(custom_op("com.evil")), [Run(["fold", "{IN}", "{DIR}/out.onnx"], EXIT_UNSAFE)]),
     Case("onnx-custom-op-in-function", ONNX_CLASS, onnx_save(custom_in_function), [INSPECT]),
     Case("onnx-function-data-outside", ONNX_CLASS, onnx_function_data("../canary/secret.bin"), [Run(["inspect", "{IN}"], EXIT_INPUT)]),
     Case("onnx-function-data-link-out", ONNX_CLASS, onnx_function_data("link.bin"), [Run(["inspect", "{IN}"], EXIT_INPUT)]),
@@ -860,8 +864,10 @@ CULPRITS = {
     "h5-keras3-lambda": "'evil_lambda'",
     "h5-tf-keras-lambda": "'evil_lambda'",
     "keras-lambda": "'evil_lambda'",
+    "keras-lambda-keras-out": "'evil_lambda'",
+    "h5-tf-keras-lambda-h5-out": "'evil_lambda'",
     "keras-lambda-in-wrapper": "'inner_lambda'",
-    **dict.fromkeys([c for c in ("onnx-custom-domain", "onnx-contrib-domain", "onnx-custom-op-in-function")], "EvilOp"),
+    **dict.fromkeys([c for c in ("onnx-custom-domain", "onnx-contrib-domain", "onnx-custom-op-in-function", "onnx-custom-domain-onnx-out")], "EvilOp"),
     "onnx-function-data-outside": "outside the model's directory",
     "onnx-function-data-link-out": "a link out of the model's directory",
     "onnx-function-data-from-cwd": "no such file beside the model",
@@ -973,7 +979,12 @@ def test_attack_is_real(case: Case, tmp_path: Path) -> None:
 
 # What the error line shows when the sandbox stopped a trusted attack: TensorFlow's "Permission denied" unless the
 # route wraps it (Keras reports the Lambda's failure by the layer) or swallows it (a resource destructor).
-CONTAINED_EVIDENCE: dict[str, str | None] = {"h5-keras3-lambda": "Lambda.call", "sm-resource-destroy": None}
+CONTAINED_EVIDENCE: dict[str, str | None] = {
+    "h5-keras3-lambda": "Lambda.call",
+    "keras-lambda-keras-out": "Lambda.call",  # the Keras-to-Keras fold loads the model in the worker: Keras' shape inference runs the Lambda there
+    "h5-tf-keras-lambda-h5-out": "evil_lambda",
+    "sm-resource-destroy": None,
+}
 
 
 def test_function_constant_data_is_read_beside_the_model(tmp_path: Path) -> None:

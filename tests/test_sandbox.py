@@ -268,3 +268,105 @@ def test_saved_model_with_variables_linked_outside_is_refused(tmp_path: Path) ->
     proc = cli("inspect", export, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "links outside the SavedModel" in error_line(proc)
+
+
+# -- the routes moved into the worker by #22's last step ---------------------------------------
+
+
+def lambda_keras(tmp_path: Path, target: Path) -> Path:
+    """Dense -> BN -> a Lambda that writes ``target`` whenever Keras runs it (a trusted file's own code)."""
+    import keras
+
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    body = eval(f"lambda t: (__import__('pathlib').Path({str(target)!r}).write_text('ran'), t * 2.0)[1]")  # noqa: S307
+    model = keras.Model(inputs, keras.layers.Lambda(body, name="evil_lambda")(x))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    target.unlink(missing_ok=True)  # building ran the lambda here, in the test
+    return path
+
+
+@needs_landlock
+@pytest.mark.parametrize("disable_allowlist", [False, True])
+def test_trusted_keras_to_keras_fold_runs_the_lambda_in_the_confined_worker(tmp_path: Path, disable_allowlist: bool) -> None:
+    """``bnfold a.keras b.keras --trust-model`` loads, folds and checks the model in the worker: the Lambda runs
+    there and Landlock denies its write (the error line says so); nothing is written, the canary stays absent."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    canary = outside / "canary.txt"
+    src = lambda_keras(tmp_path, canary)
+    data = src.read_bytes()
+    proc = cli(src, tmp_path / "out.keras", "--trust-model", cwd=tmp_path, disable_allowlist=disable_allowlist)
+    assert proc.returncode in (3, 4), proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "Permission denied" in line or "Lambda.call" in line, line  # Keras reports the Lambda's failure by the layer
+    assert not canary.exists() and not (tmp_path / "out.keras").exists()
+    assert src.read_bytes() == data
+
+
+WHERE_IT_RAN = """
+import json, os, sys
+from pathlib import Path
+import bnfold
+src, work = Path(sys.argv[1]), Path(sys.argv[2])
+bnfold.fold_file(src, work / "out.keras")  # the Keras fold
+bnfold.fold_file(src, work / "out.onnx")  # tf2onnx, the ONNX fold, the check in onnxruntime
+bnfold.fold_file(work / "out.onnx", work / "again.onnx")  # ONNX in: nothing to fold, nothing runs
+seen = {m: m in sys.modules for m in ("onnxruntime", "tf2onnx", "onnx.reference")}
+print(json.dumps(seen))
+"""
+
+
+def test_the_parent_never_loads_runs_or_converts_a_model_file(tmp_path: Path) -> None:
+    """A process-level observation: after a Keras-to-Keras fold and a Keras-to-ONNX fold with the check,
+    bnfold's own process has never imported onnxruntime, tf2onnx or the ONNX reference evaluator: the
+    sessions, the conversion and the constants ran in the worker."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    model.layers[2].set_weights([np.full(4, v, np.float32) for v in (1.5, 0.1, 0.2, 2.0)])
+    src = tmp_path / "m.keras"
+    model.save(src)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, "-c", WHERE_IT_RAN, str(src), str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"onnxruntime": False, "tf2onnx": False, "onnx.reference": False}
+    assert (tmp_path / "out.keras").stat().st_size > 0 and (tmp_path / "out.onnx").stat().st_size > 0
+
+
+@needs_landlock
+def test_onnxruntime_session_lives_in_a_confined_worker(tmp_path: Path, listener: int) -> None:
+    """The process that holds an OrtRunner's session is not bnfold's, and it is confined: asked the sandbox's
+    self-test between two runs, it can neither write outside nor read the user's files."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bnfold.onnx_io import OrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api key")
+    runner = OrtRunner(model)
+    try:
+        assert runner.worker.process.pid != os.getpid()
+        x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+        (y,) = runner.run(["y"], {"x": x})
+        np.testing.assert_array_equal(y, np.maximum(x, 0))
+        head, _ = runner.worker.request({"op": "selftest", "outside": str(tmp_path / "canary"), "secret": str(secret), "port": listener})
+        (again,) = runner.run(["y"], {"x": x})  # the session is still there after the self-test
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(again, y)
+    assert head["answers"]["write_outside"] == "blocked" and head["answers"]["read_secret"] == "blocked"
+    assert not (tmp_path / "canary").exists()
