@@ -36,7 +36,7 @@ How (README "Fix it: bnfold recalibrate"):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,10 @@ from bnfold.canonical import ConstEvaluator, input_dtype
 from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.findings import BnStats
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
-from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's records and report)
+from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's records, report and data)
+    DEFAULT_MEMORY_BUDGET,
+    Data,
+    Feeder,
     LayerRecord,
     Moments,
     RecalibrationResult,
@@ -59,14 +62,9 @@ from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's r
     write_json,
 )
 
-# Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
-DEFAULT_MEMORY_BUDGET = 1024 * 2**20
 # Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
 # beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
-
-# What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
-Data = Any
 
 
 @dataclass
@@ -362,123 +360,6 @@ def _placeholder_names(calibration: graph_pb2.GraphDef, sites: list[Site]) -> di
     }
 
 
-# -- the data --------------------------------------------------------------------------
-def _batches_of(data: Data, names: list[str]) -> Iterable[dict[str, np.ndarray]] | None:
-    """An iterable of batches (re-iterable, or None when ``data`` is arrays to slice)."""
-    if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data)):
-        return None
-    if isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values()):
-        return None
-    try:
-        import tensorflow as tf
-
-        if isinstance(data, tf.data.Dataset):
-            return _Reiterable(lambda: (_batch_dict(b, names) for b in data.as_numpy_iterator()))
-    except ImportError:  # pragma: no cover - TensorFlow is a dependency
-        pass
-    if iter(data) is data:  # a generator: read once, kept in memory for the passes
-        return [_batch_dict(b, names) for b in data]
-    return _Reiterable(lambda: (_batch_dict(b, names) for b in data))
-
-
-class _Reiterable:
-    def __init__(self, make: Any) -> None:
-        self.make = make
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.make())
-
-
-def _batch_dict(batch: Any, names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(batch, Mapping):
-        return {str(k): np.asarray(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        arrays = [np.asarray(b) for b in batch]
-        if len(arrays) > len(names):  # (x, y) pairs from a training pipeline: the inputs come first
-            arrays = arrays[: len(names)]
-        return dict(zip(names, arrays, strict=False))
-    return {names[0]: np.asarray(batch)}
-
-
-def _as_arrays(data: Data, names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(data, np.ndarray):
-        data = [data]
-    if isinstance(data, Mapping):
-        return {str(k): np.asarray(v) for k, v in data.items()}
-    if len(data) > len(names):
-        raise UsageError(f"--data: {len(data)} arrays for {len(names)} input(s); name them with --data NAME=x.npy")
-    return dict(zip(names, data, strict=False))
-
-
-class Feeder:
-    """The calibration data as batches: arrays sliced to the memory budget, or the caller's own batches."""
-
-    def __init__(self, graph_def: graph_pb2.GraphDef, data: Data, budget: int) -> None:
-        from bnfold.verification import find_inputs
-
-        specs = [s for s in find_inputs(graph_def) if s.dtype != np.bool_]  # training flags are not data
-        self.dtypes = {s.name: s.dtype for s in specs}
-        names = [s.name for s in specs]
-        self.budget = budget
-        self.given = _batches_of(data, names)
-        self.arrays = _as_arrays(data, names) if self.given is None else {}
-        for name in self.arrays:
-            if parse_input(name)[0] not in self.dtypes:
-                raise UsageError(f"--data: the graph has no input named {name!r}; its inputs are {', '.join(names) or 'none'}")
-        sizes = {len(v) for v in self.arrays.values()}
-        if len(sizes) > 1:
-            raise UsageError(f"--data: the arrays hold different numbers of samples ({sorted(sizes)}); samples go along axis 0")
-        self.samples = sizes.pop() if sizes else 0
-        if self.given is None and self.samples == 0:
-            raise UsageError("--data: no samples; give at least a few hundred along axis 0")
-        # the same batches in the same order on every pass (what the kept tensors of a pass need)
-        self.stable = self.given is None or isinstance(self.given, list)
-
-    def total_samples(self) -> int:
-        if self.given is None:
-            return self.samples
-        if isinstance(self.given, list):
-            return sum(len(next(iter(b.values()))) for b in self.given if b)
-        return 0
-
-    def _cast(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, value in batch.items():
-            want = self.dtypes.get(parse_input(name)[0])
-            if want is not None and value.dtype != want and np.issubdtype(value.dtype, np.number) and np.issubdtype(want, np.number):
-                value = value.astype(want)
-            out[name] = value
-        return out
-
-    def size_batches(self, runner: Any, activations: list[str], stat_feeds: dict[str, np.ndarray]) -> None:
-        """Run one sample, fetching every BN input: its inputs and those activations, per sample, size the batches.
-
-        A batch of arrays then holds ``budget // bytes_per_sample`` samples, so one
-        batch's inputs plus every BN input it produces stay within the budget (a
-        proxy for what TensorFlow holds while it runs the batch).
-        """
-        if self.given is not None:
-            return
-        one = self._cast({k: v[:1] for k, v in self.arrays.items()})
-        try:
-            values = runner.run(activations, {**one, **stat_feeds})
-        except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
-        self.bytes_per_sample = max(1, sum(v.nbytes for v in values) + sum(v.nbytes for v in one.values()))
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The data in batches: the caller's own, or arrays cut to the memory budget."""
-        if self.given is not None:
-            for batch in self.given:
-                yield self._cast(batch)
-            return
-        size = max(1, self.budget // (self.bytes_per_sample or 1))
-        for start in range(0, self.samples, size):
-            yield self._cast({k: v[start : start + size] for k, v in self.arrays.items()})
-
-    bytes_per_sample: int | None = None
-
-
 # -- the passes ------------------------------------------------------------------------
 @dataclass
 class Pass:
@@ -520,10 +401,7 @@ def _measure(
         if cached:
             feeds.update({ref: value[samples : samples + n] for ref, value in cached.items()})
         wanted = keep if parts is not None else []
-        try:
-            values = runner.run(site_refs + wanted, feeds)
-        except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
+        values = _run(runner, site_refs + wanted, feeds)
         position = 0
         for site in fetch_sites:
             if site.name in in_graph:
@@ -629,7 +507,8 @@ def recalibrate_graph(
     if not is_trusted():
         hint = "recalibration runs the model on the data; --trust-model runs it anyway"
         check_runnable(calibration, [s.input_ref for s in sites], "recalibrate", hint=hint)
-    feeder = Feeder(inference, data, memory_budget)
+    specs = [(s.name, s.dtype) for s in find_inputs(inference) if s.dtype != np.bool_]  # training flags are not data
+    feeder = Feeder(specs, data, memory_budget, key=lambda name: parse_input(name)[0])
     current: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for site in sites:  # a training-mode BN without moving statistics starts from 0/1 until its level is measured
         mean = site.old_mean if site.old_mean is not None else np.zeros(site.shape)
@@ -656,7 +535,7 @@ def recalibrate_graph(
     passes, samples, sizes = 0, 0, list[int]()
     cached: dict[str, np.ndarray] | None = None
     try:
-        feeder.size_batches(runner, [s.input_ref for s in sites], stat_feeds())
+        feeder.size_batches(lambda one: _run(runner, [s.input_ref for s in sites], {**one, **stat_feeds()}))
         for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
             keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
@@ -723,6 +602,13 @@ def recalibrate_graph(
     )
 
 
+def _run(runner: Any, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return list(runner.run(fetches, feeds))
+    except runner.errors as exc:
+        raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
+
+
 def _why(exc: BaseException) -> str:
     """The first line of TensorFlow's error, and the line after when the first only says "Graph execution error:"."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -752,7 +638,7 @@ def recalibrate(
 
     ``source`` is anything ``bnfold.fold`` takes (a GraphDef, a ``.pb``/``.pbtxt``,
     a SavedModel, a ``.keras``/``.h5`` file or a Keras model), an ONNX model or
-    ``.onnx`` path (``result.onnx_model``; arrays only), or a TF1 checkpoint
+    ``.onnx`` path (``result.onnx_model``), or a TF1 checkpoint
     (``model.ckpt-N`` with its ``.meta``, or a ``.meta`` and ``checkpoint``) whose
     inference path ``outputs`` names. ``data`` is one array per input (a list in
     input order, or a dict by input name), an iterable of batches (arrays, tuples
@@ -769,7 +655,7 @@ def recalibrate(
 
         if outputs or set_flags or checkpoint:
             raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
-        model, onnx_result = recalibrate_onnx(source, data)
+        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget)
         onnx_result.onnx_model = model
         return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
