@@ -86,6 +86,9 @@ class Site:
     old_var: np.ndarray | None
     training: bool = False  # a fused BN in training mode: rewritten to inference mode
     level: int = 0
+    # a BN on batch moments without gamma or beta: shape () until the first measurement gives the channels
+    rank: int = 0
+    keepdims: bool = False
 
 
 def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -170,14 +173,37 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
     return sites, notes
 
 
+_PASS_THROUGH = ("Squeeze", "Identity", "Neg", "Cast", "Reshape", "StopGradient")
+
+
+def _batch_moment(index: GraphIndex, ev: ConstEvaluator, ref: str) -> Any:
+    """The ``Mean`` over the batch axis that ``ref`` is (through squeezes, identities, a negation), or None."""
+    node, _ = index.producer(ref)
+    for _ in range(6):
+        if node is None:
+            return None
+        if node.op == "Mean":
+            from bnfold.doctor import _reduces_batch_axis
+
+            return node if _reduces_batch_axis(index, ev, node) else None
+        if node.op not in _PASS_THROUGH:
+            return None
+        node, _ = index.producer(index.data_inputs(node)[0])
+    return None
+
+
 def _batch_moments_site(index: GraphIndex, ev: ConstEvaluator, rsqrt: Any, batch_mean: str) -> Site | None:
     """A decomposed BN in training mode: ``tf.nn.batch_normalization`` on ``tf.nn.moments`` of its own input.
 
-    ``inv = rsqrt(var + eps) [* gamma]``, ``y = x * inv + (beta - mean * inv)`` with
-    ``mean``/``var`` computed from the batch. Recalibration feeds constants where
-    ``var`` enters the ``Add`` and ``mean`` enters its ``Mul``: the normalization then
-    uses stored statistics, an inference-mode BN. Channels last only (the moments
-    reduce over every axis but the last); the channel count comes from gamma or beta.
+    ``inv = rsqrt(var + eps) [* gamma]``, ``y = x * inv + ([beta] - mean * inv)`` with
+    ``mean``/``var`` computed from the batch (without beta, ``-mean * inv`` is
+    ``Neg(mean) * inv``). Recalibration feeds constants where ``var`` enters the
+    ``Add`` and ``mean`` enters its ``Mul`` (or its ``Neg``): the normalization then uses
+    stored statistics, an inference-mode BN. The moments reduce over every axis
+    but the channels: the last (NHWC, ``[0, 1, 2]``) or the second (NCHW,
+    ``[0, 2, 3]``, with ``keepdims`` so they broadcast). With gamma or beta the
+    channel count comes from them; without either (``scale=False, center=False``)
+    it is read from the first measurement, and the statistics keep the moments' shape.
     """
     add, _ = index.producer(rsqrt.input[0])
     if add is None or add.op not in ("Add", "AddV2"):
@@ -188,44 +214,65 @@ def _batch_moments_site(index: GraphIndex, ev: ConstEvaluator, rsqrt: Any, batch
         return None
     eps_value = ev.value(operands[constant.index(True)])
     var_slot = constant.index(False)
-    if eps_value is None or eps_value.size != 1:
+    if eps_value is None or eps_value.size != 1 or _batch_moment(index, ev, operands[var_slot]) is None:
         return None
-    axes = ev.value(index.data_inputs(index.node(batch_mean))[1])
-    if axes is None or sorted(int(a) for a in np.ravel(axes)) != list(range(np.size(axes))):
-        return None  # not every axis but the last: channels elsewhere
+    mean_node = index.node(batch_mean)
+    axes = ev.value(index.data_inputs(mean_node)[1])
+    if axes is None:
+        return None
+    reduced = sorted(int(a) for a in np.ravel(axes))
+    rank = len(reduced) + 1
+    if reduced == list(range(rank - 1)):
+        channel_axis = -1  # NHWC: every axis but the last
+    elif rank > 2 and reduced == [0, *range(2, rank)]:
+        channel_axis = 1  # NCHW: every axis but the second
+    else:
+        return None
+    keepdims = bool(attr(mean_node, "keep_dims").b) if "keep_dims" in mean_node.attr else False
     inv = rsqrt.name
-    channels = None
+    channels: int | None = None
     for reader in index.consumers(rsqrt.name):
         node = index.node(reader.node)
         other = [r for r in index.data_inputs(node) if parse_input(r)[0] != rsqrt.name]
         if node.op == "Mul" and len(other) == 1 and ev.is_const(other[0]):
             gamma = ev.value(other[0])
-            channels, inv = (gamma.size if gamma is not None else None), node.name
+            channels, inv = (gamma.size if gamma is not None and gamma.size > 1 else None), node.name
     mean_at: tuple[str, int] | None = None
     x_ref = output = None
-    for reader in index.consumers(inv):  # mean * inv feeds beta - (...); x * inv feeds the final Add
+    for reader in index.consumers(inv):  # mean * inv feeds beta - (...) (or is -mean * inv); x * inv feeds the final Add
         node = index.node(reader.node)
         if node.op != "Mul" or reader.control:
             continue
-        readers = [index.node(c.node).op for c in index.consumers(node.name) if not c.control]
-        if "Sub" in readers or "Neg" in readers:
-            mean_at = (node.name, 1 - reader.slot)
+        operand = index.data_inputs(node)[1 - reader.slot]
+        if _batch_moment(index, ev, operand) is not None:
+            negation, _ = index.producer(operand)
+            mean_at = (negation.name, 0) if negation is not None and negation.op == "Neg" else (node.name, 1 - reader.slot)
+            sub = [index.node(c.node) for c in index.consumers(node.name) if index.node(c.node).op == "Sub"]
+            beta = ev.value(index.data_inputs(sub[0])[0]) if sub else None
+            if channels is None and beta is not None and beta.size > 1:
+                channels = beta.size
         else:
-            x_ref = index.data_inputs(node)[1 - reader.slot]
+            x_ref = operand
             final = [index.node(c.node) for c in index.consumers(node.name) if index.node(c.node).op in ("Add", "AddV2")]
             output = final[0].name if final else None
-    if mean_at is None:
-        return None
-    if channels is None:
-        sub = [index.node(c.node) for c in index.consumers(mean_at[0]) if index.node(c.node).op == "Sub"]
-        beta = ev.value(index.data_inputs(sub[0])[0]) if sub else None
-        channels = beta.size if beta is not None and beta.size > 1 else None
     dtype = input_dtype(index, add.input[var_slot])
-    if x_ref is None or output is None or channels is None or dtype is None:
+    if mean_at is None or x_ref is None or output is None or dtype is None:
         return None
+    shape: tuple[int, ...] = ()  # unknown until measured (no gamma, no beta)
+    if channels is not None:
+        shape = _moment_shape(channels, channel_axis, rank, keepdims)
     label = output.split("/batchnorm/")[0] if "/batchnorm/" in output else output
-    return Site(output, label, "decomposed on batch moments", x_ref, output, -1, float(np.ravel(eps_value)[0]), mean_at,
-                (add.name, var_slot), dtype, (channels,), None, None, training=True)  # fmt: skip
+    site = Site(output, label, "decomposed on batch moments", x_ref, output, channel_axis, float(np.ravel(eps_value)[0]), mean_at,
+                (add.name, var_slot), dtype, shape, None, None, training=True)  # fmt: skip
+    site.rank, site.keepdims = rank, keepdims
+    return site
+
+
+def _moment_shape(channels: int, channel_axis: int, rank: int, keepdims: bool) -> tuple[int, ...]:
+    """The statistics' shape as ``tf.nn.moments`` gives them: ``(C,)``, or with ``keepdims`` C on the channel axis."""
+    if not keepdims:
+        return (channels,)
+    return tuple(channels if i == channel_axis % rank else 1 for i in range(rank))
 
 
 def _training_fused(index: GraphIndex, ev: ConstEvaluator, node: Any) -> BnStats | None:
@@ -280,6 +327,8 @@ def _rewire(
             if values is None:
                 name = index.unique_name(base)
                 attrs = {"dtype": attr_value_pb2.AttrValue(type=site.dtype), "shape": _shape_attr(site.shape)}
+                if not site.shape and site.channel_axis is not None:  # channels unknown until measured: any shape
+                    attrs["shape"] = attr_value_pb2.AttrValue(shape=tensor_shape_pb2.TensorShapeProto(unknown_rank=True))
                 index.add(make_node(name, "Placeholder", [], attrs))
             elif site.name in values:
                 value = values[site.name][0 if which == "mean" else 1]
@@ -324,8 +373,8 @@ def _add_moment_ops(graph_def: graph_pb2.GraphDef, sites: list[Site]) -> tuple[g
         )
 
     for site in sites:
-        if site.channel_axis not in (-1, None):
-            continue
+        if site.channel_axis not in (-1, None) or (site.channel_axis is not None and not site.shape):
+            continue  # other layouts, and channels not known yet: the input is fetched
         base = f"{site.name}/bnfold_moments"
         source_dtype = input_dtype(index, site.input_ref)
         if source_dtype is None:
@@ -550,6 +599,8 @@ def recalibrate_graph(
                         f"the data gives {m.count} value(s) per channel, fewer than the doctor's minimum of {MIN_DRIFT_VALUES}"
                     )
                     continue
+                if not site.shape and site.channel_axis is not None:  # the channels, now known
+                    site.shape = _moment_shape(m.mean.size, site.channel_axis, site.rank, site.keepdims)
                 if m.mean.size not in (1, int(np.prod(site.shape))):
                     kept[site.name] = f"its input has {m.mean.size} channel(s), its statistics {int(np.prod(site.shape))}"
                     continue
