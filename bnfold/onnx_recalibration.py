@@ -2,10 +2,12 @@
 
 The same computation as :mod:`bnfold.recalibration` (per-channel moments of each
 BN's input, inference mode, upstream BNs first, one pass per depth level, float64
-merging, the doctor's minimum), run in onnxruntime with optimizations off. The
-BNs are the ones the ONNX doctor reads (``BatchNormalization`` in inference
-mode whose mean and variance are initializers); the written model differs from
-the input only in those initializers' values (same names, dtypes and shapes).
+merging, the doctor's minimum, the same data reader and memory budget), run in
+onnxruntime with optimizations off. The BNs are the ``BatchNormalization`` nodes
+whose mean and variance are initializers; the written model differs from the
+input only in those initializers' values (same names, dtypes and shapes), and
+in a ``training_mode=1`` BN becoming an inference-mode one (no ``training_mode``,
+one output) unless the model reads its running-statistics outputs.
 """
 
 from __future__ import annotations
