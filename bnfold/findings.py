@@ -178,13 +178,8 @@ RECALIBRATE_CODES = {"BN_STATS_AT_INIT", "BN_UPDATES_NOT_RUN", "BN_MOMENTUM_DEGE
 
 
 def add_recalibrate_line(findings: list[Finding], line: str) -> None:
-    """Append the ready-to-run recalibrate command to the fix of each finding that wrong statistics cause.
-
-    Not to an ONNX BatchNormalization with ``training_mode=1``: ONNX recalibration does not rewrite it.
-    """
+    """Append the ready-to-run recalibrate command to the fix of each finding that wrong statistics cause."""
     for finding in findings:
-        if finding.details.get("form") == "BatchNormalization":
-            continue
         if finding.code in RECALIBRATE_CODES and finding.severity != "info" and "bnfold recalibrate" not in finding.fix:
             finding.fix += (
                 f"; or, without retraining, recompute the statistics from a few hundred training samples (x.npy, samples on axis 0): {line}"

@@ -2,10 +2,12 @@
 
 The same computation as :mod:`bnfold.recalibration` (per-channel moments of each
 BN's input, inference mode, upstream BNs first, one pass per depth level, float64
-merging, the doctor's minimum), run in onnxruntime with optimizations off. The
-BNs are the ones the ONNX doctor reads (``BatchNormalization`` in inference
-mode whose mean and variance are initializers); the written model differs from
-the input only in those initializers' values (same names, dtypes and shapes).
+merging, the doctor's minimum, the same data reader and memory budget), run in
+onnxruntime with optimizations off. The BNs are the ``BatchNormalization`` nodes
+whose mean and variance are initializers; the written model differs from the
+input only in those initializers' values (same names, dtypes and shapes), and
+in a ``training_mode=1`` BN becoming an inference-mode one (no ``training_mode``,
+one output) unless the model reads its running-statistics outputs.
 """
 
 from __future__ import annotations
@@ -20,40 +22,69 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.findings import MIN_DRIFT_VALUES as MIN_VALUES_PER_CHANNEL
-from bnfold.recalibration_core import LayerRecord, Moments, RecalibrationResult, _summary, drift_score
+from bnfold.findings import BnStats
+from bnfold.recalibration_core import (
+    DEFAULT_MEMORY_BUDGET,
+    Data,
+    Feeder,
+    LayerRecord,
+    Moments,
+    RecalibrationResult,
+    _summary,
+    drift_score,
+)
+
+
+def _sites(model: onnx.ModelProto) -> tuple[list[tuple[BnStats, Any, bool]], list[str]]:
+    """Each BatchNormalization whose mean and variance are initializers: (its statistics, the node, training mode)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    read = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    sites, notes = [], []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        name = node.name or node.output[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        training = bool(attrs.get("training_mode", 0))
+        if len(node.input) < 5 or not {node.input[3], node.input[4]} <= set(initializers) or {node.input[3], node.input[4]} & graph_inputs:
+            notes.append(f"{name}: its mean/variance are not initializers of the model; left as it is")
+            continue
+        if training and any(out and out in read for out in node.output[1:]):
+            notes.append(f"{name}: training_mode=1 and the model reads its running mean/variance outputs; left as it is")
+            continue
+        mean, var = (numpy_helper.to_array(initializers[node.input[i]]).astype(np.float64).reshape(-1) for i in (3, 4))
+        eps = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
+        sites.append((BnStats(name, node.input[0], mean, var, eps, 1), node, training))
+    return sites, notes
+
+
+def _to_inference(node: Any) -> None:
+    """A training-mode BatchNormalization becomes an inference-mode one: no ``training_mode``, one output."""
+    keep = [a for a in node.attribute if a.name != "training_mode"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    del node.output[1:]
 
 
 def recalibrate_onnx(
-    source: str | os.PathLike[str] | onnx.ModelProto, data: Any, *, batch_size: int = 64
+    source: str | os.PathLike[str] | onnx.ModelProto, data: Data, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
 ) -> tuple[onnx.ModelProto, RecalibrationResult]:
-    """The recalibrated model and the per-BN records. ``data``: arrays (a list in input order or a dict by name)."""
-    from bnfold.onnx_doctor import _data_feeds, check_bn_nodes
+    """The recalibrated model and the per-BN records.
+
+    ``data``: what :func:`bnfold.recalibrate` takes (arrays in input order or by name, an
+    iterable of batches, a ``tf.data.Dataset``); arrays are cut into batches whose
+    inputs and fetched BN inputs fit ``memory_budget`` bytes.
+    """
     from bnfold.onnx_fold import OnnxFolder
-    from bnfold.onnx_io import OrtRunner, load_onnx
+    from bnfold.onnx_io import OrtRunner, input_specs, load_onnx
 
     model, name = (source, "<ModelProto>") if isinstance(source, onnx.ModelProto) else (load_onnx(source)[0], str(source))
-    if not isinstance(data, (list, tuple, dict)):
-        data = [data]
-    feeds = _data_feeds(model, data)
-    if not feeds:
-        raise UsageError("--data: no samples; give at least a few hundred along axis 0")
-    samples = {len(v) for v in feeds.values()}
-    if len(samples) != 1:
-        raise UsageError(f"--data: the arrays hold different numbers of samples ({sorted(samples)}); samples go along axis 0")
-    total = samples.pop()
-    _, stats, _ = check_bn_nodes(model)
+    feeder = Feeder([(spec.name, spec.dtype) for spec in input_specs(model)], data, memory_budget)
     initializers = {init.name: init for init in model.graph.initializer}
-    graph_inputs = {i.name for i in model.graph.input}
-    nodes = {node.name or node.output[0]: node for node in model.graph.node if node.op_type == "BatchNormalization"}
-    notes: list[str] = []
-    sites = []
-    for stat in stats:
-        node = nodes[stat.name]
-        mean_name, var_name = node.input[3], node.input[4]
-        if mean_name not in initializers or var_name not in initializers or {mean_name, var_name} & graph_inputs:
-            notes.append(f"{stat.name}: its mean/variance are not initializers of the model; left as they are")
-            continue
-        sites.append((stat, node))
+    found, notes = _sites(model)
+    sites = [(stat, node) for stat, node, _ in found]
+    training = {stat.name for stat, _, is_training in found if is_training}
     if not sites:
         raise UsageError(f"{name}: no BatchNormalization with stored statistics to recalibrate" + (f" ({notes[0]})" if notes else ""))
 
@@ -85,6 +116,8 @@ def recalibrate_onnx(
             copy.input[slot] = ph
             pair.append(ph)
         placeholders[stat.name] = (pair[0], pair[1])
+        if stat.name in training:
+            _to_inference(copy)
         if stat.input_ref not in have:
             calibration.graph.output.append(
                 helper.make_tensor_value_info(stat.input_ref, types.get(stat.input_ref, onnx.TensorProto.FLOAT), None)
@@ -96,23 +129,32 @@ def recalibrate_onnx(
     }
     old = {k: (v[0].copy(), v[1].copy()) for k, v in current.items()}
 
+    def stat_feeds() -> dict[str, np.ndarray]:
+        return {ph: current[n][i] for n, (m, v) in placeholders.items() for i, ph in enumerate((m, v))}
+
+    def run(runner: OrtRunner, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return runner.run(fetches, {**feeds, **stat_feeds()})
+        except runner.errors as exc:
+            raise VerificationError(f"--data: could not run the model on the data: {first_line(exc)}") from None
+
+    sizes: list[int] = []
+
     def measure(group: list[Any], runner: OrtRunner) -> dict[str, Moments]:
         moments = {stat.name: Moments() for stat, _ in group}
-        stat_feeds = {ph: current[n][i] for n, (m, v) in placeholders.items() for i, ph in enumerate((m, v))}
-        for start in range(0, total, batch_size):
-            batch = {k: v[start : start + batch_size] for k, v in feeds.items()}
-            try:
-                values = runner.run([stat.input_ref for stat, _ in group], {**batch, **stat_feeds})
-            except runner.errors as exc:
-                raise VerificationError(f"--data: could not run the model on the data: {first_line(exc)}") from None
+        sizes.clear()
+        for batch in feeder.batches():
+            values = run(runner, [stat.input_ref for stat, _ in group], batch)
             for (stat, _), value in zip(group, values, strict=True):
                 moments[stat.name].add(np.asarray(value), 1)  # ONNX BatchNormalization: channels on axis 1
+            sizes.append(len(next(iter(batch.values()))) if batch else 0)
         return moments
 
     runner = OrtRunner(calibration)
     measured: dict[str, Moments] = {}
     kept: dict[str, str] = {}
     try:
+        feeder.size_batches(lambda one: run(runner, sorted({stat.input_ref for stat, _ in sites}), one))
         for depth in sorted(set(level.values())):
             group = [(stat, node) for stat, node in sites if level[stat.name] == depth]
             for stat_name, m in measure(group, runner).items():
@@ -132,6 +174,9 @@ def recalibrate_onnx(
         runner.close()
     result_model = onnx.ModelProto()
     result_model.CopyFrom(model)
+    for node in result_model.graph.node:
+        if (node.name or node.output[0]) in training and (node.name or node.output[0]) not in kept:
+            _to_inference(node)
     for init in result_model.graph.initializer:
         for stat, node in sites:
             if stat.name in kept:
@@ -148,7 +193,7 @@ def recalibrate_onnx(
             LayerRecord(
                 stat.name,
                 stat.name,
-                "BatchNormalization",
+                "BatchNormalization" + (" (training mode -> inference)" if stat.name in training and new is not None else ""),
                 level[stat.name],
                 "kept" if new is None else "recalibrated",
                 m.count,
@@ -164,8 +209,9 @@ def recalibrate_onnx(
             )  # fmt: skip
         )
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    total = sum(sizes)
     result = RecalibrationResult(
-        None, layers, inputs, [o.name for o in model.graph.output], name, total, len(set(level.values())) + 1, notes=notes
+        None, layers, inputs, [o.name for o in model.graph.output], name, total, len(set(level.values())) + 1, sizes, notes=notes
     )
     return result_model, result
 
@@ -179,6 +225,6 @@ def recalibrate_onnx_file(src: Path, dst: Path, data: Any, **options: Any) -> Re
         raise UsageError(f"--{next(iter(unsupported)).replace('_', '-')}: applies to TensorFlow models, not to ONNX files")
     if not is_onnx_path(dst):
         raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
-    model, result = recalibrate_onnx(src, data)
+    model, result = recalibrate_onnx(src, data, memory_budget=options.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
     write_onnx(model, dst)
     return result

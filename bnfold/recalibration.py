@@ -36,7 +36,7 @@ How (README "Fix it: bnfold recalibrate"):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,10 @@ from bnfold.canonical import ConstEvaluator, input_dtype
 from bnfold.errors import UsageError, VerificationError, first_line
 from bnfold.findings import BnStats
 from bnfold.graph import GraphIndex, attr, make_node, parse_input
-from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's records and report)
+from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's records, report and data)
+    DEFAULT_MEMORY_BUDGET,
+    Data,
+    Feeder,
     LayerRecord,
     Moments,
     RecalibrationResult,
@@ -59,14 +62,9 @@ from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's r
     write_json,
 )
 
-# Default bytes of one batch's inputs plus the BN inputs it fetches (README: "Fix it: bnfold recalibrate").
-DEFAULT_MEMORY_BUDGET = 1024 * 2**20
 # Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
 # beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
-
-# What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
-Data = Any
 
 
 @dataclass
@@ -88,6 +86,9 @@ class Site:
     old_var: np.ndarray | None
     training: bool = False  # a fused BN in training mode: rewritten to inference mode
     level: int = 0
+    # a BN on batch moments without gamma or beta: shape () until the first measurement gives the channels
+    rank: int = 0
+    keepdims: bool = False
 
 
 def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -172,14 +173,37 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
     return sites, notes
 
 
+_PASS_THROUGH = ("Squeeze", "Identity", "Neg", "Cast", "Reshape", "StopGradient")
+
+
+def _batch_moment(index: GraphIndex, ev: ConstEvaluator, ref: str) -> Any:
+    """The ``Mean`` over the batch axis that ``ref`` is (through squeezes, identities, a negation), or None."""
+    node, _ = index.producer(ref)
+    for _ in range(6):
+        if node is None:
+            return None
+        if node.op == "Mean":
+            from bnfold.doctor import _reduces_batch_axis
+
+            return node if _reduces_batch_axis(index, ev, node) else None
+        if node.op not in _PASS_THROUGH:
+            return None
+        node, _ = index.producer(index.data_inputs(node)[0])
+    return None
+
+
 def _batch_moments_site(index: GraphIndex, ev: ConstEvaluator, rsqrt: Any, batch_mean: str) -> Site | None:
     """A decomposed BN in training mode: ``tf.nn.batch_normalization`` on ``tf.nn.moments`` of its own input.
 
-    ``inv = rsqrt(var + eps) [* gamma]``, ``y = x * inv + (beta - mean * inv)`` with
-    ``mean``/``var`` computed from the batch. Recalibration feeds constants where
-    ``var`` enters the ``Add`` and ``mean`` enters its ``Mul``: the normalization then
-    uses stored statistics, an inference-mode BN. Channels last only (the moments
-    reduce over every axis but the last); the channel count comes from gamma or beta.
+    ``inv = rsqrt(var + eps) [* gamma]``, ``y = x * inv + ([beta] - mean * inv)`` with
+    ``mean``/``var`` computed from the batch (without beta, ``-mean * inv`` is
+    ``Neg(mean) * inv``). Recalibration feeds constants where ``var`` enters the
+    ``Add`` and ``mean`` enters its ``Mul`` (or its ``Neg``): the normalization then uses
+    stored statistics, an inference-mode BN. The moments reduce over every axis
+    but the channels: the last (NHWC, ``[0, 1, 2]``) or the second (NCHW,
+    ``[0, 2, 3]``, with ``keepdims`` so they broadcast). With gamma or beta the
+    channel count comes from them; without either (``scale=False, center=False``)
+    it is read from the first measurement, and the statistics keep the moments' shape.
     """
     add, _ = index.producer(rsqrt.input[0])
     if add is None or add.op not in ("Add", "AddV2"):
@@ -190,44 +214,65 @@ def _batch_moments_site(index: GraphIndex, ev: ConstEvaluator, rsqrt: Any, batch
         return None
     eps_value = ev.value(operands[constant.index(True)])
     var_slot = constant.index(False)
-    if eps_value is None or eps_value.size != 1:
+    if eps_value is None or eps_value.size != 1 or _batch_moment(index, ev, operands[var_slot]) is None:
         return None
-    axes = ev.value(index.data_inputs(index.node(batch_mean))[1])
-    if axes is None or sorted(int(a) for a in np.ravel(axes)) != list(range(np.size(axes))):
-        return None  # not every axis but the last: channels elsewhere
+    mean_node = index.node(batch_mean)
+    axes = ev.value(index.data_inputs(mean_node)[1])
+    if axes is None:
+        return None
+    reduced = sorted(int(a) for a in np.ravel(axes))
+    rank = len(reduced) + 1
+    if reduced == list(range(rank - 1)):
+        channel_axis = -1  # NHWC: every axis but the last
+    elif rank > 2 and reduced == [0, *range(2, rank)]:
+        channel_axis = 1  # NCHW: every axis but the second
+    else:
+        return None
+    keepdims = bool(attr(mean_node, "keep_dims").b) if "keep_dims" in mean_node.attr else False
     inv = rsqrt.name
-    channels = None
+    channels: int | None = None
     for reader in index.consumers(rsqrt.name):
         node = index.node(reader.node)
         other = [r for r in index.data_inputs(node) if parse_input(r)[0] != rsqrt.name]
         if node.op == "Mul" and len(other) == 1 and ev.is_const(other[0]):
             gamma = ev.value(other[0])
-            channels, inv = (gamma.size if gamma is not None else None), node.name
+            channels, inv = (gamma.size if gamma is not None and gamma.size > 1 else None), node.name
     mean_at: tuple[str, int] | None = None
     x_ref = output = None
-    for reader in index.consumers(inv):  # mean * inv feeds beta - (...); x * inv feeds the final Add
+    for reader in index.consumers(inv):  # mean * inv feeds beta - (...) (or is -mean * inv); x * inv feeds the final Add
         node = index.node(reader.node)
         if node.op != "Mul" or reader.control:
             continue
-        readers = [index.node(c.node).op for c in index.consumers(node.name) if not c.control]
-        if "Sub" in readers or "Neg" in readers:
-            mean_at = (node.name, 1 - reader.slot)
+        operand = index.data_inputs(node)[1 - reader.slot]
+        if _batch_moment(index, ev, operand) is not None:
+            negation, _ = index.producer(operand)
+            mean_at = (negation.name, 0) if negation is not None and negation.op == "Neg" else (node.name, 1 - reader.slot)
+            sub = [index.node(c.node) for c in index.consumers(node.name) if index.node(c.node).op == "Sub"]
+            beta = ev.value(index.data_inputs(sub[0])[0]) if sub else None
+            if channels is None and beta is not None and beta.size > 1:
+                channels = beta.size
         else:
-            x_ref = index.data_inputs(node)[1 - reader.slot]
+            x_ref = operand
             final = [index.node(c.node) for c in index.consumers(node.name) if index.node(c.node).op in ("Add", "AddV2")]
             output = final[0].name if final else None
-    if mean_at is None:
-        return None
-    if channels is None:
-        sub = [index.node(c.node) for c in index.consumers(mean_at[0]) if index.node(c.node).op == "Sub"]
-        beta = ev.value(index.data_inputs(sub[0])[0]) if sub else None
-        channels = beta.size if beta is not None and beta.size > 1 else None
     dtype = input_dtype(index, add.input[var_slot])
-    if x_ref is None or output is None or channels is None or dtype is None:
+    if mean_at is None or x_ref is None or output is None or dtype is None:
         return None
+    shape: tuple[int, ...] = ()  # unknown until measured (no gamma, no beta)
+    if channels is not None:
+        shape = _moment_shape(channels, channel_axis, rank, keepdims)
     label = output.split("/batchnorm/")[0] if "/batchnorm/" in output else output
-    return Site(output, label, "decomposed on batch moments", x_ref, output, -1, float(np.ravel(eps_value)[0]), mean_at,
-                (add.name, var_slot), dtype, (channels,), None, None, training=True)  # fmt: skip
+    site = Site(output, label, "decomposed on batch moments", x_ref, output, channel_axis, float(np.ravel(eps_value)[0]), mean_at,
+                (add.name, var_slot), dtype, shape, None, None, training=True)  # fmt: skip
+    site.rank, site.keepdims = rank, keepdims
+    return site
+
+
+def _moment_shape(channels: int, channel_axis: int, rank: int, keepdims: bool) -> tuple[int, ...]:
+    """The statistics' shape as ``tf.nn.moments`` gives them: ``(C,)``, or with ``keepdims`` C on the channel axis."""
+    if not keepdims:
+        return (channels,)
+    return tuple(channels if i == channel_axis % rank else 1 for i in range(rank))
 
 
 def _training_fused(index: GraphIndex, ev: ConstEvaluator, node: Any) -> BnStats | None:
@@ -282,6 +327,8 @@ def _rewire(
             if values is None:
                 name = index.unique_name(base)
                 attrs = {"dtype": attr_value_pb2.AttrValue(type=site.dtype), "shape": _shape_attr(site.shape)}
+                if not site.shape and site.channel_axis is not None:  # channels unknown until measured: any shape
+                    attrs["shape"] = attr_value_pb2.AttrValue(shape=tensor_shape_pb2.TensorShapeProto(unknown_rank=True))
                 index.add(make_node(name, "Placeholder", [], attrs))
             elif site.name in values:
                 value = values[site.name][0 if which == "mean" else 1]
@@ -326,8 +373,8 @@ def _add_moment_ops(graph_def: graph_pb2.GraphDef, sites: list[Site]) -> tuple[g
         )
 
     for site in sites:
-        if site.channel_axis not in (-1, None):
-            continue
+        if site.channel_axis not in (-1, None) or (site.channel_axis is not None and not site.shape):
+            continue  # other layouts, and channels not known yet: the input is fetched
         base = f"{site.name}/bnfold_moments"
         source_dtype = input_dtype(index, site.input_ref)
         if source_dtype is None:
@@ -360,123 +407,6 @@ def _placeholder_names(calibration: graph_pb2.GraphDef, sites: list[Site]) -> di
         s.name: (parse_input(nodes[s.mean_at[0]].input[s.mean_at[1]])[0], parse_input(nodes[s.var_at[0]].input[s.var_at[1]])[0])
         for s in sites
     }
-
-
-# -- the data --------------------------------------------------------------------------
-def _batches_of(data: Data, names: list[str]) -> Iterable[dict[str, np.ndarray]] | None:
-    """An iterable of batches (re-iterable, or None when ``data`` is arrays to slice)."""
-    if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data)):
-        return None
-    if isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values()):
-        return None
-    try:
-        import tensorflow as tf
-
-        if isinstance(data, tf.data.Dataset):
-            return _Reiterable(lambda: (_batch_dict(b, names) for b in data.as_numpy_iterator()))
-    except ImportError:  # pragma: no cover - TensorFlow is a dependency
-        pass
-    if iter(data) is data:  # a generator: read once, kept in memory for the passes
-        return [_batch_dict(b, names) for b in data]
-    return _Reiterable(lambda: (_batch_dict(b, names) for b in data))
-
-
-class _Reiterable:
-    def __init__(self, make: Any) -> None:
-        self.make = make
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.make())
-
-
-def _batch_dict(batch: Any, names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(batch, Mapping):
-        return {str(k): np.asarray(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        arrays = [np.asarray(b) for b in batch]
-        if len(arrays) > len(names):  # (x, y) pairs from a training pipeline: the inputs come first
-            arrays = arrays[: len(names)]
-        return dict(zip(names, arrays, strict=False))
-    return {names[0]: np.asarray(batch)}
-
-
-def _as_arrays(data: Data, names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(data, np.ndarray):
-        data = [data]
-    if isinstance(data, Mapping):
-        return {str(k): np.asarray(v) for k, v in data.items()}
-    if len(data) > len(names):
-        raise UsageError(f"--data: {len(data)} arrays for {len(names)} input(s); name them with --data NAME=x.npy")
-    return dict(zip(names, data, strict=False))
-
-
-class Feeder:
-    """The calibration data as batches: arrays sliced to the memory budget, or the caller's own batches."""
-
-    def __init__(self, graph_def: graph_pb2.GraphDef, data: Data, budget: int) -> None:
-        from bnfold.verification import find_inputs
-
-        specs = [s for s in find_inputs(graph_def) if s.dtype != np.bool_]  # training flags are not data
-        self.dtypes = {s.name: s.dtype for s in specs}
-        names = [s.name for s in specs]
-        self.budget = budget
-        self.given = _batches_of(data, names)
-        self.arrays = _as_arrays(data, names) if self.given is None else {}
-        for name in self.arrays:
-            if parse_input(name)[0] not in self.dtypes:
-                raise UsageError(f"--data: the graph has no input named {name!r}; its inputs are {', '.join(names) or 'none'}")
-        sizes = {len(v) for v in self.arrays.values()}
-        if len(sizes) > 1:
-            raise UsageError(f"--data: the arrays hold different numbers of samples ({sorted(sizes)}); samples go along axis 0")
-        self.samples = sizes.pop() if sizes else 0
-        if self.given is None and self.samples == 0:
-            raise UsageError("--data: no samples; give at least a few hundred along axis 0")
-        # the same batches in the same order on every pass (what the kept tensors of a pass need)
-        self.stable = self.given is None or isinstance(self.given, list)
-
-    def total_samples(self) -> int:
-        if self.given is None:
-            return self.samples
-        if isinstance(self.given, list):
-            return sum(len(next(iter(b.values()))) for b in self.given if b)
-        return 0
-
-    def _cast(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, value in batch.items():
-            want = self.dtypes.get(parse_input(name)[0])
-            if want is not None and value.dtype != want and np.issubdtype(value.dtype, np.number) and np.issubdtype(want, np.number):
-                value = value.astype(want)
-            out[name] = value
-        return out
-
-    def size_batches(self, runner: Any, activations: list[str], stat_feeds: dict[str, np.ndarray]) -> None:
-        """Run one sample, fetching every BN input: its inputs and those activations, per sample, size the batches.
-
-        A batch of arrays then holds ``budget // bytes_per_sample`` samples, so one
-        batch's inputs plus every BN input it produces stay within the budget (a
-        proxy for what TensorFlow holds while it runs the batch).
-        """
-        if self.given is not None:
-            return
-        one = self._cast({k: v[:1] for k, v in self.arrays.items()})
-        try:
-            values = runner.run(activations, {**one, **stat_feeds})
-        except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
-        self.bytes_per_sample = max(1, sum(v.nbytes for v in values) + sum(v.nbytes for v in one.values()))
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """The data in batches: the caller's own, or arrays cut to the memory budget."""
-        if self.given is not None:
-            for batch in self.given:
-                yield self._cast(batch)
-            return
-        size = max(1, self.budget // (self.bytes_per_sample or 1))
-        for start in range(0, self.samples, size):
-            yield self._cast({k: v[start : start + size] for k, v in self.arrays.items()})
-
-    bytes_per_sample: int | None = None
 
 
 # -- the passes ------------------------------------------------------------------------
@@ -520,10 +450,7 @@ def _measure(
         if cached:
             feeds.update({ref: value[samples : samples + n] for ref, value in cached.items()})
         wanted = keep if parts is not None else []
-        try:
-            values = runner.run(site_refs + wanted, feeds)
-        except runner.errors as exc:
-            raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
+        values = _run(runner, site_refs + wanted, feeds)
         position = 0
         for site in fetch_sites:
             if site.name in in_graph:
@@ -629,7 +556,8 @@ def recalibrate_graph(
     if not is_trusted():
         hint = "recalibration runs the model on the data; --trust-model runs it anyway"
         check_runnable(calibration, [s.input_ref for s in sites], "recalibrate", hint=hint)
-    feeder = Feeder(inference, data, memory_budget)
+    specs = [(s.name, s.dtype) for s in find_inputs(inference) if s.dtype != np.bool_]  # training flags are not data
+    feeder = Feeder(specs, data, memory_budget, key=lambda name: parse_input(name)[0])
     current: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for site in sites:  # a training-mode BN without moving statistics starts from 0/1 until its level is measured
         mean = site.old_mean if site.old_mean is not None else np.zeros(site.shape)
@@ -656,7 +584,7 @@ def recalibrate_graph(
     passes, samples, sizes = 0, 0, list[int]()
     cached: dict[str, np.ndarray] | None = None
     try:
-        feeder.size_batches(runner, [s.input_ref for s in sites], stat_feeds())
+        feeder.size_batches(lambda one: _run(runner, [s.input_ref for s in sites], {**one, **stat_feeds()}))
         for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
             keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
@@ -671,6 +599,8 @@ def recalibrate_graph(
                         f"the data gives {m.count} value(s) per channel, fewer than the doctor's minimum of {MIN_DRIFT_VALUES}"
                     )
                     continue
+                if not site.shape and site.channel_axis is not None:  # the channels, now known
+                    site.shape = _moment_shape(m.mean.size, site.channel_axis, site.rank, site.keepdims)
                 if m.mean.size not in (1, int(np.prod(site.shape))):
                     kept[site.name] = f"its input has {m.mean.size} channel(s), its statistics {int(np.prod(site.shape))}"
                     continue
@@ -723,6 +653,13 @@ def recalibrate_graph(
     )
 
 
+def _run(runner: Any, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return list(runner.run(fetches, feeds))
+    except runner.errors as exc:
+        raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
+
+
 def _why(exc: BaseException) -> str:
     """The first line of TensorFlow's error, and the line after when the first only says "Graph execution error:"."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -752,7 +689,7 @@ def recalibrate(
 
     ``source`` is anything ``bnfold.fold`` takes (a GraphDef, a ``.pb``/``.pbtxt``,
     a SavedModel, a ``.keras``/``.h5`` file or a Keras model), an ONNX model or
-    ``.onnx`` path (``result.onnx_model``; arrays only), or a TF1 checkpoint
+    ``.onnx`` path (``result.onnx_model``), or a TF1 checkpoint
     (``model.ckpt-N`` with its ``.meta``, or a ``.meta`` and ``checkpoint``) whose
     inference path ``outputs`` names. ``data`` is one array per input (a list in
     input order, or a dict by input name), an iterable of batches (arrays, tuples
@@ -769,7 +706,7 @@ def recalibrate(
 
         if outputs or set_flags or checkpoint:
             raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
-        model, onnx_result = recalibrate_onnx(source, data)
+        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget)
         onnx_result.onnx_model = model
         return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):

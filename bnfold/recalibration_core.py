@@ -7,13 +7,15 @@ one table and one JSON whatever the format.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnfold.errors import VerificationError
+from bnfold.errors import UsageError, VerificationError
 from bnfold.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, BnStats, ModeDrift, drift_metrics
 
 
@@ -176,3 +178,143 @@ def write_json(result: RecalibrationResult, path: Path) -> None:
 
     text = json.dumps(result.to_json(), indent=2, default=float)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+# -- the data (one piece for TF graphs, Keras and ONNX) -----------------------------------
+# Default bytes of one batch's inputs plus the BN inputs it produces (README: "Fix it: bnfold recalibrate").
+DEFAULT_MEMORY_BUDGET = 1024 * 2**20
+
+# What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.
+Data = Any
+
+
+def _is_arrays(data: Data) -> bool:
+    if isinstance(data, np.ndarray):
+        return True
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, np.ndarray) for d in data):
+        return True
+    return isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values())
+
+
+def _is_dataset(data: Data) -> bool:
+    """A ``tf.data.Dataset``, told without importing TensorFlow (a caller holding one has imported it)."""
+    tf = sys.modules.get("tensorflow")
+    data_module = getattr(tf, "data", None) if tf is not None else None
+    dataset = getattr(data_module, "Dataset", None)
+    return dataset is not None and isinstance(data, dataset)
+
+
+def _batches_of(data: Data, names: list[str]) -> Iterable[dict[str, np.ndarray]] | None:
+    """An iterable of batches (re-iterable, or None when ``data`` is arrays to slice)."""
+    if _is_arrays(data):
+        return None
+    if _is_dataset(data):
+        return _Reiterable(lambda: (_batch_dict(b, names) for b in data.as_numpy_iterator()))
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise UsageError(f"--data: {type(data).__name__} is not arrays, an iterable of batches or a tf.data.Dataset")
+    if iter(data) is data:  # a generator: read once, kept in memory for the passes
+        return [_batch_dict(b, names) for b in data]
+    return _Reiterable(lambda: (_batch_dict(b, names) for b in data))
+
+
+class _Reiterable:
+    def __init__(self, make: Callable[[], Iterator[dict[str, np.ndarray]]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.make())
+
+
+def _batch_dict(batch: Any, names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(batch, Mapping):
+        return {str(k): np.asarray(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        arrays = [np.asarray(b) for b in batch]
+        if len(arrays) > len(names):  # (x, y) pairs from a training pipeline: the inputs come first
+            arrays = arrays[: len(names)]
+        return dict(zip(names, arrays, strict=False))
+    return {names[0]: np.asarray(batch)}
+
+
+def _as_arrays(data: Data, names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(data, np.ndarray):
+        data = [data]
+    if isinstance(data, Mapping):
+        return {str(k): np.asarray(v) for k, v in data.items()}
+    if len(data) > len(names):
+        raise UsageError(f"--data: {len(data)} arrays for {len(names)} input(s); name them with --data NAME=x.npy")
+    return dict(zip(names, data, strict=False))
+
+
+class Feeder:
+    """The calibration data as batches: arrays sliced to the memory budget, or the caller's own batches.
+
+    ``specs``: the model's data inputs in order, ``(name, numpy dtype)``; ``key`` maps
+    a name the caller used to an input's name (TensorFlow: ``x:0`` -> ``x``).
+    """
+
+    bytes_per_sample: int | None = None
+
+    def __init__(self, specs: list[tuple[str, np.dtype]], data: Data, budget: int, key: Callable[[str], str] = lambda name: name) -> None:
+        self.dtypes = dict(specs)
+        self.key = key
+        names = [name for name, _ in specs]
+        self.budget = budget
+        self.given = _batches_of(data, names)
+        self.arrays = _as_arrays(data, names) if self.given is None else {}
+        for name in self.arrays:
+            if key(name) not in self.dtypes:
+                raise UsageError(f"--data: the model has no input named {name!r}; its inputs are {', '.join(names) or 'none'}")
+        sizes = {len(v) for v in self.arrays.values()}
+        if len(sizes) > 1:
+            raise UsageError(f"--data: the arrays hold different numbers of samples ({sorted(sizes)}); samples go along axis 0")
+        self.samples = sizes.pop() if sizes else 0
+        if self.given is None and self.samples == 0:
+            raise UsageError("--data: no samples; give at least a few hundred along axis 0")
+        # the same batches in the same order on every pass (what the kept tensors of a pass need)
+        self.stable = self.given is None or isinstance(self.given, list)
+
+    def total_samples(self) -> int:
+        if self.given is None:
+            return self.samples
+        if isinstance(self.given, list):
+            return sum(len(next(iter(b.values()))) for b in self.given if b)
+        return 0
+
+    def _cast(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, value in batch.items():
+            want = self.dtypes.get(self.key(name))
+            if want is not None and value.dtype != want and np.issubdtype(value.dtype, np.number) and np.issubdtype(want, np.number):
+                value = value.astype(want)
+            out[name] = value
+        return out
+
+    def size_batches(self, probe: Callable[[dict[str, np.ndarray]], list[np.ndarray]]) -> None:
+        """Run one sample through ``probe`` (which fetches every BN input): its inputs and those activations size the batches.
+
+        A batch of arrays then holds ``budget // bytes_per_sample`` samples, so one
+        batch's inputs plus every BN input it produces stay within the budget (a
+        proxy for what the runtime holds while it runs the batch). The caller's own
+        batches are used as they come.
+        """
+        if self.given is not None:
+            return
+        one = self._cast({k: v[:1] for k, v in self.arrays.items()})
+        values = probe(one)
+        self.bytes_per_sample = max(1, sum(np.asarray(v).nbytes for v in values) + sum(v.nbytes for v in one.values()))
+
+    @property
+    def batch_size(self) -> int | None:
+        """Samples per batch cut from arrays (None for the caller's own batches)."""
+        return None if self.given is not None else max(1, self.budget // (self.bytes_per_sample or 1))
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The data in batches: the caller's own, or arrays cut to the memory budget."""
+        if self.given is not None:
+            for batch in self.given:
+                yield self._cast(batch)
+            return
+        size = self.batch_size or 1
+        for start in range(0, self.samples, size):
+            yield self._cast({k: v[start : start + size] for k, v in self.arrays.items()})
