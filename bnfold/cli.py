@@ -645,6 +645,10 @@ def _foreign_output_to_debug(debug: bool) -> None:
     if not debug:
         logging.captureWarnings(True)
         logging.disable(logging.ERROR)
+    else:  # the libraries run in the worker now: what they printed there is shown too
+        from bnfold import isolation
+
+        isolation.echo_logs = True
 
 
 def main() -> None:

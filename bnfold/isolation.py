@@ -289,6 +289,12 @@ class Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def echo_log(self) -> None:
+        """With ``--debug`` (:data:`echo_logs`), what the worker printed goes to bnfold's stderr."""
+        if echo_logs and not self.log.closed:
+            self.log.seek(0)
+            sys.stderr.write(self.log.read().decode("utf-8", "replace"))
+
     def stop(self) -> None:
         if self.alive:
             try:
@@ -298,12 +304,14 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
+        self.echo_log()
         self.log.close()
         shutil.rmtree(self.limits.private_dir, ignore_errors=True)
         if self in _started:
             _started.remove(self)
 
 
+echo_logs = False  # --debug: what a worker printed (library warnings, TF's log lines) is copied to stderr as it stops
 STARTUP_LIMIT = 600.0  # seconds a worker may take to import TensorFlow and warm up, on a busy machine
 _LIMITS_ENV = "BNFOLD_WORKER_LIMITS"  # how a spawned worker learns its limits and the model's paths
 _FLAVOR_ENV = "BNFOLD_WORKER_FLAVOR"  # "onnx": a spawned worker that serves ONNX requests without importing TensorFlow
@@ -614,6 +622,7 @@ def _stop_workers() -> None:
         if worker.alive:
             worker.process.kill()
             worker.process.wait()
+        worker.echo_log()
         shutil.rmtree(worker.limits.private_dir, ignore_errors=True)
 
 
