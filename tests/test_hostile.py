@@ -1,7 +1,9 @@
 """Hostile models (issue #22): each case is a model built here, as an attacker would, and run through the real CLI.
 
 Every attack aims at a canary directory beside the model (write a file into it,
-overwrite or copy its file, delete it). Each command of a case runs in a process
+overwrite or copy its file, delete it), or at bnfold's process itself (budgets:
+constants of billions of elements or FLOPs; inputs that are not files; outputs
+onto the input; odd input that once ended in an internal error). Each command of a case runs in a process
 of its own, forked from :mod:`cli_driver` (which imported TensorFlow once) into
 ``bnfold.cli.main``, under a memory cap (``RLIMIT_AS``) and a time cap set here, and
 checks what a user cares about: the documented exit code, one line on stderr
@@ -41,10 +43,11 @@ from conftest import ROOT
 from onnx import TensorProto, helper
 from tensorflow.core.framework import graph_pb2, node_def_pb2, variable_pb2
 from tensorflow.core.protobuf import saved_model_pb2
+from test_budgets import bn_model, first_two, onnx_bn, slice_two
 from test_security import EvilResource, conv_bn, io_graph, lambda_model, saved_model
 
 from bnfold.allowlist import DISABLE_ENV
-from bnfold.errors import EXIT_INPUT, EXIT_OK, EXIT_UNSAFE
+from bnfold.errors import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY
 
 MEMORY_CAP = 4 * 2**30  # bytes of address space for each bnfold process (TensorFlow starts in about 2 GiB)
 TIME_CAP = 300  # seconds for each bnfold process
@@ -60,6 +63,7 @@ class Run:
 
     args: list[str]
     code: int
+    says: str | None = None  # text the output must carry as users run bnfold (a budget's reason for a skipped site)
 
 
 @dataclass
@@ -80,6 +84,8 @@ def snapshot(path: Path) -> dict[str, bytes]:
         return {".": path.read_bytes()}
     if not path.exists():
         return {}
+    if not path.is_dir():  # a FIFO or a device: never read here
+        return {".": b"<special>"}
     out = {}
     for item in sorted(path.rglob("*")):
         key = str(item.relative_to(path))
@@ -761,10 +767,124 @@ def custom_in_function(canary: Path) -> onnx.ModelProto:
 
 
 # -- the cases -----------------------------------------------------------------------------
+# -- budgets, inputs that are not files, outputs onto the input, odd input (classes 2-6) -----
+def pb_file(make: Callable[[], graph_pb2.GraphDef], suffix: str = ".pb") -> Callable[[Path, Path], Path]:
+    def build(d: Path, canary: Path) -> Path:
+        path = d / f"model{suffix}"
+        path.write_bytes(make().SerializeToString())
+        return path
+
+    return build
+
+
+def fill_2e9() -> graph_pb2.GraphDef:
+    return bn_model(lambda: first_two(tf.fill(tf.constant([1100000000, 2]), 1.0))).as_graph_def()
+
+
+def matmul_chain() -> graph_pb2.GraphDef:
+    def chain() -> tf.Tensor:
+        m = tf.fill(tf.constant([8000, 8000]), 1e-4)
+        for _ in range(40):
+            m = tf.matmul(m, m)
+        return first_two(m)
+
+    return bn_model(chain).as_graph_def()
+
+
+def const_1e10() -> graph_pb2.GraphDef:
+    graph_def = bn_model(lambda: first_two(tf.constant(1.0, shape=[2], name="huge"))).as_graph_def()
+    tensor = next(n for n in graph_def.node if n.name == "huge").attr["value"].tensor
+    tensor.ClearField("tensor_content")
+    del tensor.float_val[:]
+    tensor.float_val.append(1.0)
+    tensor.tensor_shape.dim[0].size = 10**10
+    return graph_def
+
+
+def placeholder_1e10() -> graph_pb2.GraphDef:
+    return bn_model(lambda: tf.ones([2]), placeholder_shape=(100000, 100000, 1, 3)).as_graph_def()
+
+
+def small() -> graph_pb2.GraphDef:
+    return bn_model(lambda: tf.ones([2])).as_graph_def()
+
+
+def identity_chain() -> graph_pb2.GraphDef:
+    def chained() -> tf.Tensor:
+        value = tf.constant(np.array([1.5, 0.5], np.float32))
+        for i in range(10000):
+            value = tf.identity(value, name=f"c{i}")
+        return value
+
+    return bn_model(chained).as_graph_def()
+
+
+def invalid_utf8() -> graph_pb2.GraphDef:
+    graph_def = small()
+    next(n for n in graph_def.node if n.name == "bn").attr["data_format"].s = b"NH\xff\xfe"
+    return graph_def
+
+
+def nested_pbtxt(d: Path, canary: Path) -> Path:
+    depth = 3000
+    text = 'node { name: "c" op: "Const" attr { key: "value" value { list { '
+    text += 'func { name: "f" attr { key: "a" value { ' * depth + "} } } " * depth + "} } } }"
+    path = d / "deep.pbtxt"
+    path.write_text(text)
+    return path
+
+
+def onnx_constant_of_shape(d: Path, canary: Path) -> Path:
+    tail, inits = slice_two("big")
+    make = helper.make_node("ConstantOfShape", ["shape"], ["big"], value=onnx.numpy_helper.from_array(np.ones(1, np.float32)))
+    return onnx_bn([make, *tail], [onnx.numpy_helper.from_array(np.array([2_500_000_000], np.int64), "shape"), *inits], d / "cos.onnx")
+
+
+def onnx_conv_transpose(d: Path, canary: Path) -> Path:
+    tail, inits = slice_two("ct")
+    big = onnx.numpy_helper.from_array(np.ones((1, 1, 2048, 2048), np.float32), "plane")
+    return onnx_bn([helper.make_node("ConvTranspose", ["plane", "plane"], ["ct"]), *tail], [big, *inits], d / "ct.onnx")
+
+
+def device(d: Path, canary: Path) -> Path:
+    return Path("/dev/zero")
+
+
+def fifo(d: Path, canary: Path) -> Path:
+    path = d / "model.pb"
+    os.mkfifo(path)
+    return path
+
+
+def newline_path(d: Path, canary: Path) -> Path:
+    return d / "no\nsuch.pb"  # not there: the error line must show the newline escaped
+
+
+def sm_variables_linked_out(d: Path, canary: Path) -> Path:
+    """A SavedModel whose variables file is a link to the canary's copy of it: its values must never be read."""
+    module = tf.Module()
+    module.v = tf.Variable(np.ones((3, 4), np.float32))
+    module.f = tf.function(lambda x: tf.matmul(x, module.v), input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    export = d / "sm"
+    tf.saved_model.save(module, str(export), signatures={"serving_default": module.f})
+    for data in (export / "variables").glob("variables.data-*"):
+        target = canary.parent / "elsewhere" / data.name  # beside the canary (prepare() renews the canary itself)
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(data, target)
+        data.symlink_to(target)
+    return export
+
+
+
 FOLD = Run(["fold", "{IN}", "{OUT}"], EXIT_UNSAFE)
 INSPECT = Run(["inspect", "{IN}"], EXIT_UNSAFE)
 DOCTOR = Run(["doctor", "{IN}"], EXIT_UNSAFE)
-INSPECT_PB = Run(["inspect", "{IN}"], EXIT_OK)  # a frozen graph is read, never run: nothing to refuse
+INSPECT_PB = Run(["inspect", "{IN}"], EXIT_OK)
+
+
+def INSPECT_AS(code: int) -> Run:  # noqa: N802 - reads like the Run constants beside it
+    return Run(["inspect", "{IN}"], code)
+  # a frozen graph is read, never run: nothing to refuse
 NO_VERIFY = Run(["fold", "{IN}", "{OUT}", "--no-verify"], EXIT_UNSAFE)
 DATA = Run(["doctor", "{IN}", "--data", "{DIR}/x.npy"], EXIT_UNSAFE)
 KERAS_OUT = Run(["fold", "{IN}", "{DIR}/out.keras"], EXIT_UNSAFE)  # the layer-level fold, loaded and checked in the worker
@@ -842,6 +962,29 @@ CASES = [
 ]
 
 
+BUDGET = "no budget on constant evaluation"
+FILES = "files outside the model"
+NOT_FILES = "inputs that are not files"
+ONTO_INPUT = "the input overwritten"
+ODD = "internal errors on valid or odd input"
+CASES += [
+    Case("budget-fill-2e9", BUDGET, pb_file(fill_2e9), [Run(["inspect", "{IN}"], EXIT_OK, "2.2e+09 elements"), Run(["fold", "{IN}", "{OUT}", "--no-verify"], EXIT_OK)]),
+    Case("budget-matmul-chain", BUDGET, pb_file(matmul_chain), [Run(["inspect", "{IN}"], EXIT_OK, "FLOPs")]),
+    Case("budget-const-1e10", BUDGET, pb_file(const_1e10), [Run(["inspect", "{IN}"], EXIT_OK, "1e+10 elements")]),
+    Case("budget-placeholder-1e10", BUDGET, pb_file(placeholder_1e10), [Run(["fold", "{IN}", "{OUT}"], EXIT_VERIFY)]),
+    Case("budget-onnx-constant-of-shape", BUDGET, onnx_constant_of_shape, [Run(["inspect", "{IN}"], EXIT_OK, "2.5e+09 elements")]),
+    Case("budget-onnx-conv-transpose", BUDGET, onnx_conv_transpose, [Run(["inspect", "{IN}"], EXIT_OK, "FLOPs")]),
+    Case("sm-variables-linked-out", FILES, sm_variables_linked_out, [INSPECT_AS(EXIT_INPUT), Run(["fold", "{IN}", "{OUT}"], EXIT_INPUT)]),
+    Case("input-device", NOT_FILES, device, [Run(["fold", "{IN}", "{OUT}"], EXIT_INPUT)]),
+    Case("input-fifo", NOT_FILES, fifo, [Run(["fold", "{IN}", "{OUT}"], EXIT_INPUT), INSPECT_AS(EXIT_INPUT), Run(["doctor", "{IN}"], EXIT_INPUT)]),
+    Case("output-onto-input", ONTO_INPUT, pb_file(small), [Run(["fold", "{IN}", "{OUT}", "--report", "{IN}"], EXIT_OUTPUT), Run(["doctor", "{IN}", "--json", "{IN}"], EXIT_OUTPUT)]),
+    Case("odd-identity-chain-10000", ODD, pb_file(identity_chain), [Run(["fold", "{IN}", "{OUT}", "--no-verify"], EXIT_OK)]),
+    Case("odd-pbtxt-nested-3000", ODD, nested_pbtxt, [INSPECT_AS(EXIT_INPUT)]),
+    Case("odd-invalid-utf8-attribute", ODD, pb_file(invalid_utf8), [Run(["inspect", "{IN}"], EXIT_OK, "data_format")]),
+    Case("odd-negative-input-shape", ODD, pb_file(small), [Run(["fold", "{IN}", "{OUT}", "--input-shape", "x=-1,4,4,3"], EXIT_USAGE)]),
+    Case("odd-newline-in-path", ODD, newline_path, [Run(["fold", "{IN}", "{OUT}"], EXIT_INPUT)]),
+]
+
 # What the one error line must name (the node, op or layer the attack sits in), as users run bnfold.
 CULPRITS = {
     **dict.fromkeys(["pb-write-control", "pbtxt-write-control", "pb-write-upstream-doctor-data", "pb-to-onnx-no-verify"], "'evil' (WriteFile)"),
@@ -871,6 +1014,14 @@ CULPRITS = {
     "onnx-function-data-outside": "outside the model's directory",
     "onnx-function-data-link-out": "a link out of the model's directory",
     "onnx-function-data-from-cwd": "no such file beside the model",
+    "budget-placeholder-1e10": "--input-shape",
+    "sm-variables-linked-out": "links outside the SavedModel",
+    "input-device": "is a device",
+    "input-fifo": "is a FIFO",
+    "output-onto-input": "is the input",
+    "odd-pbtxt-nested-3000": "nested too deeply",
+    "odd-negative-input-shape": "--input-shape",
+    "odd-newline-in-path": "no\\nsuch.pb",
 }
 
 
@@ -938,6 +1089,8 @@ def test_hostile_model(case: Case, layers: dict[str, str], tmp_path: Path) -> No
             assert result.returncode == run.code, (args, result.returncode, result.stderr)
             if result.returncode != 0:
                 assert culprit(case) in result.stderr, (culprit(case), result.stderr)
+            if run.says is not None:
+                assert run.says in result.stdout + result.stderr, (run.says, result.stdout, result.stderr)
         if result.returncode != 0:
             assert len(lines) == 1 and lines[0].startswith("bnfold: error:"), lines
             assert set(snapshot(d)) == before_work, "a refused run left files behind"
