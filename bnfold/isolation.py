@@ -15,7 +15,9 @@ TensorFlow import overlaps the fold.
 
 Beyond TensorFlow graphs, the worker does every other thing that runs a
 model from a file: it loads and freezes SavedModels and Keras files
-(``freeze``), folds a Keras file into a Keras file (``keras_fold``), converts
+(``freeze``), folds a Keras file into a Keras file (``keras_fold``), freezes a
+Keras file for recalibration and writes its new BN statistics back
+(``keras_recalibrate``), converts
 with tf2onnx (``tf2onnx``), holds onnxruntime sessions (``ort_load``, then
 ``run``) and evaluates ONNX constants with the reference evaluator
 (``onnx_eval``). A worker for ONNX requests only is a new interpreter without
@@ -941,6 +943,43 @@ def _keras_fold(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
     _send(reply, {"ok": True, "result": result.to_json()}, data or b"")
 
 
+def _keras_recalibrate(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """``bnfold recalibrate a.keras b.keras`` in the worker (:func:`bnfold.recalibration.recalibrate_keras_file`), in two steps.
+
+    ``freeze``: load the file, freeze it with each BN layer's moving mean tagged; answered with the GraphDef's bytes
+    followed by the layers' real statistics as arrays, their names and the signature as JSON. ``write``: load the
+    file again, set the new statistics sent as arrays (by layer number), save it in the private directory and
+    check the saved file; answered with its bytes.
+    """
+    from bnfold import recalibration
+    from bnfold.errors import InputError
+
+    src, trust_model = str(head["src"]), bool(head["trust_model"])
+    try:
+        if head["step"] == "freeze":
+            loaded, names, real = recalibration.keras_tagged_here(src, trust_model)
+            sig = loaded.signature
+            signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
+            graph = loaded.graph_def.SerializeToString()
+            del loaded
+            meta, data = encode_arrays([a for pair in real for a in pair])
+            _send(reply, {"ok": True, "graph_bytes": len(graph), "names": names, "arrays": meta, "signature": signature}, graph + data)
+            return
+        if head["step"] != "write":
+            raise ValueError(f"unknown keras_recalibrate step {head['step']!r}")
+        arrays = decode_arrays(head["arrays"], payload)
+        numbers = [int(n) for n in head["layers"]]
+        if len(arrays) != 2 * len(numbers):
+            raise ValueError("keras_recalibrate: two arrays per layer")
+        values = {n: (arrays[2 * i], arrays[2 * i + 1]) for i, n in enumerate(numbers)}
+        data = recalibration.keras_write_here(src, str(head["dst"]), trust_model, values)
+    except (BnfoldError, MemoryError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer's own code (a trusted Lambda) failing in the confined worker
+        raise InputError(f"{src}: the model failed in bnfold's worker ({type(exc).__name__}: {first_line_of(str(exc))})") from None
+    _send(reply, {"ok": True}, data)
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
@@ -975,7 +1014,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         head, payload = message
         del message  # the graph's bytes go with ``payload`` once it is imported
         try:
-            if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold") and tf is None:
+            if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold", "keras_recalibrate") and tf is None:
                 raise ValueError(f"request {head['op']!r} needs TensorFlow, which this worker did not import")
             if head["op"] == "load":
                 session = None  # the previous graph's session, if a caller skipped "unload"
@@ -1011,6 +1050,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 _tf2onnx(head, payload, reply)
             elif head["op"] == "keras_fold":
                 _keras_fold(head, payload, reply)
+            elif head["op"] == "keras_recalibrate":
+                _keras_recalibrate(head, payload, reply)
             elif head["op"] == "selftest":
                 answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
                 _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})

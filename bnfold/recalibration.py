@@ -706,7 +706,7 @@ def recalibrate(
 
         if outputs or set_flags or checkpoint:
             raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
-        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget)
+        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget, trust_model=trust_model)
         onnx_result.onnx_model = model
         return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
@@ -812,14 +812,58 @@ def recalibrate_keras_file(
     know which graph BN is which layer, the model is frozen once with each layer's
     moving mean set to a tag (layer number + 0.5); the real values are put back
     before anything runs, and the graph's BNs start from them.
+
+    The model file is loaded only in bnfold's confined worker (:mod:`bnfold.isolation`),
+    twice: once to freeze the tagged graph (:func:`keras_tagged_here`; the GraphDef's
+    bytes, the layer names and their statistics come back), once to set the new
+    statistics and save the model in the worker's private directory
+    (:func:`keras_write_here`; the file's bytes come back). This process measures
+    (the runs happen in a worker too) and writes ``dst`` atomically.
     """
-    from bnfold import keras_fold
-    from bnfold.freeze import freeze_keras
+    from bnfold import isolation, keras_fold
     from bnfold.runsafety import trusting
 
     if outputs or set_flags or checkpoint:
         raise UsageError("--outputs/--set/--checkpoint apply to graphs and checkpoints; a Keras model takes none of them")
-    model = keras_fold.load_model(src, trust_model)
+    if isolation.in_worker():
+        loaded, names, real = keras_tagged_here(str(src), trust_model)
+    else:
+        loaded, names, real = _keras_tagged_in_worker(src, trust_model)
+    layer_of: dict[str, int] = {}
+
+    def adopt(sites: list[Site]) -> None:
+        for site in sites:
+            if site.old_mean is None or not site.old_mean.size:
+                continue
+            number = float(np.ravel(site.old_mean)[0]) - 0.5
+            if number.is_integer() and 0 <= number < len(names) and np.all(site.old_mean == number + 0.5):
+                layer_of[site.name] = int(number)
+                site.old_mean, site.old_var = real[int(number)][0].reshape(-1), real[int(number)][1].reshape(-1)
+                site.label = names[int(number)]
+
+    outputs = [parse_input(t)[0] for t in loaded.signature.outputs.values()] if loaded.signature else None
+    with trusting(trust_model):
+        result = recalibrate_graph(loaded.graph_def, data, outputs=outputs, memory_budget=memory_budget, source=str(src), adopt=adopt)
+    missing = [names[i] for i in range(len(names)) if i not in layer_of.values()]
+    if missing:
+        result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
+    values = {layer_of[name]: stats for name, stats in result.values.items() if name in layer_of}
+    if isolation.in_worker():
+        saved = keras_write_here(str(src), str(dst), trust_model, values)
+    else:
+        saved = _keras_write_in_worker(src, dst, trust_model, values)
+    keras_fold.write_bytes(dst, saved)
+    result.signature = loaded.signature
+    return result
+
+
+def keras_tagged_here(src: str, trust_model: bool) -> tuple[Any, list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """The worker's first step of :func:`recalibrate_keras_file`: the model frozen with each BN layer's moving mean
+    set to its tag (layer number + 0.5), the layers' names, and their real moving means and variances."""
+    from bnfold import keras_fold
+    from bnfold.freeze import freeze_keras
+
+    model = keras_fold.load_model(Path(src), trust_model)
     bns = _keras_bns(model)
     real = [(np.array(layer.moving_mean.numpy()), np.array(layer.moving_variance.numpy())) for layer in bns]
     try:
@@ -829,29 +873,75 @@ def recalibrate_keras_file(
     finally:
         for layer, (mean, _) in zip(bns, real, strict=True):
             layer.moving_mean.assign(mean)
-    layer_of: dict[str, int] = {}
+    loaded.source = src
+    return loaded, [layer.name for layer in bns], real
 
-    def adopt(sites: list[Site]) -> None:
-        for site in sites:
-            if site.old_mean is None or not site.old_mean.size:
-                continue
-            number = float(np.ravel(site.old_mean)[0]) - 0.5
-            if number.is_integer() and 0 <= number < len(bns) and np.all(site.old_mean == number + 0.5):
-                layer_of[site.name] = int(number)
-                site.old_mean, site.old_var = real[int(number)][0].reshape(-1), real[int(number)][1].reshape(-1)
-                site.label = bns[int(number)].name
 
-    outputs = [parse_input(t)[0] for t in loaded.signature.outputs.values()] if loaded.signature else None
-    with trusting(trust_model):
-        result = recalibrate_graph(loaded.graph_def, data, outputs=outputs, memory_budget=memory_budget, source=str(src), adopt=adopt)
-    missing = [bns[i].name for i in range(len(bns)) if i not in layer_of.values()]
-    if missing:
-        result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
-    for name, (mean, var) in result.values.items():
-        if name in layer_of:
-            layer = bns[layer_of[name]]
-            layer.moving_mean.assign(np.asarray(mean).reshape(real[layer_of[name]][0].shape).astype(real[layer_of[name]][0].dtype))
-            layer.moving_variance.assign(np.asarray(var).reshape(real[layer_of[name]][1].shape).astype(real[layer_of[name]][1].dtype))
-    keras_fold.write_model(model, dst)
-    result.signature = loaded.signature
-    return result
+def keras_write_here(src: str, dst: str, trust_model: bool, values: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The worker's second step of :func:`recalibrate_keras_file`: the model loaded again, ``values`` (by BN layer
+    number, as :func:`keras_tagged_here` numbered them) set as the layers' moving statistics, in their shapes
+    and dtypes, and the file saved for ``dst`` (and proven to load and predict the same) as bytes."""
+    from bnfold import keras_fold
+
+    model = keras_fold.load_model(Path(src), trust_model)
+    bns = _keras_bns(model)
+    for number, (mean, var) in values.items():
+        if not 0 <= number < len(bns):
+            raise UsageError(f"{src}: no BN layer number {number} in the model")
+        layer = bns[number]
+        for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
+            now = np.asarray(variable.numpy())
+            variable.assign(np.asarray(value).reshape(now.shape).astype(now.dtype))
+    return keras_fold.saved_bytes(model, Path(dst))
+
+
+def _keras_request(src: Path, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+    """One ``keras_recalibrate`` step in a confined worker; its errors keep their exit codes."""
+    from bnfold import isolation
+    from bnfold.errors import InputError
+
+    try:
+        return isolation.ask({"op": "keras_recalibrate", "src": str(src), **header}, payload, engine="Keras")
+    except isolation.GraphRunError as exc:
+        raise isolation.as_bnfold_error(exc, lambda text: InputError(f"{src}: cannot recalibrate the model ({text})")) from None
+    except isolation.WorkerDied as exc:
+        raise InputError(f"{src}: recalibrating the model ended bnfold's worker: {exc.describe()}") from None
+
+
+def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`keras_tagged_here` in the worker: the file's checks here (nothing of it loaded), then GraphDef bytes,
+    the signature and layer names as JSON and the statistics as arrays come back."""
+    from bnfold import isolation, sandbox
+    from bnfold.allowlist import enforced
+    from bnfold.errors import InputError
+    from bnfold.freeze import Loaded, Signature, check_keras_file
+
+    if not src.exists():
+        raise InputError(f"{src}: no such file")
+    if src.is_dir():
+        raise InputError(f"{src}: is a directory; Keras output needs a .keras or .h5 model file as input")
+    if enforced(trust_model):
+        check_keras_file(src)  # refused here, before any Keras reads the file
+    sandbox.allow_read(src)
+    head, body = _keras_request(src, {"step": "freeze", "trust_model": trust_model})
+    size = int(head["graph_bytes"])
+    graph_def = graph_pb2.GraphDef.FromString(body[:size])
+    arrays = isolation.decode_arrays(head["arrays"], body[size:])
+    names = [str(n) for n in head["names"]]
+    if len(arrays) != 2 * len(names):
+        raise InputError(f"{src}: bnfold's worker answered {len(arrays)} statistics for {len(names)} BN layers")
+    sig = head.get("signature")
+    signature = Signature(str(sig["name"]), dict(sig["inputs"]), dict(sig["outputs"])) if isinstance(sig, dict) else None
+    real = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(len(names))]
+    return Loaded(graph_def, str(src), signature), names, real
+
+
+def _keras_write_in_worker(src: Path, dst: Path, trust_model: bool, values: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """:func:`keras_write_here` in the worker: layer numbers and the new statistics go in, the saved file's bytes come back."""
+    from bnfold import isolation
+
+    numbers = sorted(values)
+    meta, payload = isolation.encode_arrays([np.asarray(a, np.float64) for n in numbers for a in values[n]])
+    header = {"step": "write", "dst": str(dst), "trust_model": trust_model, "layers": numbers, "arrays": meta}
+    _, body = _keras_request(src, header, payload)
+    return body
