@@ -665,6 +665,7 @@ class IsolatedGraph:
         self.load = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first, "budget": budget}
         self.reload = reload if reload is not None else (lambda: graph_bytes)
         self.worker = self._start(graph_bytes, onednn)
+        self.generation = 0  # counts the moves to another worker, which lose what the old one kept (``stash``)
 
     def _start(self, graph_bytes: bytes, onednn: bool) -> Worker:
         worker = acquire() if onednn else Worker(onednn=False)
@@ -679,9 +680,33 @@ class IsolatedGraph:
         return worker
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.run_kept(fetches, feeds)[0]
+
+    def run_kept(
+        self,
+        fetches: list[str],
+        feeds: dict[str, np.ndarray],
+        stored: list[tuple[str, str, int, int]] | None = None,
+        stash: dict[str, str] | None = None,
+    ) -> tuple[list[np.ndarray], list[dict[str, Any]] | None]:
+        """:meth:`run`, with arrays that stay in the worker between runs, so they do not cross the pipe twice.
+
+        ``stored``: (tensor, key, start, stop) feeds the tensor rows ``start:stop`` of what is kept under ``key``.
+        ``stash``: tensor -> key; the tensor is computed in the same run (beside ``fetches``, which it
+        may repeat) and appended (axis 0) to what is kept under ``key`` instead of being sent back; its
+        shape and size are answered (the second item, in ``stash``'s order). Both are forgotten when the
+        graph moves to another worker (:data:`ABORT_POLICY`; ``generation`` counts the moves): the run is
+        then made without them (the tensors ``stored`` names are computed from the feeds) and the second
+        item is None.
+        """
         names = list(feeds)
         meta, payload = encode_arrays([feeds[n] for n in names])
-        header = {"op": "run", "fetches": fetches, "feeds": names, "arrays": meta}
+        stash = stash or {}
+        header: dict[str, Any] = {"op": "run", "fetches": [*fetches, *stash], "feeds": names, "arrays": meta}
+        if stored:
+            header["stored"] = [list(item) for item in stored]
+        if stash:
+            header["stash"] = [[len(fetches) + i, key] for i, key in enumerate(stash.values())]
         try:
             head, body = self.worker.request(header, payload)
         except GraphRunError as exc:
@@ -689,11 +714,21 @@ class IsolatedGraph:
                 raise
             self.close()
             self.worker = self._start(self.reload(), onednn=False)
-            return self.run(fetches, feeds)
+            self.generation += 1
+            return self.run(fetches, feeds), None
         except WorkerDied:
             self._drop()
             raise
-        return decode_arrays(head["arrays"], body)
+        return decode_arrays(head["arrays"], body), list(head.get("stashed") or [])
+
+    def drop(self, keys: list[str]) -> None:
+        """Forget what the worker keeps under ``keys``."""
+        if keys and self.worker.alive:
+            try:
+                self.worker.request({"op": "drop", "keys": keys})
+            except WorkerDied:
+                self._drop()
+                raise
 
     def _drop(self) -> None:
         self.worker.stop()
@@ -980,6 +1015,33 @@ def _keras_recalibrate(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -
     _send(reply, {"ok": True}, data)
 
 
+def _stored(store: dict[str, Any], key: str) -> np.ndarray:
+    """The array kept under ``key``: the chunks that runs appended, joined along axis 0 once, on first use."""
+    if key not in store:
+        raise KeyError(f"nothing is kept under {key!r} in this worker")
+    value = store[key]
+    if isinstance(value, list):
+        value = store[key] = np.concatenate(value) if len(value) > 1 else value[0]
+    return value  # type: ignore[no-any-return]
+
+
+def _stash(store: dict[str, Any], outputs: list[Any], stash: list[list[Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The outputs to send back; the ones ``stash`` names ([fetch index, key] pairs) are appended to the store under
+    their key instead, and only their shapes and sizes are answered, in ``stash``'s order."""
+    if not stash:
+        return outputs, []
+    kept: list[dict[str, Any]] = []
+    for index, key in stash:
+        array = np.asarray(outputs[int(index)])
+        chunks = store.setdefault(str(key), [])
+        if not isinstance(chunks, list):
+            raise ValueError(f"{key!r} was read already; appending to it is not allowed")
+        chunks.append(array)
+        kept.append({"shape": list(array.shape), "nbytes": int(array.nbytes)})
+    stashed = {int(index) for index, _ in stash}
+    return [value for i, value in enumerate(outputs) if i not in stashed], kept
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
@@ -1007,6 +1069,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
             pass
     _send(reply, {"ok": True, "ready": True})  # from here on, the parent's deadline counts
     session: Any = None
+    store: dict[str, Any] = {}  # arrays a run kept here for later runs of the same graph (``stash``/``stored``)
     while True:
         message = _receive(requests)
         if message is None:
@@ -1016,6 +1079,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         try:
             if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold", "keras_recalibrate") and tf is None:
                 raise ValueError(f"request {head['op']!r} needs TensorFlow, which this worker did not import")
+            if head["op"] in ("load", "ort_load", "unload"):
+                store.clear()
             if head["op"] == "load":
                 session = None  # the previous graph's session, if a caller skipped "unload"
                 graph = import_serialized(tf, payload)
@@ -1030,12 +1095,20 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                     raise ValueError("no graph is loaded")
                 values = decode_arrays(head["arrays"], payload)
                 feeds = dict(zip(head["feeds"], values, strict=True))
+                for name, key, start, stop in head.get("stored") or []:
+                    feeds[str(name)] = _stored(store, str(key))[int(start) : int(stop)]
                 if isinstance(session, OrtSession):
                     outputs = session.run(head["fetches"], feeds)
                 else:
                     outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
+                del feeds, values
+                outputs, stashed = _stash(store, outputs, list(head.get("stash") or []))
                 meta, data = encode_arrays(outputs)
-                _send(reply, {"ok": True, "arrays": meta}, data)
+                _send(reply, {"ok": True, "arrays": meta, "stashed": stashed}, data)
+            elif head["op"] == "drop":
+                for key in head["keys"]:
+                    store.pop(str(key), None)
+                _send(reply, {"ok": True})
             elif head["op"] == "freeze":
                 _freeze(head, reply)
             elif head["op"] == "ort_load":

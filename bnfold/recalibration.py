@@ -19,7 +19,9 @@ How (README "Fix it: bnfold recalibrate"):
   them): one pass over the data per depth level measures that level's BNs, whose
   upstream BNs are all final by then. Each pass also keeps the tensors at the cut
   between its level and the next (:func:`_boundaries`), and the next pass feeds
-  them back, so TensorFlow runs only the layers between two levels.
+  them back, so TensorFlow runs only the layers between two levels. They stay in
+  the worker (:meth:`bnfold.isolation.IsolatedGraph.run_kept`): only their shapes
+  cross the pipe.
 - Each BN's per-channel batch mean and sum of squared deviations are computed in
   the graph in float64 (:func:`_add_moment_ops`) and merged batch by batch (Chan
   et al.), so memory does not grow with the data. The stored variance is the biased
@@ -411,13 +413,21 @@ def _placeholder_names(calibration: graph_pb2.GraphDef, sites: list[Site]) -> di
 
 # -- the passes ------------------------------------------------------------------------
 @dataclass
+class Kept:
+    """Tensors a pass left in the worker for the next one: tensor -> the key the worker keeps all its samples under."""
+
+    keys: dict[str, str]
+    generation: int  # the runner's, when kept: a graph moved to another worker since has lost them
+
+
+@dataclass
 class Pass:
     """What one pass over the data gave: moments per site, the samples and batch sizes, and the tensors kept for the next pass."""
 
     moments: dict[str, Moments]
     samples: int
     sizes: list[int]
-    kept: dict[str, np.ndarray] | None
+    kept: Kept | None
 
 
 def _measure(
@@ -425,32 +435,35 @@ def _measure(
     feeder: Feeder,
     fetch_sites: list[Site],
     stat_feeds: dict[str, np.ndarray],
-    cached: dict[str, np.ndarray] | None = None,
+    cached: Kept | None = None,
     keep: list[str] | None = None,
     cache_budget: int = 0,
     in_graph: dict[str, list[str]] | None = None,
+    tag: str = "",
 ) -> Pass:
     """One pass over the data: moments of each fetched site's input.
 
-    ``cached`` (tensor -> values for all samples, samples on axis 0) is fed with each
-    batch, so TensorFlow does not compute what lies behind those tensors again.
-    ``keep`` names tensors to fetch and keep for the next pass; they are given up
-    (``Pass.kept`` None) when they would take more than ``cache_budget`` bytes, have
-    no batch axis first, or the batches may not come in the same order next time.
+    ``cached`` (tensors whose values for all samples, samples on axis 0, the worker
+    keeps) is fed with each batch, so TensorFlow does not compute what lies behind
+    those tensors again. ``keep`` names tensors to keep in the worker (under keys
+    starting with ``tag``) for the next pass: they never cross the pipe. They are
+    given up (``Pass.kept`` None, the worker's copy dropped) when they would take
+    more than ``cache_budget`` bytes, have no batch axis first, or the batches may
+    not come in the same order next time.
     """
     moments = {s.name: Moments() for s in fetch_sites}
     in_graph = in_graph or {}
     site_refs = [ref for s in fetch_sites for ref in in_graph.get(s.name, [s.input_ref])]
     keep = [r for r in keep or [] if r not in site_refs] if feeder.stable else []
-    parts: dict[str, list[np.ndarray]] | None = {r: [] for r in keep} if keep else None
+    stash = {ref: f"{tag}{ref}" for ref in keep}
+    if cached is not None and cached.generation != runner.generation:
+        cached = None  # lost with the worker: the graph computes those tensors from the inputs
     samples, sizes = 0, []
     for batch in feeder.batches():
         n = len(next(iter(batch.values()))) if batch else 0
         feeds = {**batch, **stat_feeds}
-        if cached:
-            feeds.update({ref: value[samples : samples + n] for ref, value in cached.items()})
-        wanted = keep if parts is not None else []
-        values = _run(runner, site_refs + wanted, feeds)
+        stored = [(ref, key, samples, samples + n) for ref, key in cached.keys.items()] if cached else []
+        values, shapes = _run_kept(runner, site_refs, feeds, stored, stash)
         position = 0
         for site in fetch_sites:
             if site.name in in_graph:
@@ -460,18 +473,29 @@ def _measure(
             else:
                 moments[site.name].add(values[position], site.channel_axis)
                 position += 1
-        if parts is not None:
-            extra = values[len(site_refs) :]
+        if stash:
             total = feeder.total_samples()
-            if any(v.ndim == 0 or len(v) != n for v in extra) or (n and sum(v.nbytes for v in extra) // n * total > cache_budget):
-                parts = None
-            else:
-                for ref, value in zip(keep, extra, strict=True):
-                    parts[ref].append(value)
+            if (
+                shapes is None
+                or len(shapes) != len(stash)
+                or any(not s["shape"] or s["shape"][0] != n for s in shapes)
+                or (n and sum(int(s["nbytes"]) for s in shapes) // n * total > cache_budget)
+            ):
+                runner.drop(list(stash.values()))
+                stash = {}
         samples += n
         sizes.append(n)
-    kept = {ref: np.concatenate(chunks) for ref, chunks in parts.items()} if parts is not None and samples else None
+    kept = Kept(stash, runner.generation) if stash and samples else None
     return Pass(moments, samples, sizes, kept)
+
+
+def _run_kept(
+    runner: Any, fetches: list[str], feeds: dict[str, np.ndarray], stored: list[tuple[str, str, int, int]], stash: dict[str, str]
+) -> tuple[list[np.ndarray], list[dict[str, Any]] | None]:
+    try:
+        return runner.run_kept(fetches, feeds, stored, stash)  # type: ignore[no-any-return]
+    except runner.errors as exc:
+        raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
 
 
 def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list[int]) -> dict[int, list[str]]:
@@ -582,13 +606,15 @@ def recalibrate_graph(
     measured: dict[str, Moments] = {}
     kept: dict[str, str] = {}
     passes, samples, sizes = 0, 0, list[int]()
-    cached: dict[str, np.ndarray] | None = None
+    cached: Kept | None = None
     try:
         feeder.size_batches(lambda one: _run(runner, [s.input_ref for s in sites], {**one, **stat_feeds()}))
         for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
             keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
-            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget, in_graph)
+            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget, in_graph, tag=f"level {level}/")
+            if cached is not None and cached.generation == runner.generation:
+                runner.drop(list(cached.keys.values()))  # fed to this pass; the next one feeds what this one kept
             cached, samples, sizes = done.kept, done.samples, done.sizes
             passes += 1
             for site in group:
