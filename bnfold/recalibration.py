@@ -64,8 +64,8 @@ from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's r
     write_json,
 )
 
-# Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
-# beyond it a pass recomputes the graph up to its level instead.
+# Bytes of activations kept (in the worker) from one pass to the next, for all samples (README: "Fix it: bnfold
+# recalibrate"): beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
 
 
