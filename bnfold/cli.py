@@ -283,9 +283,19 @@ def fold_command(
             raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
         source: Any = src
         out_names = _names(outputs)
-        if recalibrate:
-            if is_onnx_path(src):
-                raise UsageError("--recalibrate: ONNX input is recalibrated with bnfold recalibrate IN.onnx OUT.onnx --data x.npy")
+        if recalibrate and is_onnx_path(src):
+            # ONNX in: recalibrated in onnxruntime (no TensorFlow), then the ModelProto is folded and checked against it
+            from bnfold import recalibration_core as rcc
+            from bnfold.onnx_recalibration import recalibrate_onnx
+
+            if dst is not None and not is_onnx_path(dst):
+                raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
+            if set_ or training_bn != "keep":
+                raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
+            source, onnx_recalibrated = recalibrate_onnx(src, _data_arrays(recalibrate, "--recalibrate"), trust_model=trust_model)
+            if not quiet:
+                rcc.print_report(onnx_recalibrated, out)
+        elif recalibrate:
             from bnfold import recalibration as rc
 
             recalibrated = rc.recalibrate(

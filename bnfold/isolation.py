@@ -15,7 +15,9 @@ TensorFlow import overlaps the fold.
 
 Beyond TensorFlow graphs, the worker does every other thing that runs a
 model from a file: it loads and freezes SavedModels and Keras files
-(``freeze``), folds a Keras file into a Keras file (``keras_fold``), converts
+(``freeze``), folds a Keras file into a Keras file (``keras_fold``), freezes a
+Keras file for recalibration and writes its new BN statistics back
+(``keras_recalibrate``), converts
 with tf2onnx (``tf2onnx``), holds onnxruntime sessions (``ort_load``, then
 ``run``) and evaluates ONNX constants with the reference evaluator
 (``onnx_eval``). A worker for ONNX requests only is a new interpreter without
@@ -672,6 +674,7 @@ class IsolatedGraph:
         self.load = {"op": "load", "layout_pass": layout_pass, "channels_first": channels_first, "budget": budget}
         self.reload = reload if reload is not None else (lambda: graph_bytes)
         self.worker = self._start(graph_bytes, onednn)
+        self.generation = 0  # counts the moves to another worker, which lose what the old one kept (``stash``)
 
     def _start(self, graph_bytes: bytes, onednn: bool) -> Worker:
         worker = acquire() if onednn else Worker(onednn=False)
@@ -686,9 +689,33 @@ class IsolatedGraph:
         return worker
 
     def run(self, fetches: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.run_kept(fetches, feeds)[0]
+
+    def run_kept(
+        self,
+        fetches: list[str],
+        feeds: dict[str, np.ndarray],
+        stored: list[tuple[str, str, int, int]] | None = None,
+        stash: dict[str, str] | None = None,
+    ) -> tuple[list[np.ndarray], list[dict[str, Any]] | None]:
+        """:meth:`run`, with arrays that stay in the worker between runs, so they do not cross the pipe twice.
+
+        ``stored``: (tensor, key, start, stop) feeds the tensor rows ``start:stop`` of what is kept under ``key``.
+        ``stash``: tensor -> key; the tensor is computed in the same run (beside ``fetches``, which it
+        may repeat) and appended (axis 0) to what is kept under ``key`` instead of being sent back; its
+        shape and size are answered (the second item, in ``stash``'s order). Both are forgotten when the
+        graph moves to another worker (:data:`ABORT_POLICY`; ``generation`` counts the moves): the run is
+        then made without them (the tensors ``stored`` names are computed from the feeds) and the second
+        item is None.
+        """
         names = list(feeds)
         meta, payload = encode_arrays([feeds[n] for n in names])
-        header = {"op": "run", "fetches": fetches, "feeds": names, "arrays": meta}
+        stash = stash or {}
+        header: dict[str, Any] = {"op": "run", "fetches": [*fetches, *stash], "feeds": names, "arrays": meta}
+        if stored:
+            header["stored"] = [list(item) for item in stored]
+        if stash:
+            header["stash"] = [[len(fetches) + i, key] for i, key in enumerate(stash.values())]
         try:
             head, body = self.worker.request(header, payload)
         except GraphRunError as exc:
@@ -696,11 +723,21 @@ class IsolatedGraph:
                 raise
             self.close()
             self.worker = self._start(self.reload(), onednn=False)
-            return self.run(fetches, feeds)
+            self.generation += 1
+            return self.run(fetches, feeds), None
         except WorkerDied:
             self._drop()
             raise
-        return decode_arrays(head["arrays"], body)
+        return decode_arrays(head["arrays"], body), list(head.get("stashed") or [])
+
+    def drop(self, keys: list[str]) -> None:
+        """Forget what the worker keeps under ``keys``."""
+        if keys and self.worker.alive:
+            try:
+                self.worker.request({"op": "drop", "keys": keys})
+            except WorkerDied:
+                self._drop()
+                raise
 
     def _drop(self) -> None:
         self.worker.stop()
@@ -950,6 +987,70 @@ def _keras_fold(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
     _send(reply, {"ok": True, "result": result.to_json()}, data or b"")
 
 
+def _keras_recalibrate(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """``bnfold recalibrate a.keras b.keras`` in the worker (:func:`bnfold.recalibration.recalibrate_keras_file`), in two steps.
+
+    ``freeze``: load the file, freeze it with each BN layer's moving mean tagged; answered with the GraphDef's bytes
+    followed by the layers' real statistics as arrays, their names and the signature as JSON. ``write``: load the
+    file again, set the new statistics sent as arrays (by layer number), save it in the private directory and
+    check the saved file; answered with its bytes.
+    """
+    from bnfold import recalibration
+    from bnfold.errors import InputError
+
+    src, trust_model = str(head["src"]), bool(head["trust_model"])
+    try:
+        if head["step"] == "freeze":
+            loaded, names, real = recalibration.keras_tagged_here(src, trust_model)
+            sig = loaded.signature
+            signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
+            graph = loaded.graph_def.SerializeToString()
+            del loaded
+            meta, data = encode_arrays([a for pair in real for a in pair])
+            _send(reply, {"ok": True, "graph_bytes": len(graph), "names": names, "arrays": meta, "signature": signature}, graph + data)
+            return
+        if head["step"] != "write":
+            raise ValueError(f"unknown keras_recalibrate step {head['step']!r}")
+        arrays = decode_arrays(head["arrays"], payload)
+        numbers = [int(n) for n in head["layers"]]
+        if len(arrays) != 2 * len(numbers):
+            raise ValueError("keras_recalibrate: two arrays per layer")
+        values = {n: (arrays[2 * i], arrays[2 * i + 1]) for i, n in enumerate(numbers)}
+        data = recalibration.keras_write_here(src, str(head["dst"]), trust_model, values)
+    except (BnfoldError, MemoryError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer's own code (a trusted Lambda) failing in the confined worker
+        raise InputError(f"{src}: the model failed in bnfold's worker ({type(exc).__name__}: {first_line_of(str(exc))})") from None
+    _send(reply, {"ok": True}, data)
+
+
+def _stored(store: dict[str, Any], key: str) -> np.ndarray:
+    """The array kept under ``key``: the chunks that runs appended, joined along axis 0 once, on first use."""
+    if key not in store:
+        raise KeyError(f"nothing is kept under {key!r} in this worker")
+    value = store[key]
+    if isinstance(value, list):
+        value = store[key] = np.concatenate(value) if len(value) > 1 else value[0]
+    return value  # type: ignore[no-any-return]
+
+
+def _stash(store: dict[str, Any], outputs: list[Any], stash: list[list[Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The outputs to send back; the ones ``stash`` names ([fetch index, key] pairs) are appended to the store under
+    their key instead, and only their shapes and sizes are answered, in ``stash``'s order."""
+    if not stash:
+        return outputs, []
+    kept: list[dict[str, Any]] = []
+    for index, key in stash:
+        array = np.asarray(outputs[int(index)])
+        chunks = store.setdefault(str(key), [])
+        if not isinstance(chunks, list):
+            raise ValueError(f"{key!r} was read already; appending to it is not allowed")
+        chunks.append(array)
+        kept.append({"shape": list(array.shape), "nbytes": int(array.nbytes)})
+    stashed = {int(index) for index, _ in stash}
+    return [value for i, value in enumerate(outputs) if i not in stashed], kept
+
+
 def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> None:
     """The worker's loop: read requests on stdin, answer on the original stdout until stdin closes.
 
@@ -977,6 +1078,7 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
             pass
     _send(reply, {"ok": True, "ready": True})  # from here on, the parent's deadline counts
     session: Any = None
+    store: dict[str, Any] = {}  # arrays a run kept here for later runs of the same graph (``stash``/``stored``)
     while True:
         message = _receive(requests)
         if message is None:
@@ -984,8 +1086,10 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         head, payload = message
         del message  # the graph's bytes go with ``payload`` once it is imported
         try:
-            if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold") and tf is None:
+            if head["op"] in ("load", "freeze", "tf2onnx", "keras_fold", "keras_recalibrate") and tf is None:
                 raise ValueError(f"request {head['op']!r} needs TensorFlow, which this worker did not import")
+            if head["op"] in ("load", "ort_load", "unload"):
+                store.clear()
             if head["op"] == "load":
                 session = None  # the previous graph's session, if a caller skipped "unload"
                 graph = import_serialized(tf, payload)
@@ -1000,12 +1104,20 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                     raise ValueError("no graph is loaded")
                 values = decode_arrays(head["arrays"], payload)
                 feeds = dict(zip(head["feeds"], values, strict=True))
+                for name, key, start, stop in head.get("stored") or []:
+                    feeds[str(name)] = _stored(store, str(key))[int(start) : int(stop)]
                 if isinstance(session, OrtSession):
                     outputs = session.run(head["fetches"], feeds)
                 else:
                     outputs = run_retrying_aborts(tf, functools.partial(session.run, head["fetches"], feeds))
+                del feeds, values
+                outputs, stashed = _stash(store, outputs, list(head.get("stash") or []))
                 meta, data = encode_arrays(outputs)
-                _send(reply, {"ok": True, "arrays": meta}, data)
+                _send(reply, {"ok": True, "arrays": meta, "stashed": stashed}, data)
+            elif head["op"] == "drop":
+                for key in head["keys"]:
+                    store.pop(str(key), None)
+                _send(reply, {"ok": True})
             elif head["op"] == "freeze":
                 _freeze(head, reply)
             elif head["op"] == "ort_load":
@@ -1020,6 +1132,8 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
                 _tf2onnx(head, payload, reply)
             elif head["op"] == "keras_fold":
                 _keras_fold(head, payload, reply)
+            elif head["op"] == "keras_recalibrate":
+                _keras_recalibrate(head, payload, reply)
             elif head["op"] == "selftest":
                 answers = sandbox.self_test(tempfile.gettempdir(), head["outside"], head["secret"], int(head["port"]))
                 _send(reply, {"ok": True, "answers": answers, "abi": sandbox.landlock_abi()})

@@ -68,18 +68,25 @@ def _to_inference(node: Any) -> None:
 
 
 def recalibrate_onnx(
-    source: str | os.PathLike[str] | onnx.ModelProto, data: Data, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    source: str | os.PathLike[str] | onnx.ModelProto, data: Data, *, memory_budget: int = DEFAULT_MEMORY_BUDGET, trust_model: bool = False
 ) -> tuple[onnx.ModelProto, RecalibrationResult]:
     """The recalibrated model and the per-BN records.
 
     ``data``: what :func:`bnfold.recalibrate` takes (arrays in input order or by name, an
     iterable of batches, a ``tf.data.Dataset``); arrays are cut into batches whose
-    inputs and fetched BN inputs fit ``memory_budget`` bytes.
+    inputs and fetched BN inputs fit ``memory_budget`` bytes. The model passes the ONNX
+    allowlist before it runs (:func:`bnfold.onnx_io.check_allowlist`), unless ``trust_model``.
     """
+    from bnfold.allowlist import trusting
     from bnfold.onnx_fold import OnnxFolder
-    from bnfold.onnx_io import OrtRunner, input_specs, load_onnx
+    from bnfold.onnx_io import OrtRunner, check_allowlist, input_specs, load_onnx
 
-    model, name = (source, "<ModelProto>") if isinstance(source, onnx.ModelProto) else (load_onnx(source)[0], str(source))
+    with trusting(trust_model):
+        if isinstance(source, onnx.ModelProto):
+            model, name = source, "<ModelProto>"
+            check_allowlist(model, name)
+        else:
+            model, name = load_onnx(source)[0], str(source)
     feeder = Feeder([(spec.name, spec.dtype) for spec in input_specs(model)], data, memory_budget)
     initializers = {init.name: init for init in model.graph.initializer}
     found, notes = _sites(model)
@@ -225,6 +232,7 @@ def recalibrate_onnx_file(src: Path, dst: Path, data: Any, **options: Any) -> Re
         raise UsageError(f"--{next(iter(unsupported)).replace('_', '-')}: applies to TensorFlow models, not to ONNX files")
     if not is_onnx_path(dst):
         raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
-    model, result = recalibrate_onnx(src, data, memory_budget=options.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
+    budget = options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
+    model, result = recalibrate_onnx(src, data, memory_budget=budget, trust_model=bool(options.get("trust_model")))
     write_onnx(model, dst)
     return result

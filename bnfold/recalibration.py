@@ -19,7 +19,9 @@ How (README "Fix it: bnfold recalibrate"):
   them): one pass over the data per depth level measures that level's BNs, whose
   upstream BNs are all final by then. Each pass also keeps the tensors at the cut
   between its level and the next (:func:`_boundaries`), and the next pass feeds
-  them back, so TensorFlow runs only the layers between two levels.
+  them back, so TensorFlow runs only the layers between two levels. They stay in
+  the worker (:meth:`bnfold.isolation.IsolatedGraph.run_kept`): only their shapes
+  cross the pipe.
 - Each BN's per-channel batch mean and sum of squared deviations are computed in
   the graph in float64 (:func:`_add_moment_ops`) and merged batch by batch (Chan
   et al.), so memory does not grow with the data. The stored variance is the biased
@@ -62,8 +64,8 @@ from bnfold.recalibration_core import (  # noqa: F401  (re-exported: the API's r
     write_json,
 )
 
-# Bytes of activations kept from one pass to the next, for all samples (README: "Fix it: bnfold recalibrate"):
-# beyond it a pass recomputes the graph up to its level instead.
+# Bytes of activations kept (in the worker) from one pass to the next, for all samples (README: "Fix it: bnfold
+# recalibrate"): beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
 
 
@@ -411,13 +413,21 @@ def _placeholder_names(calibration: graph_pb2.GraphDef, sites: list[Site]) -> di
 
 # -- the passes ------------------------------------------------------------------------
 @dataclass
+class Kept:
+    """Tensors a pass left in the worker for the next one: tensor -> the key the worker keeps all its samples under."""
+
+    keys: dict[str, str]
+    generation: int  # the runner's, when kept: a graph moved to another worker since has lost them
+
+
+@dataclass
 class Pass:
     """What one pass over the data gave: moments per site, the samples and batch sizes, and the tensors kept for the next pass."""
 
     moments: dict[str, Moments]
     samples: int
     sizes: list[int]
-    kept: dict[str, np.ndarray] | None
+    kept: Kept | None
 
 
 def _measure(
@@ -425,32 +435,35 @@ def _measure(
     feeder: Feeder,
     fetch_sites: list[Site],
     stat_feeds: dict[str, np.ndarray],
-    cached: dict[str, np.ndarray] | None = None,
+    cached: Kept | None = None,
     keep: list[str] | None = None,
     cache_budget: int = 0,
     in_graph: dict[str, list[str]] | None = None,
+    tag: str = "",
 ) -> Pass:
     """One pass over the data: moments of each fetched site's input.
 
-    ``cached`` (tensor -> values for all samples, samples on axis 0) is fed with each
-    batch, so TensorFlow does not compute what lies behind those tensors again.
-    ``keep`` names tensors to fetch and keep for the next pass; they are given up
-    (``Pass.kept`` None) when they would take more than ``cache_budget`` bytes, have
-    no batch axis first, or the batches may not come in the same order next time.
+    ``cached`` (tensors whose values for all samples, samples on axis 0, the worker
+    keeps) is fed with each batch, so TensorFlow does not compute what lies behind
+    those tensors again. ``keep`` names tensors to keep in the worker (under keys
+    starting with ``tag``) for the next pass: they never cross the pipe. They are
+    given up (``Pass.kept`` None, the worker's copy dropped) when they would take
+    more than ``cache_budget`` bytes, have no batch axis first, or the batches may
+    not come in the same order next time.
     """
     moments = {s.name: Moments() for s in fetch_sites}
     in_graph = in_graph or {}
     site_refs = [ref for s in fetch_sites for ref in in_graph.get(s.name, [s.input_ref])]
     keep = [r for r in keep or [] if r not in site_refs] if feeder.stable else []
-    parts: dict[str, list[np.ndarray]] | None = {r: [] for r in keep} if keep else None
+    stash = {ref: f"{tag}{ref}" for ref in keep}
+    if cached is not None and cached.generation != runner.generation:
+        cached = None  # lost with the worker: the graph computes those tensors from the inputs
     samples, sizes = 0, []
     for batch in feeder.batches():
         n = len(next(iter(batch.values()))) if batch else 0
         feeds = {**batch, **stat_feeds}
-        if cached:
-            feeds.update({ref: value[samples : samples + n] for ref, value in cached.items()})
-        wanted = keep if parts is not None else []
-        values = _run(runner, site_refs + wanted, feeds)
+        stored = [(ref, key, samples, samples + n) for ref, key in cached.keys.items()] if cached else []
+        values, shapes = _run_kept(runner, site_refs, feeds, stored, stash)
         position = 0
         for site in fetch_sites:
             if site.name in in_graph:
@@ -460,18 +473,29 @@ def _measure(
             else:
                 moments[site.name].add(values[position], site.channel_axis)
                 position += 1
-        if parts is not None:
-            extra = values[len(site_refs) :]
+        if stash:
             total = feeder.total_samples()
-            if any(v.ndim == 0 or len(v) != n for v in extra) or (n and sum(v.nbytes for v in extra) // n * total > cache_budget):
-                parts = None
-            else:
-                for ref, value in zip(keep, extra, strict=True):
-                    parts[ref].append(value)
+            if (
+                shapes is None
+                or len(shapes) != len(stash)
+                or any(not s["shape"] or s["shape"][0] != n for s in shapes)
+                or (n and sum(int(s["nbytes"]) for s in shapes) // n * total > cache_budget)
+            ):
+                runner.drop(list(stash.values()))
+                stash = {}
         samples += n
         sizes.append(n)
-    kept = {ref: np.concatenate(chunks) for ref, chunks in parts.items()} if parts is not None and samples else None
+    kept = Kept(stash, runner.generation) if stash and samples else None
     return Pass(moments, samples, sizes, kept)
+
+
+def _run_kept(
+    runner: Any, fetches: list[str], feeds: dict[str, np.ndarray], stored: list[tuple[str, str, int, int]], stash: dict[str, str]
+) -> tuple[list[np.ndarray], list[dict[str, Any]] | None]:
+    try:
+        return runner.run_kept(fetches, feeds, stored, stash)  # type: ignore[no-any-return]
+    except runner.errors as exc:
+        raise VerificationError(f"--data: could not run the graph on the data: {_why(exc)}") from None
 
 
 def _boundaries(calibration: graph_pb2.GraphDef, sites: list[Site], levels: list[int]) -> dict[int, list[str]]:
@@ -582,13 +606,15 @@ def recalibrate_graph(
     measured: dict[str, Moments] = {}
     kept: dict[str, str] = {}
     passes, samples, sizes = 0, 0, list[int]()
-    cached: dict[str, np.ndarray] | None = None
+    cached: Kept | None = None
     try:
         feeder.size_batches(lambda one: _run(runner, [s.input_ref for s in sites], {**one, **stat_feeds()}))
         for position, level in enumerate(levels):
             group = [s for s in sites if s.level == level]
             keep = feed_next.get(levels[position + 1]) if position + 1 < len(levels) else None
-            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget, in_graph)
+            done = _measure(runner, feeder, group, stat_feeds(), cached, keep, cache_budget, in_graph, tag=f"level {level}/")
+            if cached is not None and cached.generation == runner.generation:
+                runner.drop(list(cached.keys.values()))  # fed to this pass; the next one feeds what this one kept
             cached, samples, sizes = done.kept, done.samples, done.sizes
             passes += 1
             for site in group:
@@ -706,7 +732,7 @@ def recalibrate(
 
         if outputs or set_flags or checkpoint:
             raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
-        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget)
+        model, onnx_result = recalibrate_onnx(source, data, memory_budget=memory_budget, trust_model=trust_model)
         onnx_result.onnx_model = model
         return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
@@ -812,14 +838,58 @@ def recalibrate_keras_file(
     know which graph BN is which layer, the model is frozen once with each layer's
     moving mean set to a tag (layer number + 0.5); the real values are put back
     before anything runs, and the graph's BNs start from them.
+
+    The model file is loaded only in bnfold's confined worker (:mod:`bnfold.isolation`),
+    twice: once to freeze the tagged graph (:func:`keras_tagged_here`; the GraphDef's
+    bytes, the layer names and their statistics come back), once to set the new
+    statistics and save the model in the worker's private directory
+    (:func:`keras_write_here`; the file's bytes come back). This process measures
+    (the runs happen in a worker too) and writes ``dst`` atomically.
     """
-    from bnfold import keras_fold
-    from bnfold.freeze import freeze_keras
+    from bnfold import isolation, keras_fold
     from bnfold.runsafety import trusting
 
     if outputs or set_flags or checkpoint:
         raise UsageError("--outputs/--set/--checkpoint apply to graphs and checkpoints; a Keras model takes none of them")
-    model = keras_fold.load_model(src, trust_model)
+    if isolation.in_worker():
+        loaded, names, real = keras_tagged_here(str(src), trust_model)
+    else:
+        loaded, names, real = _keras_tagged_in_worker(src, trust_model)
+    layer_of: dict[str, int] = {}
+
+    def adopt(sites: list[Site]) -> None:
+        for site in sites:
+            if site.old_mean is None or not site.old_mean.size:
+                continue
+            number = float(np.ravel(site.old_mean)[0]) - 0.5
+            if number.is_integer() and 0 <= number < len(names) and np.all(site.old_mean == number + 0.5):
+                layer_of[site.name] = int(number)
+                site.old_mean, site.old_var = real[int(number)][0].reshape(-1), real[int(number)][1].reshape(-1)
+                site.label = names[int(number)]
+
+    outputs = [parse_input(t)[0] for t in loaded.signature.outputs.values()] if loaded.signature else None
+    with trusting(trust_model):
+        result = recalibrate_graph(loaded.graph_def, data, outputs=outputs, memory_budget=memory_budget, source=str(src), adopt=adopt)
+    missing = [names[i] for i in range(len(names)) if i not in layer_of.values()]
+    if missing:
+        result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
+    values = {layer_of[name]: stats for name, stats in result.values.items() if name in layer_of}
+    if isolation.in_worker():
+        saved = keras_write_here(str(src), str(dst), trust_model, values)
+    else:
+        saved = _keras_write_in_worker(src, dst, trust_model, values)
+    keras_fold.write_bytes(dst, saved)
+    result.signature = loaded.signature
+    return result
+
+
+def keras_tagged_here(src: str, trust_model: bool) -> tuple[Any, list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """The worker's first step of :func:`recalibrate_keras_file`: the model frozen with each BN layer's moving mean
+    set to its tag (layer number + 0.5), the layers' names, and their real moving means and variances."""
+    from bnfold import keras_fold
+    from bnfold.freeze import freeze_keras
+
+    model = keras_fold.load_model(Path(src), trust_model)
     bns = _keras_bns(model)
     real = [(np.array(layer.moving_mean.numpy()), np.array(layer.moving_variance.numpy())) for layer in bns]
     try:
@@ -829,29 +899,75 @@ def recalibrate_keras_file(
     finally:
         for layer, (mean, _) in zip(bns, real, strict=True):
             layer.moving_mean.assign(mean)
-    layer_of: dict[str, int] = {}
+    loaded.source = src
+    return loaded, [layer.name for layer in bns], real
 
-    def adopt(sites: list[Site]) -> None:
-        for site in sites:
-            if site.old_mean is None or not site.old_mean.size:
-                continue
-            number = float(np.ravel(site.old_mean)[0]) - 0.5
-            if number.is_integer() and 0 <= number < len(bns) and np.all(site.old_mean == number + 0.5):
-                layer_of[site.name] = int(number)
-                site.old_mean, site.old_var = real[int(number)][0].reshape(-1), real[int(number)][1].reshape(-1)
-                site.label = bns[int(number)].name
 
-    outputs = [parse_input(t)[0] for t in loaded.signature.outputs.values()] if loaded.signature else None
-    with trusting(trust_model):
-        result = recalibrate_graph(loaded.graph_def, data, outputs=outputs, memory_budget=memory_budget, source=str(src), adopt=adopt)
-    missing = [bns[i].name for i in range(len(bns)) if i not in layer_of.values()]
-    if missing:
-        result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
-    for name, (mean, var) in result.values.items():
-        if name in layer_of:
-            layer = bns[layer_of[name]]
-            layer.moving_mean.assign(np.asarray(mean).reshape(real[layer_of[name]][0].shape).astype(real[layer_of[name]][0].dtype))
-            layer.moving_variance.assign(np.asarray(var).reshape(real[layer_of[name]][1].shape).astype(real[layer_of[name]][1].dtype))
-    keras_fold.write_model(model, dst)
-    result.signature = loaded.signature
-    return result
+def keras_write_here(src: str, dst: str, trust_model: bool, values: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The worker's second step of :func:`recalibrate_keras_file`: the model loaded again, ``values`` (by BN layer
+    number, as :func:`keras_tagged_here` numbered them) set as the layers' moving statistics, in their shapes
+    and dtypes, and the file saved for ``dst`` (and proven to load and predict the same) as bytes."""
+    from bnfold import keras_fold
+
+    model = keras_fold.load_model(Path(src), trust_model)
+    bns = _keras_bns(model)
+    for number, (mean, var) in values.items():
+        if not 0 <= number < len(bns):
+            raise UsageError(f"{src}: no BN layer number {number} in the model")
+        layer = bns[number]
+        for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
+            now = np.asarray(variable.numpy())
+            variable.assign(np.asarray(value).reshape(now.shape).astype(now.dtype))
+    return keras_fold.saved_bytes(model, Path(dst))
+
+
+def _keras_request(src: Path, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+    """One ``keras_recalibrate`` step in a confined worker; its errors keep their exit codes."""
+    from bnfold import isolation
+    from bnfold.errors import InputError
+
+    try:
+        return isolation.ask({"op": "keras_recalibrate", "src": str(src), **header}, payload, engine="Keras")
+    except isolation.GraphRunError as exc:
+        raise isolation.as_bnfold_error(exc, lambda text: InputError(f"{src}: cannot recalibrate the model ({text})")) from None
+    except isolation.WorkerDied as exc:
+        raise InputError(f"{src}: recalibrating the model ended bnfold's worker: {exc.describe()}") from None
+
+
+def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`keras_tagged_here` in the worker: the file's checks here (nothing of it loaded), then GraphDef bytes,
+    the signature and layer names as JSON and the statistics as arrays come back."""
+    from bnfold import isolation, sandbox
+    from bnfold.allowlist import enforced
+    from bnfold.errors import InputError
+    from bnfold.freeze import Loaded, Signature, check_keras_file
+
+    if not src.exists():
+        raise InputError(f"{src}: no such file")
+    if src.is_dir():
+        raise InputError(f"{src}: is a directory; Keras output needs a .keras or .h5 model file as input")
+    if enforced(trust_model):
+        check_keras_file(src)  # refused here, before any Keras reads the file
+    sandbox.allow_read(src)
+    head, body = _keras_request(src, {"step": "freeze", "trust_model": trust_model})
+    size = int(head["graph_bytes"])
+    graph_def = graph_pb2.GraphDef.FromString(body[:size])
+    arrays = isolation.decode_arrays(head["arrays"], body[size:])
+    names = [str(n) for n in head["names"]]
+    if len(arrays) != 2 * len(names):
+        raise InputError(f"{src}: bnfold's worker answered {len(arrays)} statistics for {len(names)} BN layers")
+    sig = head.get("signature")
+    signature = Signature(str(sig["name"]), dict(sig["inputs"]), dict(sig["outputs"])) if isinstance(sig, dict) else None
+    real = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(len(names))]
+    return Loaded(graph_def, str(src), signature), names, real
+
+
+def _keras_write_in_worker(src: Path, dst: Path, trust_model: bool, values: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """:func:`keras_write_here` in the worker: layer numbers and the new statistics go in, the saved file's bytes come back."""
+    from bnfold import isolation
+
+    numbers = sorted(values)
+    meta, payload = isolation.encode_arrays([np.asarray(a, np.float64) for n in numbers for a in values[n]])
+    header = {"step": "write", "dst": str(dst), "trust_model": trust_model, "layers": numbers, "arrays": meta}
+    _, body = _keras_request(src, header, payload)
+    return body

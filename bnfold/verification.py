@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -203,6 +204,39 @@ class GraphRunner:
         names, fed = [_tensor_name(f) for f in fetches], {_tensor_name(k): v for k, v in feeds.items()}
         try:
             return self.graph.run(names, fed)
+        except WorkerDied as exc:
+            raise self.died(exc) from None
+
+    def run_kept(
+        self,
+        fetches: list[str],
+        feeds: dict[str, np.ndarray],
+        stored: list[tuple[str, str, int, int]],
+        stash: dict[str, str],
+    ) -> tuple[list[np.ndarray], list[dict[str, Any]] | None]:
+        """:meth:`run` with tensors kept in the worker between runs (:meth:`bnfold.isolation.IsolatedGraph.run_kept`)."""
+        from bnfold.runsafety import check_runnable, is_trusted
+
+        every = (*fetches, *stash)
+        if not is_trusted() and every not in self.checked:
+            check_runnable(self.graph_def, list(every), "running the graph")
+            self.checked.add(every)
+        names = [_tensor_name(f) for f in fetches]
+        fed = {_tensor_name(k): v for k, v in feeds.items()}
+        try:
+            return self.graph.run_kept(
+                names, fed, [(_tensor_name(t), key, a, b) for t, key, a, b in stored], {_tensor_name(f): key for f, key in stash.items()}
+            )
+        except WorkerDied as exc:
+            raise self.died(exc) from None
+
+    @property
+    def generation(self) -> int:
+        return self.graph.generation
+
+    def drop(self, keys: list[str]) -> None:
+        try:
+            self.graph.drop(keys)
         except WorkerDied as exc:
             raise self.died(exc) from None
 

@@ -109,6 +109,40 @@ def test_one_worker_serves_one_graph_after_another() -> None:
     assert second.process.pid == first.process.pid
 
 
+def test_tensors_kept_in_the_worker_feed_later_runs_without_crossing_the_pipe() -> None:
+    """``run_kept``: a fetch stashed under a key stays in the worker (only its shape and size come back, in
+    chunks appended along axis 0); later runs feed row ranges of it by key, and give what feeding the values
+    themselves gives; a dropped key is gone (the worker says so, and serves on)."""
+    from bnfold.isolation import GraphRunError
+
+    graph_def = conv_bn_graph(abort=False)
+    names = {n.name: n for n in graph_def.node}
+    conv = next(n for n in names if names[n].op == "Conv2D")
+    x = np.random.default_rng(1).standard_normal((10, 8, 8, 3)).astype(np.float32)
+    graph = IsolatedGraph(graph_def.SerializeToString())
+    try:
+        full_conv, full_out = graph.run([f"{conv}:0", "output:0"], {"x:0": x})
+        chunks = []
+        for start, stop in ((0, 4), (4, 10)):
+            values, shapes = graph.run_kept(["output:0", f"{conv}:0"], {"x:0": x[start:stop]}, stash={f"{conv}:0": "cut"})
+            assert len(values) == 2 and shapes == [{"shape": [stop - start, 8, 8, 4], "nbytes": (stop - start) * 8 * 8 * 4 * 4}]
+            np.testing.assert_allclose(values[1], full_conv[start:stop], rtol=1e-5, atol=1e-5)  # fetched and kept too
+            chunks.append(values[0])
+        np.testing.assert_allclose(np.concatenate(chunks), full_out, rtol=1e-5, atol=1e-5)
+        # fed from the store (rows 3:7), with x all zeros: the output comes from the kept conv values, not from x
+        (fed,), shapes = graph.run_kept(["output:0"], {"x:0": np.zeros((4, 8, 8, 3), np.float32)}, stored=[(f"{conv}:0", "cut", 3, 7)])
+        (direct,) = graph.run(["output:0"], {f"{conv}:0": full_conv[3:7]})
+        assert shapes == []
+        np.testing.assert_array_equal(fed, direct)
+        np.testing.assert_allclose(fed, full_out[3:7], rtol=1e-5, atol=1e-5)
+        graph.drop(["cut"])
+        with pytest.raises(GraphRunError, match="nothing is kept"):
+            graph.run_kept(["output:0"], {"x:0": x[:2]}, stored=[(f"{conv}:0", "cut", 0, 2)])
+        np.testing.assert_allclose(graph.run(["output:0"], {"x:0": x[:2]})[0], full_out[:2], rtol=1e-5, atol=1e-5)
+    finally:
+        graph.close()
+
+
 def test_what_a_graph_prints_cannot_pass_for_an_answer() -> None:
     """The worker answers on a copy of its stdout; a graph's PrintV2 to stdout goes to its stderr."""
     graph = tf.Graph()

@@ -500,6 +500,38 @@ def test_onnx_export_of_the_model_is_repaired(models: Path, tmp_path: Path) -> N
     assert at_init and all(f.fix.endswith(f"bnfold recalibrate {src} recalibrated.onnx --data x.npy") for f in at_init)
 
 
+def test_onnx_recalibrate_then_fold_in_one_step(models: Path, tmp_path: Path) -> None:
+    """``bnfold IN.onnx OUT.onnx --recalibrate x.npy``: recalibrated in onnxruntime, then folded and checked against
+    the recalibrated model. The output has no BatchNormalization left, predicts what ``bnfold recalibrate`` writes,
+    and recovers the training-mode accuracy; ONNX input is written as ONNX only."""
+    import onnx
+
+    data = digits(models)
+    calibration = data["x_train"][:CALIBRATION]
+    src, dst, recalibrated = onnx_export(models, tmp_path), tmp_path / "folded.onnx", tmp_path / "recalibrated.onnx"
+    cal = tmp_path / "cal.npy"
+    np.save(cal, calibration)
+    runner = CliRunner()
+    res = runner.invoke(app, ["fold", str(src), str(dst), "--recalibrate", str(cal), "--report", str(tmp_path / "fold.json")])
+    assert res.exit_code == 0, res.output
+    assert "recalibrated" in res.output and "verification" in res.output.lower()
+    report = json.loads((tmp_path / "fold.json").read_text())
+    assert report["verification"]["passed"] is True
+    folded = onnx.load(dst)
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    res = runner.invoke(app, ["recalibrate", str(src), str(recalibrated), "--data", str(cal)])
+    assert res.exit_code == 0, res.output
+    assert close(run_onnx(recalibrated, data["x_test"]), run_onnx(dst, data["x_test"]))
+    training = load_graph_def(models / "not_wired_train.pb")
+    assert close(logits(training, calibration, True), run_onnx(dst, calibration))
+    train_acc = accuracy(logits(training, data["x_test"], True), data["y_test"])
+    before, after = accuracy(run_onnx(src, data["x_test"]), data["y_test"]), accuracy(run_onnx(dst, data["x_test"]), data["y_test"])
+    assert before < 0.4 and after > train_acc - 0.06, (before, after, train_acc)
+    res = runner.invoke(app, ["fold", str(src), str(tmp_path / "out.pb"), "--recalibrate", str(cal)])
+    assert res.exit_code == 2 and "written as ONNX" in res.output, res.output
+    assert not (tmp_path / "out.pb").exists()
+
+
 def test_onnx_training_mode_batchnormalization_becomes_inference_mode(models: Path, tmp_path: Path) -> None:
     """An ONNX BatchNormalization with training_mode=1 (a model exported in training mode, statistics at 0/1) comes
     out as an inference-mode BatchNormalization (no training_mode, one output) holding the data's statistics."""

@@ -370,3 +370,69 @@ def test_onnxruntime_session_lives_in_a_confined_worker(tmp_path: Path, listener
     np.testing.assert_array_equal(again, y)
     assert head["answers"]["write_outside"] == "blocked" and head["answers"]["read_secret"] == "blocked"
     assert not (tmp_path / "canary").exists()
+
+
+@needs_landlock
+@pytest.mark.parametrize("disable_allowlist", [False, True])
+def test_trusted_keras_recalibration_runs_the_lambda_in_the_confined_worker(tmp_path: Path, disable_allowlist: bool) -> None:
+    """``bnfold recalibrate a.keras b.keras --data x.npy --trust-model`` loads the model only in the worker (to freeze
+    it, and again to write the new statistics back): the Lambda runs there and Landlock denies its write; nothing
+    is written, the canary stays absent, the input is unchanged."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    canary = outside / "canary.txt"
+    src = lambda_keras(tmp_path, canary)
+    data = src.read_bytes()
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32))
+    proc = cli("recalibrate", src, tmp_path / "out.keras", "--data", tmp_path / "x.npy", "--trust-model", cwd=tmp_path,
+               disable_allowlist=disable_allowlist)  # fmt: skip
+    assert proc.returncode in (3, 4), proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "Permission denied" in line or "Lambda" in line, line
+    assert not canary.exists() and not (tmp_path / "out.keras").exists()
+    assert src.read_bytes() == data
+
+
+WHERE_RECALIBRATION_RAN = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import keras
+import bnfold
+loads = []
+real_load = keras.saving.load_model
+def spy(*args, **kwargs):
+    loads.append(str(args[0]) if args else "")
+    return real_load(*args, **kwargs)
+keras.saving.load_model = keras.models.load_model = spy
+src, work = Path(sys.argv[1]), Path(sys.argv[2])
+x = np.random.default_rng(1).normal(3.0, 2.0, size=(128, 8, 8, 3)).astype(np.float32)
+result = bnfold.recalibrate_file(src, work / "fixed.keras", [x])
+print(json.dumps({"loads": loads, "recalibrated": result.recalibrated}))
+"""
+
+
+def test_keras_recalibration_never_loads_the_model_in_bnfold_s_process(tmp_path: Path) -> None:
+    """A process-level observation, with or without Landlock: ``bnfold.recalibrate_file(a.keras, b.keras)`` in a
+    process whose ``keras.saving.load_model`` records every call writes the recalibrated file, and that process never
+    loaded a Keras model (its workers are other interpreters, where the record does not reach). The test then loads the
+    written file itself: its BN statistics are the data's."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 1, use_bias=False, kernel_initializer="ones")(inputs)
+    x = keras.layers.BatchNormalization(momentum=1.0)(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    src = tmp_path / "m.keras"
+    model.save(src)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, "-c", WHERE_RECALIBRATION_RAN, str(src), str(tmp_path)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"loads": [], "recalibrated": 1}
+    fixed = keras.saving.load_model(tmp_path / "fixed.keras")
+    bn = fixed.layers[2]
+    data = np.random.default_rng(1).normal(3.0, 2.0, size=(128, 8, 8, 3)).astype(np.float64).sum(-1)  # ones kernel: the channel sum
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), np.full(4, data.mean()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), np.full(4, data.var()), rtol=1e-4)
