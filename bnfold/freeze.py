@@ -190,6 +190,18 @@ def code_in_config(config: Any) -> tuple[str, str] | None:
     return keras_refusal(config)
 
 
+def check_keras_input(path: Path, trust_model: bool) -> None:
+    """A Keras file about to be sent to the worker: refused here when it is missing, a directory, or (not trusted) off the allowlist."""
+    from bnfold.allowlist import enforced
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
+    if enforced(trust_model):
+        check_keras_file(path)
+
+
 def check_keras_file(path: Path) -> None:
     """Refuse a Keras file whose config names anything off the allowlist, before Keras reads it (``trust_model`` skips this)."""
     found = keras_refusal(keras_config(path))

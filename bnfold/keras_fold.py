@@ -920,20 +920,9 @@ def write_model(model: Any, dst: Path, check_against: CheckOptions | None = None
 
 def write_bytes(dst: Path, data: bytes) -> None:
     """``dst`` atomically (a temporary file beside it, renamed over it), with the mode a new file gets."""
-    parent = dst.parent if str(dst.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=dst.suffix, dir=parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, dst)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from bnfold.files import atomic_write
+
+    atomic_write(dst, lambda tmp: tmp.write_bytes(data))
 
 
 def saved_bytes(model: Any, dst: Path, check_against: CheckOptions | None = None) -> bytes:
@@ -975,12 +964,6 @@ def saved_bytes(model: Any, dst: Path, check_against: CheckOptions | None = None
             pass
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def fold_keras_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -1020,19 +1003,13 @@ _WORKER_OPTIONS = ("verify_outputs", "standalone_affine", "input_shapes", "rtol"
 def _fold_in_worker(src: Path, dst: Path, dry_run: bool, trust_model: bool, options: dict[str, Any]) -> FoldResult:
     """:func:`fold_here` in the confined worker: only the options, the feeds' arrays, the file's bytes and the report's JSON cross."""
     from bnfold import isolation, sandbox
-    from bnfold.allowlist import enforced
-    from bnfold.freeze import check_keras_file
+    from bnfold.freeze import check_keras_input
     from bnfold.result import result_from_json
 
     unknown = set(options) - {*_WORKER_OPTIONS, "feeds", "on_batch"}
     if unknown:
         raise TypeError(f"fold_keras_file() got unexpected keyword arguments {sorted(unknown)}")
-    if not src.exists():
-        raise InputError(f"{src}: no such file")
-    if src.is_dir():
-        raise InputError(f"{src}: is a directory; Keras output needs a .keras or .h5 model file as input")
-    if enforced(trust_model):
-        check_keras_file(src)  # refused here, before any Keras reads the file
+    check_keras_input(src, trust_model)  # refused here, before any Keras reads the file
     feeds = dict(options.get("feeds") or {})
     meta, payload = isolation.encode_arrays(list(feeds.values()))
     header = {

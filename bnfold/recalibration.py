@@ -938,16 +938,10 @@ def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str
     """:func:`keras_tagged_here` in the worker: the file's checks here (nothing of it loaded), then GraphDef bytes,
     the signature and layer names as JSON and the statistics as arrays come back."""
     from bnfold import isolation, sandbox
-    from bnfold.allowlist import enforced
     from bnfold.errors import InputError
-    from bnfold.freeze import Loaded, Signature, check_keras_file
+    from bnfold.freeze import Loaded, Signature, check_keras_input
 
-    if not src.exists():
-        raise InputError(f"{src}: no such file")
-    if src.is_dir():
-        raise InputError(f"{src}: is a directory; Keras output needs a .keras or .h5 model file as input")
-    if enforced(trust_model):
-        check_keras_file(src)  # refused here, before any Keras reads the file
+    check_keras_input(src, trust_model)  # refused here, before any Keras reads the file
     sandbox.allow_read(src)
     head, body = _keras_request(src, {"step": "freeze", "trust_model": trust_model})
     size = int(head["graph_bytes"])
