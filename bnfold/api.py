@@ -15,16 +15,18 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
-from bnfold import io, isolation, sandbox
-from bnfold.errors import UsageError, VerificationError
-from bnfold.folding import fold_graph_outcome
+from bnfold.core import sandbox
+from bnfold.core import worker as isolation
+from bnfold.core.errors import UsageError, VerificationError
+from bnfold.core.result import FoldResult
 from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
-from bnfold.freeze import DEFAULT_SIGNATURE, Loaded, Signature, load
-from bnfold.graph import op_counts, parse_input
-from bnfold.result import FoldResult
-from bnfold.runsafety import check_runnable, refused_nodes
-from bnfold.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
-from bnfold.verification import CheckOptions, PendingCheck, failure_message, find_inputs, find_outputs
+from bnfold.tf import io
+from bnfold.tf.fold import fold_graph_outcome
+from bnfold.tf.freeze import DEFAULT_SIGNATURE, Loaded, Signature, load
+from bnfold.tf.graph import op_counts, parse_input
+from bnfold.tf.runsafety import check_runnable, refused_nodes
+from bnfold.tf.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
+from bnfold.tf.verify import CheckOptions, PendingCheck, failure_message, find_inputs, find_outputs
 
 # A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.
 GraphSource = Any
@@ -66,10 +68,10 @@ def fold(
     directory with ``signature``, ``.keras``, ``.h5``), a Keras model or a
     ``tf.function``/``ConcreteFunction``; models are frozen in inference mode
     first. The source is never modified. With ``verify_outputs`` (default) both graphs run on the same
-    inputs and a :class:`~bnfold.errors.VerificationError` is raised if any
+    inputs and a :class:`~bnfold.core.errors.VerificationError` is raised if any
     output differs beyond tolerance, unless ``force`` is given.
 
-    Training switches are resolved first (:mod:`bnfold.switches`): conditionals on
+    Training switches are resolved first (:mod:`bnfold.tf.switches`): conditionals on
     a constant, a ``PlaceholderWithDefault``, ``keras_learning_phase`` or a flag in
     ``set_flags`` (``{"is_training": False}``) keep only the taken branch; the
     original is verified with those flags fed. ``training_bn="moving-stats"``
@@ -79,17 +81,17 @@ def fold(
 
     Untrusted models (README "Security"): Keras files whose config carries code
     and graphs whose check would reach outside the process (files, network,
-    session resources) raise :class:`~bnfold.errors.UnsafeModelError` unless
+    session resources) raise :class:`~bnfold.core.errors.UnsafeModelError` unless
     ``trust_model``; with ``verify_outputs=False`` nothing runs, and such nodes
     pass through untouched, listed in ``result.foreign_ops``.
 
     ``stream_constants`` (a binary ``.pb`` path, no check): large constants stay in the
-    file and the fold's new weights are computed when written (:mod:`bnfold.streaming`),
+    file and the fold's new weights are computed when written (:mod:`bnfold.tf.streaming`),
     so memory stays near the size of the graph without its weights. The result then
     holds stubs: pass it to :func:`write_result` (which fills them), not to other code.
     """
     if isinstance(source, str | os.PathLike) and (trust_model or not _is_graph_file(source)):
-        # The worker loads SavedModel and Keras files (bnfold.freeze.load_in_worker); a trusted graph may read its
+        # The worker loads SavedModel and Keras files (bnfold.tf.freeze.load_in_worker); a trusted graph may read its
         # own assets in the check. Allowed before the worker starts: Landlock rules are fixed when it confines itself.
         sandbox.allow_read(source)
     if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
@@ -156,7 +158,7 @@ def fold(
 
 
 def _is_graph_file(source: GraphSource) -> bool:
-    """A path :func:`bnfold.freeze.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
+    """A path :func:`bnfold.tf.freeze.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
     return isinstance(source, str | os.PathLike) and Path(source).is_file() and Path(source).suffix.lower() not in (".keras", ".h5", ".hdf5")
 
 
@@ -181,16 +183,16 @@ def fold_file(
 
     Nothing is written when verification fails (unless ``force=True``) and ``dst``
     may not be ``src`` unless ``in_place=True``. An ``.onnx`` source or destination
-    goes through :func:`bnfold.onnx_export.to_onnx` (options such as ``opset`` too).
+    goes through :func:`bnfold.onnx.export.to_onnx` (options such as ``opset`` too).
     """
     check_output_format(dst)
     src_path, dst_path = Path(src), Path(dst)
     if dst_path.suffix.lower() in (".keras", ".h5", ".hdf5"):
-        from bnfold.keras_fold import fold_keras_file  # the layer-level fold: Keras in, Keras out
+        from bnfold.keras.fold import fold_keras_file  # the layer-level fold: Keras in, Keras out
 
         return fold_keras_file(src_path, dst_path, in_place=in_place, **options)[1]  # type: ignore[arg-type]
     if dst_path.suffix.lower() == ".onnx" or src_path.suffix.lower() == ".onnx":
-        from bnfold.onnx_export import fold_file_onnx
+        from bnfold.onnx.export import fold_file_onnx
 
         return fold_file_onnx(src_path, dst_path, in_place=in_place, **options)
     io.check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst))
@@ -209,7 +211,7 @@ def write_result(result: FoldResult, dst: str | os.PathLike[str]) -> None:
             outputs={parse_input(n)[0]: f"{parse_input(n)[0]}:{parse_input(n)[1]}" for n in result.outputs},
         )
         if result.contents is not None:
-            from bnfold.streaming import materialize_all
+            from bnfold.tf.streaming import materialize_all
 
             materialize_all(result.graph_def, result.contents)
         io.write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, Path(dst))

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from bnfold.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
+from bnfold.core.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
 from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_destination, output_path
 
 app = typer.Typer(
@@ -83,7 +83,7 @@ def _flags(values: list[str] | None) -> dict[str, bool]:
 
 def _data_arrays(values: list[str] | None, option: str) -> dict[str, Any] | list[Any] | None:
     """``--data x.npy`` (inputs in order) or ``--data NAME=x.npy``: the arrays, as doctor and recalibrate take them."""
-    from bnfold.comparison import parse_feed_value
+    from bnfold.core.comparison import parse_feed_value
 
     def load(text: str) -> Any:
         try:
@@ -105,8 +105,8 @@ def _data_arrays(values: list[str] | None, option: str) -> dict[str, Any] | list
 
 
 def _limits(memory: str | None, time: float | None) -> None:
-    """``--memory-limit`` / ``--time-limit``: for every worker started from now on (bnfold.sandbox)."""
-    from bnfold import sandbox
+    """``--memory-limit`` / ``--time-limit``: for every worker started from now on (bnfold.core.sandbox)."""
+    from bnfold.core import sandbox
 
     size = None
     if memory is not None:
@@ -119,7 +119,7 @@ def _limits(memory: str | None, time: float | None) -> None:
 
 def _check_paths(src: Path, outputs: dict[str, Path | None]) -> None:
     """Before any work: IN is a file or a directory (exit 3), and no output is IN or inside it (exit 5)."""
-    from bnfold import files
+    from bnfold.core import files
 
     files.check_input_kind(src)
     for option, path in outputs.items():
@@ -261,9 +261,9 @@ def fold_command(
 
     def body() -> None:
         # No TensorFlow import here: an ONNX-only run (bnfold a.onnx b.onnx) never needs it.
-        from bnfold import files
-        from bnfold import report as rep
-        from bnfold.comparison import parse_feed_value
+        from bnfold.core import files
+        from bnfold.core import report as rep
+        from bnfold.core.comparison import parse_feed_value
 
         _limits(memory_limit, time_limit)
         # OUT that is IN itself is check_output_path's (--in-place allows it); OUT inside a SavedModel IN never is.
@@ -285,8 +285,8 @@ def fold_command(
         out_names = _names(outputs)
         if recalibrate and is_onnx_path(src):
             # ONNX in: recalibrated in onnxruntime (no TensorFlow), then the ModelProto is folded and checked against it
-            from bnfold import recalibration_core as rcc
-            from bnfold.onnx_recalibration import recalibrate_onnx
+            from bnfold.core import recalibration as rcc
+            from bnfold.recalibrate.onnx import recalibrate_onnx
 
             if dst is not None and not is_onnx_path(dst):
                 raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
@@ -296,7 +296,7 @@ def fold_command(
             if not quiet:
                 rcc.print_report(onnx_recalibrated, out)
         elif recalibrate:
-            from bnfold import recalibration as rc
+            from bnfold.recalibrate import graph as rc
 
             recalibrated = rc.recalibrate(
                 src, _data_arrays(recalibrate, "--recalibrate"), outputs=out_names, set_flags=_flags(set_), trust_model=trust_model
@@ -314,7 +314,7 @@ def fold_command(
             raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         onnx_mode = is_onnx_path(src) or is_onnx_path(dst)
         if onnx_mode:  # not for a TF-only run: importing onnx costs its memory (#16)
-            from bnfold import onnx_export
+            from bnfold.onnx import export as onnx_export
         if is_onnx_path(src) and dst is not None and not is_onnx_path(dst):
             raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
         if opset is not None and not onnx_mode:
@@ -323,7 +323,7 @@ def fold_command(
             raise UsageError("--signature: not supported with ONNX input or output; fold the SavedModel to .pb first, then convert")
         source_options: dict[str, Any] = {} if onnx_mode or recalibrate else {"signature": signature or "serving_default"}
         if no_verify and not onnx_mode and not recalibrate and (dst is None or dry_run or dst.suffix.lower() == ".pb"):
-            source_options["stream_constants"] = True  # weights stay in the file until written (bnfold.streaming)
+            source_options["stream_constants"] = True  # weights stay in the file until written (bnfold.tf.streaming)
         model = None
         try:
             with verification_progress(quiet) as on_batch:
@@ -396,9 +396,9 @@ def fold_command(
 def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict, shapes: dict, rtol: float | None, atol: float | None,
                  samples: int, seed: int, force: bool, in_place: bool, standalone_affine: bool, trust_model: bool,
                  report: Path | None, quiet: bool, graph_only: list[object]) -> None:  # fmt: skip
-    """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras_fold), report as for graphs."""
-    from bnfold import keras_fold
-    from bnfold import report as rep
+    """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras.fold), report as for graphs."""
+    from bnfold.core import report as rep
+    from bnfold.keras import fold as keras_fold
 
     if any(graph_only):
         raise UsageError(
@@ -459,14 +459,14 @@ def doctor_command(
     """
 
     def body() -> None:
-        from bnfold.onnx_io import is_onnx_path
+        from bnfold.onnx.io import is_onnx_path
 
         _limits(memory_limit, time_limit)
         _check_paths(src, {"--json": json_path, "--plot": plot})
         if is_onnx_path(src):
-            from bnfold import onnx_doctor as doctor  # no TensorFlow for ONNX files
+            from bnfold.doctor.graph import onnx as doctor  # no TensorFlow for ONNX files
         else:
-            from bnfold import doctor  # type: ignore[no-redef]
+            from bnfold.doctor.graph import graph as doctor  # type: ignore[no-redef]
 
         report = doctor.diagnose(
             src,
@@ -521,17 +521,17 @@ def recalibrate_command(
     """Recompute every BN's moving mean/variance from calibration data (inference mode, upstream BNs first) and write DST."""
 
     def body() -> None:
-        from bnfold import files
-        from bnfold import recalibration_core as rc
+        from bnfold.core import files
+        from bnfold.core import recalibration as rc
 
         if not data:
             raise UsageError("recalibrate needs --data x.npy (a few hundred samples of the training data, along axis 0)")
         check_output_format(dst)
         files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
         if is_onnx_path(src):
-            from bnfold.onnx_recalibration import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
+            from bnfold.recalibrate.onnx import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
         else:
-            from bnfold.recalibration import recalibrate_file  # type: ignore[assignment]
+            from bnfold.recalibrate.graph import recalibrate_file  # type: ignore[assignment]
         options: dict[str, Any] = {"opset": opset} if opset is not None else {}
         result = recalibrate_file(
             src,
@@ -569,14 +569,14 @@ def inspect_command(
     """Report what would be folded, and why anything would not; write nothing."""
 
     def body() -> None:
-        from bnfold import report as rep
-        from bnfold.onnx_io import is_onnx_path
+        from bnfold.core import report as rep
+        from bnfold.onnx.io import is_onnx_path
 
         _limits(memory_limit, time_limit)
         _check_paths(src, {"--report": report})
         if is_onnx_path(src):
-            from bnfold.allowlist import trusting
-            from bnfold.onnx_api import fold_onnx  # no TensorFlow for ONNX files
+            from bnfold.onnx.pipeline import fold_onnx  # no TensorFlow for ONNX files
+            from bnfold.tf.allowlist import trusting
 
             with trusting(trust_model):
                 result = fold_onnx(src, _names(inputs), _names(outputs), verify_outputs=False)[1]
@@ -605,7 +605,7 @@ def _version_text() -> str:
             parts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             parts.append(f"{package} not installed")
-    from bnfold import sandbox
+    from bnfold.core import sandbox
 
     return f"bnfold {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})\n{sandbox.status()}"
 
@@ -656,7 +656,7 @@ def _foreign_output_to_debug(debug: bool) -> None:
         logging.captureWarnings(True)
         logging.disable(logging.ERROR)
     else:  # the libraries run in the worker now: what they printed there is shown too
-        from bnfold import isolation
+        from bnfold.core import worker as isolation
 
         isolation.echo_logs = True
 
@@ -673,7 +673,7 @@ def main() -> None:
     if argv and argv[0] not in COMMANDS:
         argv = ["fold", *argv]
     if _runs_a_tf_graph(argv):
-        from bnfold import isolation
+        from bnfold.core import worker as isolation
 
         isolation.prefer_fork()  # the check's worker is forked once this process has TensorFlow: no second import
     app(args=argv, prog_name="bnfold")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bnfold.errors import UsageError
+from bnfold.core.errors import UsageError
 
 # Suffix -> what is written. The one list of known outputs: a new writer registers its suffix here
 # (e.g. ".keras"/".h5" for Keras models) and both the CLI and fold_file accept it.

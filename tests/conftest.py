@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2  # noqa: E402
 
-from bnfold import isolation  # noqa: E402
+from bnfold.core import worker as isolation  # noqa: E402
 
 # -- the published models (../shared/realworld, MANIFEST.md there) ---------------------------------------------
 

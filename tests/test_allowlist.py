@@ -1,4 +1,4 @@
-"""The allowlist (bnfold.allowlist) lets real models through and finds functions however deep they hide.
+"""The allowlist (bnfold.tf.allowlist) lets real models through and finds functions however deep they hide.
 
 The hostile suite (test_hostile.py) shows what is refused through the CLI;
 these tests show the other half that makes an allowlist usable: models users
@@ -20,7 +20,7 @@ from onnx import helper
 from test_hostile import evil_function, onnx_model, plain_graph, read_saved_model, tf1_saved_model
 
 from bnfold import fold
-from bnfold.allowlist import (
+from bnfold.tf.allowlist import (
     DISABLE_ENV,
     enforced,
     graph_refusals,
@@ -31,7 +31,7 @@ from bnfold.allowlist import (
     tf_function_allowed,
     trusting,
 )
-from bnfold.freeze import keras_config
+from bnfold.tf.freeze import keras_config
 
 
 @settings(max_examples=20, deadline=None)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2
 
 import bnfold
-from bnfold.errors import BnfoldError, VerificationError
+from bnfold.core.errors import BnfoldError, VerificationError
 
 BATCH = 2
 SPATIAL = 6

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import bnfold
-from bnfold import isolation
-from bnfold.errors import EXIT_VERIFY, VerificationError
-from bnfold.isolation import IsolatedGraph, decode_arrays, encode_arrays
-from bnfold.verification import GraphAborted
+from bnfold.core import worker as isolation
+from bnfold.core.errors import EXIT_VERIFY, VerificationError
+from bnfold.core.worker import IsolatedGraph, decode_arrays, encode_arrays
+from bnfold.tf.verify import GraphAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_tensors_kept_in_the_worker_feed_later_runs_without_crossing_the_pipe() 
     """``run_kept``: a fetch stashed under a key stays in the worker (only its shape and size come back, in
     chunks appended along axis 0); later runs feed row ranges of it by key, and give what feeding the values
     themselves gives; a dropped key is gone (the worker says so, and serves on)."""
-    from bnfold.isolation import GraphRunError
+    from bnfold.core.worker import GraphRunError
 
     graph_def = conv_bn_graph(abort=False)
     names = {n.name: n for n in graph_def.node}
@@ -239,7 +239,7 @@ def test_a_graph_tensorflow_rejects_is_an_error_and_the_worker_lives_on() -> Non
 
 FORK_SCRIPT = r"""
 import json, sys, threading, time
-from bnfold import isolation
+from bnfold.core import worker as isolation
 isolation.prefer_fork()
 import numpy as np
 import tensorflow as tf
@@ -301,7 +301,8 @@ def test_this_process_never_forks_once_tensorflow_has_run() -> None:
 
 PROGRESS_SCRIPT = r"""
 import sys
-from bnfold import cli, isolation
+from bnfold import cli
+from bnfold.core import worker as isolation
 
 kinds = []
 started = isolation.Worker.__init__

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from bnfold import errors, keras_fold
 from bnfold.cli import app
-from bnfold.keras_fold import LINEAR, fold_keras
+from bnfold.core import errors
+from bnfold.keras import fold as keras_fold
+from bnfold.keras.fold import LINEAR, fold_keras
 
 L = keras.layers
 
@@ -637,7 +638,7 @@ def test_jax_backend_folds_and_checks(tmp_path: Path) -> None:
         f"""
         import numpy as np, keras
         assert keras.backend.backend() == "jax"
-        from bnfold.keras_fold import fold_keras
+        from bnfold.keras.fold import fold_keras
         L = keras.layers
         inp = keras.Input((8, 8, 3), name="x")
         y = L.BatchNormalization(name="bn")(L.DepthwiseConv2D(3, name="dw")(inp))
