@@ -74,7 +74,7 @@ def main() -> None:
             import tensorflow as tf
             from tf2onnx import tfonnx
 
-            from bnfold.recalibrate.onnx import recalibrate_onnx_file
+            from bnfold.recalibration.onnx import recalibrate_onnx_file
             from bnfold.tf.switches import resolve_switches
 
             inference, _ = resolve_switches(load_graph_def(work / "not_wired.pb"), {"is_training": False}, {"x", "logits"})

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from bnfold.keras.fold import fold_keras
     from bnfold.onnx.export import to_onnx
     from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
-    from bnfold.recalibrate.graph import RecalibrationResult, recalibrate, recalibrate_file
+    from bnfold.recalibration.graph import RecalibrationResult, recalibrate, recalibrate_file
     from bnfold.tf.verify import verify
 
 _EXPORTS = {
@@ -41,9 +41,9 @@ _EXPORTS = {
     "fold_onnx_file": "bnfold.onnx.pipeline",
     "Verification": "bnfold.core.comparison",
     "verify": "bnfold.tf.verify",
-    "recalibrate": "bnfold.recalibrate.graph",
-    "recalibrate_file": "bnfold.recalibrate.graph",
-    "RecalibrationResult": "bnfold.recalibrate.graph",
+    "recalibrate": "bnfold.recalibration.graph",
+    "recalibrate_file": "bnfold.recalibration.graph",
+    "RecalibrationResult": "bnfold.recalibration.graph",
 }
 __all__ = [
     "BnfoldError",

@@ -286,7 +286,7 @@ def fold_command(
         if recalibrate and is_onnx_path(src):
             # ONNX in: recalibrated in onnxruntime (no TensorFlow), then the ModelProto is folded and checked against it
             from bnfold.core import recalibration as rcc
-            from bnfold.recalibrate.onnx import recalibrate_onnx
+            from bnfold.recalibration.onnx import recalibrate_onnx
 
             if dst is not None and not is_onnx_path(dst):
                 raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
@@ -296,7 +296,7 @@ def fold_command(
             if not quiet:
                 rcc.print_report(onnx_recalibrated, out)
         elif recalibrate:
-            from bnfold.recalibrate import graph as rc
+            from bnfold.recalibration import graph as rc
 
             recalibrated = rc.recalibrate(
                 src, _data_arrays(recalibrate, "--recalibrate"), outputs=out_names, set_flags=_flags(set_), trust_model=trust_model
@@ -529,9 +529,9 @@ def recalibrate_command(
         check_output_format(dst)
         files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
         if is_onnx_path(src):
-            from bnfold.recalibrate.onnx import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
+            from bnfold.recalibration.onnx import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
         else:
-            from bnfold.recalibrate.graph import recalibrate_file  # type: ignore[assignment]
+            from bnfold.recalibration.graph import recalibrate_file  # type: ignore[assignment]
         options: dict[str, Any] = {"opset": opset} if opset is not None else {}
         result = recalibrate_file(
             src,

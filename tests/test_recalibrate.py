@@ -34,7 +34,7 @@ import bnfold
 from bnfold.cli import app
 from bnfold.core.errors import UnsafeModelError, UsageError
 from bnfold.doctor.graph import MIN_DRIFT_VALUES, diagnose
-from bnfold.recalibrate.graph import Moments, recalibrate_graph
+from bnfold.recalibration.graph import Moments, recalibrate_graph
 from bnfold.tf.io import load_graph_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def new_stats(result: bnfold.RecalibrationResult) -> tuple[np.ndarray, np.ndarra
 
 
 def _sites(graph_def: graph_pb2.GraphDef):  # type: ignore[no-untyped-def]
-    from bnfold.recalibrate.graph import find_sites
+    from bnfold.recalibration.graph import find_sites
 
     return find_sites(graph_def)[0]
 
@@ -624,7 +624,7 @@ def test_onnx_data_sources_and_memory_budget(channels: int, seed: int, sizes: li
     import onnx
     from onnx import numpy_helper
 
-    from bnfold.recalibrate.onnx import recalibrate_onnx
+    from bnfold.recalibration.onnx import recalibrate_onnx
 
     model = onnx.load_from_string(small_onnx(channels, seed))
     rng = np.random.default_rng(seed)

@@ -70,6 +70,11 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+# The directory that holds the bnfold package (bnfold/core/sandbox.py -> its grandparent's parent): spawned workers import
+# bnfold from it, so they may read it.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def _fs_rights(abi: int) -> int:
     rights = (1 << 13) - 1
     if abi >= 2:
@@ -190,7 +195,7 @@ def parse_size(text: str) -> int:
 
 def _python_paths() -> list[str]:
     """What the interpreter reads when it imports: its prefixes, every sys.path entry, bnfold itself."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, PACKAGE_ROOT}
     # Not sys.path[0]: the directory of the script that runs bnfold (or the working directory), which is the user's.
     paths.update(p for p in sys.path[1:] if p and os.path.isabs(p))
     if sys.executable:

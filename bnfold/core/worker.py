@@ -215,8 +215,7 @@ class Worker:
         if not self.tensorflow:
             env[_FLAVOR_ENV] = "onnx"
         # The worker imports this very bnfold, also when it was found through sys.path alone.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join([sandbox.PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
         env[_LIMITS_ENV] = json.dumps(
             {"memory": self.limits.memory, "time": self.limits.time, "read": self.limits.read_paths, "private": self.limits.private_dir}
         )
@@ -988,7 +987,7 @@ def _keras_fold(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
 
 
 def _keras_recalibrate(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
-    """``bnfold recalibrate a.keras b.keras`` in the worker (:func:`bnfold.recalibrate.graph.recalibrate_keras_file`), in two steps.
+    """``bnfold recalibrate a.keras b.keras`` in the worker (:func:`bnfold.recalibration.graph.recalibrate_keras_file`), in two steps.
 
     ``freeze``: load the file, freeze it with each BN layer's moving mean tagged; answered with the GraphDef's bytes
     followed by the layers' real statistics as arrays, their names and the signature as JSON. ``write``: load the
@@ -996,7 +995,7 @@ def _keras_recalibrate(head: dict[str, Any], payload: bytes, reply: IO[bytes]) -
     check the saved file; answered with its bytes.
     """
     from bnfold.core.errors import InputError
-    from bnfold.recalibrate import graph as recalibration
+    from bnfold.recalibration import graph as recalibration
 
     src, trust_model = str(head["src"]), bool(head["trust_model"])
     try:

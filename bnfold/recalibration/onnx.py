@@ -1,6 +1,6 @@
 """``bnfold recalibrate model.onnx out.onnx --data x.npy``: new BN statistics for an ONNX model, without TensorFlow.
 
-The same computation as :mod:`bnfold.recalibrate.graph` (per-channel moments of each
+The same computation as :mod:`bnfold.recalibration.graph` (per-channel moments of each
 BN's input, inference mode, upstream BNs first, one pass per depth level, float64
 merging, the doctor's minimum, the same data reader and memory budget), run in
 onnxruntime with optimizations off. The BNs are the ``BatchNormalization`` nodes

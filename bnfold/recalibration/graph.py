@@ -728,7 +728,7 @@ def recalibrate(
     from bnfold.tf.runsafety import trusting
 
     if type(source).__name__ == "ModelProto" or (isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".onnx")):
-        from bnfold.recalibrate.onnx import recalibrate_onnx
+        from bnfold.recalibration.onnx import recalibrate_onnx
 
         if outputs or set_flags or checkpoint:
             raise UsageError("--outputs/--set/--checkpoint apply to TensorFlow models, not to ONNX files")
@@ -800,7 +800,7 @@ def recalibrate_file(
     check_output_format(dst)
     check_output_path(Path(src), Path(dst), in_place, directory=is_saved_model_destination(dst))
     if is_onnx_path(src):
-        from bnfold.recalibrate.onnx import recalibrate_onnx_file
+        from bnfold.recalibration.onnx import recalibrate_onnx_file
 
         return recalibrate_onnx_file(Path(src), Path(dst), data, **options)
     if Path(dst).suffix.lower() in KERAS_SUFFIXES:
