@@ -42,7 +42,8 @@ def main() -> None:
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from bnfold.tf.allowlist import graph_refusals, keras_refusal, saved_model_refusals
+    from bnfold.keras.allowlist import keras_refusal
+    from bnfold.tf.allowlist import graph_refusals, saved_model_refusals
     from bnfold.tf.freeze import freeze_keras, keras_config
     from bnfold.tf.io import load_graph_def
 

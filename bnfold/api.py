@@ -18,14 +18,14 @@ from tensorflow.core.framework import graph_pb2
 from bnfold.core import sandbox
 from bnfold.core import worker as isolation
 from bnfold.core.errors import UsageError, VerificationError
-from bnfold.core.result import FoldResult
+from bnfold.core.result import DEFAULT_SIGNATURE, FoldResult, Resolution, Signature, TrainingBnRewrite
 from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination  # noqa: F401  (OUTPUT_FORMATS re-exported)
 from bnfold.tf import io
 from bnfold.tf.fold import fold_graph_outcome
-from bnfold.tf.freeze import DEFAULT_SIGNATURE, Loaded, Signature, load
+from bnfold.tf.freeze import Loaded, load
 from bnfold.tf.graph import op_counts, parse_input
 from bnfold.tf.runsafety import check_runnable, refused_nodes
-from bnfold.tf.switches import Resolution, TrainingBnRewrite, canonicalize, without_cond_plumbing
+from bnfold.tf.switches import canonicalize, without_cond_plumbing
 from bnfold.tf.verify import CheckOptions, PendingCheck, failure_message, find_inputs, find_outputs
 
 # A GraphDef, a path (.pb, .pbtxt, SavedModel directory, .keras, .h5), a Keras model, or a tf.function.

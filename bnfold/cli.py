@@ -575,8 +575,8 @@ def inspect_command(
         _limits(memory_limit, time_limit)
         _check_paths(src, {"--report": report})
         if is_onnx_path(src):
+            from bnfold.core.trust import trusting
             from bnfold.onnx.pipeline import fold_onnx  # no TensorFlow for ONNX files
-            from bnfold.tf.allowlist import trusting
 
             with trusting(trust_model):
                 result = fold_onnx(src, _names(inputs), _names(outputs), verify_outputs=False)[1]

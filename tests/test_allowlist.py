@@ -20,17 +20,10 @@ from onnx import helper
 from test_hostile import evil_function, onnx_model, plain_graph, read_saved_model, tf1_saved_model
 
 from bnfold import fold
-from bnfold.tf.allowlist import (
-    DISABLE_ENV,
-    enforced,
-    graph_refusals,
-    keras_refusal,
-    node_functions,
-    onnx_refusal,
-    saved_model_refusals,
-    tf_function_allowed,
-    trusting,
-)
+from bnfold.core.trust import DISABLE_ENV, enforced, trusting
+from bnfold.keras.allowlist import keras_refusal, tf_function_allowed
+from bnfold.onnx.allowlist import onnx_refusal
+from bnfold.tf.allowlist import graph_refusals, node_functions, saved_model_refusals
 from bnfold.tf.freeze import keras_config
 
 

@@ -47,7 +47,7 @@ from test_budgets import bn_model, first_two, onnx_bn, slice_two
 from test_security import EvilResource, conv_bn, io_graph, lambda_model, saved_model
 
 from bnfold.core.errors import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY
-from bnfold.tf.allowlist import DISABLE_ENV
+from bnfold.core.trust import DISABLE_ENV
 
 MEMORY_CAP = 4 * 2**30  # bytes of address space for each bnfold process (TensorFlow starts in about 2 GiB)
 TIME_CAP = 300  # seconds for each bnfold process

@@ -148,7 +148,7 @@ def test_keras_safe_mode_stays_as_second_line(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from bnfold.tf.allowlist import DISABLE_ENV
+    from bnfold.core.trust import DISABLE_ENV
 
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.keras"

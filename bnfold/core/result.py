@@ -7,15 +7,10 @@ without TensorFlow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bnfold.core.comparison import Verification
 from bnfold.core.foldmath import SiteRecord
-
-if TYPE_CHECKING:
-    from bnfold.onnx.io import OnnxStage
-    from bnfold.tf.freeze import Signature
-    from bnfold.tf.switches import Resolution, TrainingBnRewrite
 
 
 @dataclass
@@ -95,3 +90,75 @@ def result_from_json(data: dict[str, Any]) -> FoldResult:
         other_normalizations=[SiteRecord(**{k: v for k, v in s.items() if k in fields}) for s in data.get("other_normalizations", [])],
         unchanged=bool(data.get("unchanged", False)),
     )
+
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass
+class Signature:
+    """A serving signature: its name, and key -> tensor name in the frozen graph for inputs and outputs."""
+
+    name: str = DEFAULT_SIGNATURE
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class OnnxStage:
+    """The ONNX half of a run: conversion, the ONNX-side fold, name mapping and external data."""
+
+    opset: int
+    converter: str
+    sites: list[SiteRecord] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    input_names: dict[str, str] = field(default_factory=dict)
+    output_names: dict[str, str] = field(default_factory=dict)
+    ir_version: int = 0
+    external_input: bool = False  # the input model kept tensors in external data files
+    external_data: str | None = None  # the data file written beside OUT, when tensors are written external
+    unchanged: bool = False  # nothing to fold: the output is the input model as it was
+    # Serialized size of the folded model when onnx.checker saw it (None: not measured, or past 2 GB):
+    # plan_output decides internal vs external data from it instead of serializing the model again.
+    checked_bytes: int | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "converter": self.converter,
+            "summary": {a: sum(1 for s in self.sites if s.action == a) for a in ("folded", "standalone", "skipped")},
+            "sites": [s.to_json() for s in self.sites],
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(self.ops_after.values()),
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+            "external_input": self.external_input,
+            "external_data": self.external_data,
+            "unchanged": self.unchanged,
+        }
+
+
+@dataclass
+class Resolution:
+    """A flag that was resolved, to which value, and which conditionals it removed."""
+
+    flag: str
+    value: bool
+    how: str
+    nodes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"flag": self.flag, "value": self.value, "how": self.how, "nodes": self.nodes}
+
+
+@dataclass
+class TrainingBnRewrite:
+    """One training-mode BN and whether it was switched to its moving statistics."""
+
+    node: str
+    rewritten: bool
+    detail: str

@@ -156,7 +156,7 @@ def diagnose(
         if value not in (None, False, [], ()):
             if option != "trust_model":
                 raise UsageError(f"--{option.replace('_', '-')}: applies to TensorFlow checkpoints, not to ONNX files")
-    from bnfold.tf.allowlist import trusting
+    from bnfold.core.trust import trusting
 
     with trusting(bool(_tf_only.get("trust_model"))):
         if isinstance(source, onnx.ModelProto):

@@ -112,7 +112,7 @@ def convert_confined(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: 
         head, body = worker.request(header, graph_def.SerializeToString())
         if not head.get("path"):
             return onnx.ModelProto.FromString(body)
-        from bnfold.tf.allowlist import trusting
+        from bnfold.core.trust import trusting
 
         where = os.path.realpath(worker.limits.private_dir)
         path = os.path.realpath(str(head["path"]))
@@ -286,7 +286,7 @@ def to_onnx(
         if set_flags or training_bn != "keep":
             raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         # ONNX in, ONNX out: no TensorFlow on this path (bnfold.onnx.pipeline).
-        from bnfold.tf.allowlist import trusting as trusting_onnx
+        from bnfold.core.trust import trusting as trusting_onnx
 
         with trusting_onnx(trust_model):
             return fold_onnx(

@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,49 +30,10 @@ from onnx import external_data_helper
 from bnfold.core.comparison import InputSpec
 from bnfold.core.errors import InputError, OutputError, UnsafeModelError, VerificationError, first_line
 from bnfold.core.files import _umask, read_bytes
-from bnfold.core.foldmath import SiteRecord
 
 ONNX_SUFFIX = ".onnx"
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a serialized ModelProto cannot be larger
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the model file when writing external data
-
-
-@dataclass
-class OnnxStage:
-    """The ONNX half of a run: conversion, the ONNX-side fold, name mapping and external data."""
-
-    opset: int
-    converter: str
-    sites: list[SiteRecord] = field(default_factory=list)
-    ops_before: dict[str, int] = field(default_factory=dict)
-    ops_after: dict[str, int] = field(default_factory=dict)
-    input_names: dict[str, str] = field(default_factory=dict)
-    output_names: dict[str, str] = field(default_factory=dict)
-    ir_version: int = 0
-    external_input: bool = False  # the input model kept tensors in external data files
-    external_data: str | None = None  # the data file written beside OUT, when tensors are written external
-    unchanged: bool = False  # nothing to fold: the output is the input model as it was
-    # Serialized size of the folded model when onnx.checker saw it (None: not measured, or past 2 GB):
-    # plan_output decides internal vs external data from it instead of serializing the model again.
-    checked_bytes: int | None = field(default=None, repr=False)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "opset": self.opset,
-            "ir_version": self.ir_version,
-            "converter": self.converter,
-            "summary": {a: sum(1 for s in self.sites if s.action == a) for a in ("folded", "standalone", "skipped")},
-            "sites": [s.to_json() for s in self.sites],
-            "ops_before": self.ops_before,
-            "ops_after": self.ops_after,
-            "nodes_before": sum(self.ops_before.values()),
-            "nodes_after": sum(self.ops_after.values()),
-            "input_names": self.input_names,
-            "output_names": self.output_names,
-            "external_input": self.external_input,
-            "external_data": self.external_data,
-            "unchanged": self.unchanged,
-        }
 
 
 def is_onnx_path(path: str | os.PathLike[str] | None) -> bool:
@@ -193,8 +153,9 @@ def _load_function_data(model: onnx.ModelProto, base: Path) -> None:
 
 
 def check_allowlist(model: onnx.ModelProto, source: str) -> None:
-    """Refuse a model with ops outside ONNX's standard domains, unless trusted (:func:`bnfold.tf.allowlist.onnx_refusal`)."""
-    from bnfold.tf.allowlist import enforced, onnx_refusal
+    """Refuse a model with ops outside ONNX's standard domains, unless trusted (:func:`bnfold.onnx.allowlist.onnx_refusal`)."""
+    from bnfold.core.trust import enforced
+    from bnfold.onnx.allowlist import onnx_refusal
 
     if not enforced():
         return
@@ -291,7 +252,6 @@ def _free_unknown_dims(model: onnx.ModelProto) -> Any:
             dim.dim_value = size
 
     return restore
-
 
 
 class OrtRunner:

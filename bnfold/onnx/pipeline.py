@@ -21,10 +21,9 @@ import onnx
 from bnfold.core.comparison import CheckOptions, compare_runners, failure_message, parse_input
 from bnfold.core.errors import UsageError, VerificationError, first_line
 from bnfold.core.files import check_output_path
-from bnfold.core.result import FoldResult
+from bnfold.core.result import FoldResult, OnnxStage
 from bnfold.onnx.fold import fold_model
 from bnfold.onnx.io import (
-    OnnxStage,
     OrtRunner,
     check_allowlist,
     check_input_model,

@@ -941,7 +941,8 @@ def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str
     from bnfold.core import sandbox
     from bnfold.core import worker as isolation
     from bnfold.core.errors import InputError
-    from bnfold.tf.freeze import Loaded, Signature, check_keras_input
+    from bnfold.core.result import Signature
+    from bnfold.tf.freeze import Loaded, check_keras_input
 
     check_keras_input(src, trust_model)  # refused here, before any Keras reads the file
     sandbox.allow_read(src)

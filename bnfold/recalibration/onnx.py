@@ -77,9 +77,9 @@ def recalibrate_onnx(
     inputs and fetched BN inputs fit ``memory_budget`` bytes. The model passes the ONNX
     allowlist before it runs (:func:`bnfold.onnx.io.check_allowlist`), unless ``trust_model``.
     """
+    from bnfold.core.trust import trusting
     from bnfold.onnx.fold import OnnxFolder
     from bnfold.onnx.io import OrtRunner, check_allowlist, input_specs, load_onnx
-    from bnfold.tf.allowlist import trusting
 
     with trusting(trust_model):
         if isinstance(source, onnx.ModelProto):

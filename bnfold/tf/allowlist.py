@@ -1,4 +1,4 @@
-"""What an untrusted model may make bnfold run: an allowlist, decided from the file's own bytes.
+"""What an untrusted TensorFlow graph or SavedModel may make bnfold run: an allowlist, decided from the file's own bytes.
 
 A denylist of dangerous ops held op by op, but it was applied to the code
 bnfold expected to run, and four routes nobody foresaw slipped past it (a
@@ -19,58 +19,24 @@ trusts the file (``--trust-model``).
   function of the library, reached or not.
 - SavedModels: everything the loaders (TF1 and TF2) may run, see
   :func:`saved_model_refusals`.
-- Keras: built-in layer classes that name no callable; layers that name a
-  TensorFlow function only with a function from :data:`TF_FUNCTIONS`.
-- ONNX: standard domains and model-local functions whose bodies pass.
+- Keras configs and ONNX models have their own lists, by the same rule
+  (:mod:`bnfold.keras.allowlist`, :mod:`bnfold.onnx.allowlist`); trust is one
+  switch for all three (:mod:`bnfold.core.trust`).
 
-This module imports TensorFlow, Keras and ONNX lazily: an ONNX-only run never
-loads TensorFlow.
+This module imports TensorFlow lazily: an ONNX-only run never loads it.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
-import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import onnx
     from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, op_def_pb2
     from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-
-# Test-only: with this set to 1 no allowlist refuses anything, so that tests can show the
-# OS sandbox containing the same attacks on its own. Never set it in use.
-DISABLE_ENV = "BNFOLD_TEST_DISABLE_ALLOWLIST"
-
-_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("bnfold_trust_model", default=False)
-
-
-@contextmanager
-def trusting(trust: bool) -> Iterator[None]:
-    """Within this block (when ``trust``), nothing is refused: ``--trust-model`` / ``trust_model=True``.
-
-    Only raises trust, never lowers it, so a trusted API call stays trusted
-    through helpers that do not know about it.
-    """
-    token = _TRUSTED.set(trust or _TRUSTED.get())
-    try:
-        yield
-    finally:
-        _TRUSTED.reset(token)
-
-
-def is_trusted() -> bool:
-    return _TRUSTED.get()
-
-
-def enforced(trust_model: bool = False) -> bool:
-    """Whether the allowlist applies here: the file is not trusted, and the test-only switch is off."""
-    return not (trust_model or is_trusted() or os.environ.get(DISABLE_ENV) == "1")
 
 
 # =====================================================================================
@@ -458,229 +424,3 @@ def _restore_refusals(graph_def: graph_pb2.GraphDef, nodes: dict[str, Any], rest
         if reason is not None:
             refusals.append(Refusal(name, node.op, reason))
     return refusals
-
-
-# =====================================================================================
-# Keras configs
-
-# Layers that are code, or that reach outside the process, whatever their config says.
-KERAS_REFUSED: dict[str, str] = {
-    "Lambda": "is a Lambda layer: its config is Python code",
-    "__lambda__": "carries a serialized Python lambda",
-    "TorchModuleWrapper": "carries a pickled PyTorch module (code)",
-    "JaxLayer": "carries a JAX function (code)",
-    "FlaxLayer": "carries a Flax module (code)",
-    "TFSMLayer": "loads another SavedModel from a path its config names",
-}
-# tf_keras layers that name a TensorFlow API function; only TF_FUNCTIONS may be named.
-TF_FUNCTION_LAYERS = {"TFOpLambda", "SlicingOpLambda", "ClassMethod", "InstanceMethod", "InstanceProperty"}
-
-# The explicit list of TensorFlow functions a layer may name: pure tensor math, by TF API name.
-# ``math.*``, ``nn.*`` and ``linalg.*``: TensorFlow's pure math namespaces (no I/O, no state).
-TF_FUNCTION_NAMESPACES = ("math.", "nn.", "linalg.", "signal.", "bitwise.", "image.resize", "__operators__.")
-TF_FUNCTIONS = frozenset(
-    """
-    reshape tile concat stack unstack transpose squeeze expand_dims gather gather_nd slice strided_slice pad
-    cast identity shape size rank split where where_v2 clip_by_value clip_by_norm one_hot range zeros zeros_like ones
-    ones_like fill broadcast_to reverse reverse_v2 roll matmul einsum tensordot argmax argmin abs add subtract multiply
-    divide maximum minimum exp log sqrt rsqrt square pow sigmoid tanh sign floor ceil round reduce_sum reduce_mean
-    reduce_max reduce_min reduce_prod reduce_all reduce_any cumsum cumprod truediv floordiv realdiv negative
-    boolean_mask sort argsort norm repeat meshgrid linspace equal not_equal less less_equal greater greater_equal
-    logical_and logical_or logical_not add_n bitcast clip_by_global_norm depth_to_space space_to_depth
-    batch_to_space space_to_batch convert_to_tensor ensure_shape stop_gradient tensor_scatter_nd_update
-    tensor_scatter_nd_add scatter_nd sequence_mask unique searchsorted histogram_fixed_width
-    """.split()
-)
-# RaggedTensor class methods and tensor attributes tf_keras wraps (ClassMethod / Instance*): structure, no I/O.
-RAGGED_CLASS_METHODS = frozenset(
-    """from_value_rowids from_row_splits from_row_lengths from_row_starts from_row_limits from_uniform_row_length
-    from_nested_value_rowids from_nested_row_splits from_nested_row_lengths from_tensor from_sparse""".split()
-)
-TENSOR_ATTRIBUTES = frozenset(
-    """values flat_values row_splits nested_row_splits value_rowids nested_value_rowids nrows row_starts row_limits
-    row_lengths nested_row_lengths bounding_shape with_values with_flat_values with_row_splits_dtype merge_dims
-    to_tensor to_sparse indices dense_shape shape dtype""".split()
-)
-# Keras 3 ops (a functional model calling keras.ops records them as layers): modules of pure tensor math.
-KERAS_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.math", "keras.src.ops.nn", "keras.src.ops.linalg", "keras.src.ops.image")
-# Config keys whose string value is a file the layer would read (StringLookup/IntegerLookup/TextVectorization).
-PATH_KEYS = frozenset({"vocabulary", "filepath", "path", "file_path", "vocabulary_file"})
-# Plain values Keras 3 serializes with a class_name (not classes: tensors, shapes, tuples...).
-KERAS_VALUE_CLASSES = frozenset({"__tensor__", "__numpy__", "__keras_tensor__", "__bytes__", "__typespec__", "__tuple__", "__slice__", "__ellipsis__"})
-MODULE_ROOTS = ("keras", "tf_keras", "bnfold")
-
-
-def tf_function_allowed(name: object) -> bool:
-    """``nn.relu`` -> True: the function is on the explicit list of pure tensor math (by TF API name)."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
-        return False
-    if name.startswith("compat.v1."):
-        name = name[len("compat.v1.") :]
-    parts = name.split(".")
-    if any(p.startswith("__") and p != "__operators__" for p in parts):
-        return False
-    if name.startswith("__operators__."):
-        return len(parts) == 2
-    return name in TF_FUNCTIONS or (name.startswith(TF_FUNCTION_NAMESPACES) and len(parts) == 2 and parts[1] not in ("experimental",))
-
-
-@functools.cache
-def keras_builtin_classes() -> frozenset[str]:
-    """Class names Keras (3 and tf_keras) and bnfold register as built-in and that name no callable of the file's choosing."""
-    import importlib
-
-    names: set[str] = set()
-    spaces = ["layers", "initializers", "regularizers", "constraints", "optimizers", "losses", "metrics", "dtype_policies", "models", "mixed_precision"]
-    for root in ("keras", "tf_keras"):
-        try:
-            base = importlib.import_module(root)
-        except ImportError:
-            continue
-        for space in spaces:
-            module = getattr(base, space, None)
-            for attr in dir(module) if module is not None else ():
-                if isinstance(getattr(module, attr, None), type):
-                    names.add(attr)
-        names.update({"Functional", "Sequential", "Model", "DTypePolicy", "FloatDTypePolicy", "Policy", "InputLayer"})
-    names.add("ChannelAffine")
-    return frozenset(names - set(KERAS_REFUSED) - TF_FUNCTION_LAYERS)
-
-
-@functools.cache
-def keras_op_classes(module: str) -> frozenset[str]:
-    """Operation classes of one of :data:`KERAS_OP_MODULES` (never a module the file names otherwise)."""
-    import importlib
-
-    if module not in KERAS_OP_MODULES:
-        return frozenset()
-    try:
-        mod = importlib.import_module(module)
-        from keras.src.ops.operation import Operation
-    except ImportError:
-        return frozenset()
-    return frozenset(n for n in dir(mod) if isinstance(getattr(mod, n), type) and issubclass(getattr(mod, n), Operation))
-
-
-@functools.cache
-def keras_activations() -> frozenset[str]:
-    names: set[str] = set()
-    for root in ("keras", "tf_keras"):
-        try:
-            import importlib
-
-            module = importlib.import_module(root).activations
-        except (ImportError, AttributeError):
-            continue
-        names.update(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)) and n not in ("get", "serialize", "deserialize"))
-    return frozenset(names)
-
-
-def keras_refusal(config: Any) -> tuple[str, str] | None:
-    """(layer name, why) for the first entry of a Keras config that is not on the allowlist, else None.
-
-    Walks every nested dict and list iteratively (nested models, wrappers, cells,
-    initializers, dtype policies), skipping ``compile_config`` (bnfold loads with
-    ``compile=False``, so losses and metrics are never deserialized).
-    """
-    stack: list[tuple[Any, str]] = [(config, "<model>")]
-    while stack:
-        item, layer = stack.pop()
-        if isinstance(item, list):
-            stack.extend((value, layer) for value in reversed(item))
-            continue
-        if not isinstance(item, dict):
-            continue
-        inner = item.get("config")
-        name = item.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
-        if "class_name" in item and isinstance(name, str):
-            layer = name
-        if "class_name" in item:
-            why = _entry_refusal(item)
-            if why:
-                return layer, why
-        for key, value in item.items():
-            if key == "compile_config":
-                continue
-            if key in PATH_KEYS and isinstance(value, str) and value:
-                return layer, f"names a file to read in {key!r} ({value[:80]!r})"
-            if key in ("function_type", "output_shape_type") and value == "lambda":
-                return layer, "carries a serialized Python lambda"
-            if isinstance(value, dict | list):
-                stack.append((value, layer))
-    return None
-
-
-def _entry_refusal(entry: dict[str, Any]) -> str | None:
-    class_name = entry.get("class_name")
-    module = entry.get("module")
-    raw = entry.get("config")
-    inner: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    if not isinstance(class_name, str):
-        return "has a class_name that is not a name"
-    if class_name in KERAS_REFUSED:
-        return KERAS_REFUSED[class_name]
-    if class_name in KERAS_VALUE_CLASSES:
-        return None
-    if module is not None and (not isinstance(module, str) or module.split(".")[0] not in MODULE_ROOTS) and not (
-        class_name == "function" and module == "builtins"
-    ):
-        return f"names {module}.{class_name}: loading it would import and run code from outside Keras"
-    registered = entry.get("registered_name")
-    if class_name == "function":
-        target = entry.get("config")
-        if isinstance(target, str) and target in keras_activations() and (module in (None, "builtins") or "activations" in str(module)):
-            return None
-        return f"names the function {module}.{target}, which is not a Keras activation"
-    if class_name in TF_FUNCTION_LAYERS:
-        if class_name in ("TFOpLambda", "SlicingOpLambda"):
-            target = inner.get("function")
-            if class_name == "SlicingOpLambda" and target != "__operators__.getitem":
-                return f"is a SlicingOpLambda calling tf.{target}, which is not slicing"
-            if tf_function_allowed(target):
-                return None
-            return f"is a {class_name} calling tf.{target}, which is not on bnfold's list of pure tensor functions"
-        if class_name == "ClassMethod":
-            cls, method = inner.get("cls_symbol"), inner.get("method_name")
-            if cls == "RaggedTensor" and method in RAGGED_CLASS_METHODS:
-                return None
-            return f"is a ClassMethod calling tf.{cls}.{method}, which is not on bnfold's list of pure tensor functions"
-        attr = inner.get("attr_name")
-        return None if attr in TENSOR_ATTRIBUTES else f"is a {class_name} using the attribute {attr!r}, which is not on bnfold's list of tensor attributes"
-    if isinstance(module, str) and module.startswith("keras.src.ops."):
-        if class_name in keras_op_classes(module):
-            return None
-        return f"names {module}.{class_name}, which is not a Keras tensor op bnfold allows"
-    if registered not in (None, class_name) and not (isinstance(registered, str) and registered.startswith("keras")):
-        return f"names the registered object {registered!r}: a custom object, which is code"
-    if class_name in keras_builtin_classes():
-        return None
-    return f"is a {class_name}, which is not a layer built into Keras (custom code)"
-
-
-# =====================================================================================
-# ONNX
-
-ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-
-
-def onnx_refusal(model: onnx.ModelProto) -> tuple[str, str] | None:
-    """(node, why) for the first node of the graph, its subgraphs or a model-local function outside the standard domains, else None.
-
-    A standard op is pure in onnxruntime (its kernels read no files and run no
-    code); a node of another domain runs whatever the runtime registered under
-    it (custom-op libraries). Calls of model-local functions are allowed and
-    their bodies are checked by the same rule.
-    """
-    local = {(f.domain, f.name) for f in model.functions}
-    graphs: list[tuple[str, Sequence[Any]]] = [("", list(model.graph.node))]
-    graphs += [(f"{f.name}/", list(f.node)) for f in model.functions]
-    while graphs:
-        prefix, nodes = graphs.pop()
-        for node in nodes:
-            label = f"{prefix}{node.name or node.op_type}"
-            if node.domain not in ONNX_DOMAINS and (node.domain, node.op_type) not in local:
-                return label, f"is op {node.op_type} of domain {node.domain!r}, outside ONNX's standard domains (a custom op runs code bnfold cannot see)"
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-                graphs += [(f"{label}/", list(g.node)) for g in subgraphs]
-    return None

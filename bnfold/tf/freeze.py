@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,10 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from bnfold.core.errors import InputError, UnsafeModelError, first_line
+from bnfold.core.result import DEFAULT_SIGNATURE, Signature
+from bnfold.core.trust import enforced
+from bnfold.keras.allowlist import keras_refusal
 from bnfold.tf import io
-from bnfold.tf.allowlist import enforced, keras_refusal
-
-DEFAULT_SIGNATURE = "serving_default"
-
-
-@dataclass
-class Signature:
-    """A serving signature: its name, and key -> tensor name in the frozen graph for inputs and outputs."""
-
-    name: str = DEFAULT_SIGNATURE
-    inputs: dict[str, str] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,13 +177,13 @@ def keras_config(path: Path) -> Any:
 
 
 def code_in_config(config: Any) -> tuple[str, str] | None:
-    """(layer name, why) for the first entry of a Keras config not on the allowlist (:func:`bnfold.tf.allowlist.keras_refusal`)."""
+    """(layer name, why) for the first entry of a Keras config not on the allowlist (:func:`bnfold.keras.allowlist.keras_refusal`)."""
     return keras_refusal(config)
 
 
 def check_keras_input(path: Path, trust_model: bool) -> None:
     """A Keras file about to be sent to the worker: refused here when it is missing, a directory, or (not trusted) off the allowlist."""
-    from bnfold.tf.allowlist import enforced
+    from bnfold.core.trust import enforced
 
     if not path.exists():
         raise InputError(f"{path}: no such file")

@@ -25,19 +25,17 @@ from tensorflow.core.framework import graph_pb2, op_def_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 from bnfold.core.errors import UnsafeModelError
+from bnfold.core.trust import enforced, is_trusted, trusting
 from bnfold.tf.allowlist import (
     DOCUMENTED_EFFECTS,
     LOAD,
     PURE_EXCEPTIONS,
     RUN,
     Refusal,
-    enforced,
     graph_refusals,
     is_step_local,
-    is_trusted,
     op_def_refusal,
     saved_model_refusals,
-    trusting,
 )
 from bnfold.tf.allowlist import node_refusal as _node_refusal
 from bnfold.tf.allowlist import op_refusal as _op_refusal

@@ -18,7 +18,7 @@ inference mode using the moving mean/variance constants the graph still holds.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2
@@ -26,6 +26,7 @@ from tensorflow.python.framework import tensor_util
 
 from bnfold.core.comparison import TRAINING_WORDS, looks_like_training_flag  # noqa: F401  (one definition for every route)
 from bnfold.core.errors import UsageError
+from bnfold.core.result import Resolution, TrainingBnRewrite
 from bnfold.tf.canonical import ConstEvaluator
 from bnfold.tf.graph import GraphIndex, attr, live_library, make_node, parse_input, tensor_ref
 
@@ -54,28 +55,6 @@ class CondSite:
     flag: Flag
     value: bool | None  # the predicate's value when known
     how: str  # why the value is known ("constant", "--set", "default", ...), or "fed at run time"
-
-
-@dataclass
-class Resolution:
-    """A flag that was resolved, to which value, and which conditionals it removed."""
-
-    flag: str
-    value: bool
-    how: str
-    nodes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, object]:
-        return {"flag": self.flag, "value": self.value, "how": self.how, "nodes": self.nodes}
-
-
-@dataclass
-class TrainingBnRewrite:
-    """One training-mode BN and whether it was switched to its moving statistics."""
-
-    node: str
-    rewritten: bool
-    detail: str
 
 
 def trace_flag(index: GraphIndex, ref: str) -> Flag | None:
