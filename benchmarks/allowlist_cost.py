@@ -43,8 +43,9 @@ def main() -> None:
     from tensorflow.core.protobuf import saved_model_pb2
 
     from bnfold.keras.allowlist import keras_refusal
+    from bnfold.keras.load import keras_config
     from bnfold.tf.allowlist import graph_refusals, saved_model_refusals
-    from bnfold.tf.freeze import freeze_keras, keras_config
+    from bnfold.tf.freeze import freeze_keras
     from bnfold.tf.io import load_graph_def
 
     model = keras.applications.ResNet50(weights=None)

@@ -216,7 +216,8 @@ def movement_floor(data: bytes) -> Callable[[], None]:
     """
     from bnfold.core.foldmath import scaled
     from bnfold.tf.fold import LINEAR_OPS
-    from bnfold.tf.graph import ContentBuffer, Scratch, const_array
+    from bnfold.tf.graph import const_array
+    from bnfold.tf.tensors import ContentBuffer, Scratch
 
     original = graph_pb2.GraphDef.FromString(data)
     nodes = {n.name: n for n in original.node}

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
-    from bnfold.api import fold, fold_file
+    from bnfold.api import fold, fold_file, to_onnx
     from bnfold.core.comparison import Verification
     from bnfold.core.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.core.foldmath import SiteRecord
     from bnfold.core.result import FoldResult
     from bnfold.keras.fold import fold_keras
-    from bnfold.onnx.export import to_onnx
     from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
     from bnfold.recalibration.graph import RecalibrationResult, recalibrate, recalibrate_file
     from bnfold.tf.verify import verify
@@ -36,7 +35,7 @@ _EXPORTS = {
     "UsageError": "bnfold.core.errors",
     "VerificationError": "bnfold.core.errors",
     "SiteRecord": "bnfold.core.foldmath",
-    "to_onnx": "bnfold.onnx.export",
+    "to_onnx": "bnfold.api",
     "fold_onnx": "bnfold.onnx.pipeline",
     "fold_onnx_file": "bnfold.onnx.pipeline",
     "Verification": "bnfold.core.comparison",

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -21,7 +21,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from bnfold.core.errors import EXIT_INTERNAL, BnfoldError, UsageError, VerificationError
-from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_destination, output_path
+
+if TYPE_CHECKING:
+    from bnfold.core.comparison import CheckArgs
+
+from bnfold.core.formats import KERAS, ONNX, check_output_format, is_onnx_path, is_saved_model_destination, output_path, route
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fold batch normalization into conv/dense layers of frozen TensorFlow graphs."
@@ -275,9 +279,15 @@ def fold_command(
             check_output_format(dst)
             files.check_output_path(src, dst, in_place, directory=is_saved_model_destination(dst))
         feeds = {name: parse_feed_value(value) for name, value in _pairs(feed, "--feed").items()}
-        if dst is not None and dst.suffix.lower() in (".keras", ".h5", ".hdf5"):
-            keras_output(src, dst, dry_run, not no_verify, feeds, _shapes(input_shape), rtol, atol, samples, seed, force, in_place,
-                         standalone_affine, trust_model, report, quiet, [inputs, outputs, set_, opset, training_bn != "keep", recalibrate])
+        pipeline = route(src, dst)
+        check: CheckArgs = {
+            "verify_outputs": not no_verify, "feeds": feeds, "input_shapes": _shapes(input_shape), "rtol": rtol, "atol": atol,
+            "samples": samples, "seed": seed, "force": force,
+        }  # fmt: skip
+        if pipeline == KERAS:
+            assert dst is not None
+            keras_output(src, dst, dry_run, in_place, standalone_affine, trust_model, report, quiet,
+                         [inputs, outputs, set_, opset, training_bn != "keep", recalibrate], check)  # fmt: skip
             return
         if standalone_affine:
             raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
@@ -304,7 +314,7 @@ def fold_command(
             if not quiet:
                 rc.print_report(recalibrated, out)
             source, out_names = recalibrated.graph_def, recalibrated.outputs
-            feeds = {**recalibrated.flag_feeds, **feeds}  # the check feeds resolved flags the value they were resolved to
+            check["feeds"] = {**recalibrated.flag_feeds, **feeds}  # the check feeds resolved flags the value they were resolved to
         switch_options: dict[str, Any] = {}
         if set_ and not recalibrate:  # recalibration resolved them already
             switch_options["set_flags"] = _flags(set_)
@@ -312,9 +322,11 @@ def fold_command(
             switch_options["training_bn"] = training_bn
         if switch_options and is_onnx_path(src):
             raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
-        onnx_mode = is_onnx_path(src) or is_onnx_path(dst)
+        onnx_mode = pipeline == ONNX
         if onnx_mode:  # not for a TF-only run: importing onnx costs its memory (#16)
             from bnfold.onnx import export as onnx_export
+            from bnfold.onnx import io as onnx_io
+            from bnfold.onnx.pipeline import plan_output
         if is_onnx_path(src) and dst is not None and not is_onnx_path(dst):
             raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
         if opset is not None and not onnx_mode:
@@ -327,34 +339,15 @@ def fold_command(
         model = None
         try:
             with verification_progress(quiet) as on_batch:
-                if not onnx_mode:
-                    from bnfold import api
+                from bnfold import api
 
-                    fold_fn = api.fold
+                check["on_batch"] = on_batch
+                if onnx_mode:
+                    model, result = api.to_onnx(
+                        source, _names(inputs), out_names, opset=opset, trust_model=trust_model, **switch_options, **check
+                    )
                 else:
-
-                    def fold_fn(*args, **kwargs):  # type: ignore[no-untyped-def]
-                        nonlocal model
-                        model, res = onnx_export.to_onnx(*args, opset=opset or onnx_export.DEFAULT_OPSET, **kwargs)
-                        return res
-
-                result = fold_fn(
-                    source,
-                    _names(inputs),
-                    out_names,
-                    verify_outputs=not no_verify,
-                    feeds=feeds,
-                    input_shapes=_shapes(input_shape),
-                    rtol=rtol,
-                    atol=atol,
-                    samples=samples,
-                    seed=seed,
-                    force=force,
-                    on_batch=on_batch,
-                    trust_model=trust_model,
-                    **switch_options,
-                    **source_options,
-                )
+                    result = api.fold(source, _names(inputs), out_names, trust_model=trust_model, **switch_options, **source_options, **check)
         except VerificationError as exc:
             if exc.result is not None and not quiet:
                 rep.print_result(exc.result, out)  # type: ignore[arg-type]
@@ -366,7 +359,7 @@ def fold_command(
                 raise VerificationError(f"{exc} (--dry-run: no model is written either way)") from None
             hint = "--force writes anyway" if exc.result is not None else "--no-verify writes without the check"
             raise VerificationError(f"{exc}; nothing written ({hint})") from None
-        external = dst is not None and not dry_run and model is not None and onnx_export.plan_output(result, model, dst)
+        external = dst is not None and not dry_run and model is not None and plan_output(result, model, dst)
         if not quiet:
             rep.print_result(result, out)
             if onnx_mode:
@@ -378,7 +371,7 @@ def fold_command(
             if not quiet:
                 err.print("[yellow]warning:[/] verification failed; writing anyway because of --force")
         if dst is not None and not dry_run and model is not None:
-            data_file = onnx_export.write_onnx(model, dst, bool(external))
+            data_file = onnx_io.write_onnx(model, dst, bool(external))
             if not quiet:
                 out.print(f"wrote {dst}" + (f" (tensors in {data_file})" if data_file else ""))
         elif dst is not None and not dry_run:
@@ -393,9 +386,8 @@ def fold_command(
     _run(debug, body)
 
 
-def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict, shapes: dict, rtol: float | None, atol: float | None,
-                 samples: int, seed: int, force: bool, in_place: bool, standalone_affine: bool, trust_model: bool,
-                 report: Path | None, quiet: bool, graph_only: list[object]) -> None:  # fmt: skip
+def keras_output(src: Path, dst: Path, dry_run: bool, in_place: bool, standalone_affine: bool, trust_model: bool,
+                 report: Path | None, quiet: bool, graph_only: list[object], check: CheckArgs) -> None:  # fmt: skip
     """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras.fold), report as for graphs."""
     from bnfold.core import report as rep
     from bnfold.keras import fold as keras_fold
@@ -407,9 +399,8 @@ def keras_output(src: Path, dst: Path, dry_run: bool, verify: bool, feeds: dict,
     try:
         with verification_progress(quiet) as on_batch:
             _, result = keras_fold.fold_keras_file(
-                src, dst, in_place=in_place, dry_run=dry_run, trust_model=trust_model, verify_outputs=verify, feeds=feeds,
-                input_shapes=shapes, rtol=rtol, atol=atol, samples=samples, seed=seed, force=force, on_batch=on_batch,
-                standalone_affine=standalone_affine,
+                src, dst, in_place=in_place, dry_run=dry_run, trust_model=trust_model, standalone_affine=standalone_affine,
+                **check, on_batch=on_batch,
             )  # fmt: skip
     except VerificationError as exc:
         if isinstance(exc.result, keras_fold.FoldResult):
@@ -459,14 +450,14 @@ def doctor_command(
     """
 
     def body() -> None:
-        from bnfold.onnx.io import is_onnx_path
+        from bnfold.core.formats import is_onnx_path
 
         _limits(memory_limit, time_limit)
         _check_paths(src, {"--json": json_path, "--plot": plot})
         if is_onnx_path(src):
-            from bnfold.doctor.graph import onnx as doctor  # no TensorFlow for ONNX files
+            from bnfold.doctor import onnx as doctor  # no TensorFlow for ONNX files
         else:
-            from bnfold.doctor.graph import graph as doctor  # type: ignore[no-redef]
+            from bnfold.doctor import graph as doctor  # type: ignore[no-redef]
 
         report = doctor.diagnose(
             src,
@@ -570,7 +561,7 @@ def inspect_command(
 
     def body() -> None:
         from bnfold.core import report as rep
-        from bnfold.onnx.io import is_onnx_path
+        from bnfold.core.formats import is_onnx_path
 
         _limits(memory_limit, time_limit)
         _check_paths(src, {"--report": report})

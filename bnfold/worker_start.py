@@ -1,4 +1,4 @@
-"""The spawned worker's first lines: confine the process, then serve (:mod:`bnfold.core.worker`).
+"""The spawned worker's first lines: confine the process, then serve (:mod:`bnfold.core.serve`).
 
 A module of its own so that nothing before the confinement imports numpy,
 whose BLAS threads would start unconfined: Landlock covers the thread that
@@ -19,6 +19,6 @@ def main() -> None:
     if settings:
         limits = sandbox.Limits(int(settings["memory"]), float(settings["time"]), [str(p) for p in settings.get("read", [])], str(settings.get("private", "")))
     sandbox.confine(limits)
-    from bnfold.core.worker import serve
+    from bnfold.core.serve import serve
 
     serve()

@@ -22,9 +22,9 @@ from test_hostile import evil_function, onnx_model, plain_graph, read_saved_mode
 from bnfold import fold
 from bnfold.core.trust import DISABLE_ENV, enforced, trusting
 from bnfold.keras.allowlist import keras_refusal, tf_function_allowed
+from bnfold.keras.load import keras_config
 from bnfold.onnx.allowlist import onnx_refusal
 from bnfold.tf.allowlist import graph_refusals, node_functions, saved_model_refusals
-from bnfold.tf.freeze import keras_config
 
 
 @settings(max_examples=20, deadline=None)

@@ -26,7 +26,8 @@ from hypothesis.extra import numpy as hnp
 import bnfold
 from bnfold.core import worker as isolation
 from bnfold.core.errors import EXIT_VERIFY, VerificationError
-from bnfold.core.worker import IsolatedGraph, decode_arrays, encode_arrays
+from bnfold.core.protocol import decode_arrays, encode_arrays
+from bnfold.tf.runner import IsolatedGraph
 from bnfold.tf.verify import GraphAborted
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def test_realworld_external_data_read_beside_the_model_from_another_cwd(tmp_path
 
 
 def test_realworld_train_mode_doctor_reports_training_mode() -> None:
-    from bnfold.doctor.graph import onnx as onnx_doctor
+    from bnfold.doctor import onnx as onnx_doctor
 
     report = onnx_doctor.diagnose(REALWORLD / "train_mode_bn.legacy_train.onnx")
     assert report.codes().count("BN_TRAINING_MODE") == 2 and report.exit_code == 1

@@ -192,13 +192,13 @@ def test_trusted_lambda_model_folds(lambda_h5: tuple[Path, Path], tmp_path: Path
 
 def test_nested_and_tfoplambda_configs(tmp_path: Path) -> None:
     """A Lambda inside a nested model is found; TFOpLambda calling a TF op is fine, one calling gfile is not."""
-    from bnfold.tf.freeze import code_in_config
+    from bnfold.keras.load import code_in_config
 
     marker = tmp_path / "m"
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), keras.layers.Lambda(lambda t: t + 1, name="deep")], name="inner")
     outer = keras.Model(inner.inputs, inner.outputs)
     outer.save(tmp_path / "nested.keras")
-    from bnfold.tf.freeze import keras_config
+    from bnfold.keras.load import keras_config
 
     assert code_in_config(keras_config(tmp_path / "nested.keras"))[0] == "deep"  # type: ignore[index]
     op_layer = {"class_name": "TFOpLambda", "config": {"name": "tf.nn.relu", "function": "nn.relu"}}

@@ -255,7 +255,7 @@ def test_the_check_runs_graphs_without_optimizers() -> None:
     """No grappler pass but the layout pass (and that only for channels-first graphs), no constant folding."""
     from tensorflow.core.protobuf import config_pb2
 
-    from bnfold.tf.verify import runner_config
+    from bnfold.tf.runner import runner_config
 
     for layout in (True, False):
         config = runner_config(layout)

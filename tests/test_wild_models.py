@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold.cli import app
 from bnfold.core.errors import OutputError
-from bnfold.tf.freeze import declared_signature, keras_config, keras_origin, signature_difference
+from bnfold.keras.load import declared_signature, keras_config, keras_origin, signature_difference
 from bnfold.tf.io import load_graph_def
 
 tf_keras = pytest.importorskip("tf_keras")
@@ -401,7 +401,7 @@ dims = st.lists(st.one_of(st.none(), st.integers(1, 64)), min_size=1, max_size=4
 def test_signature_difference_finds_every_kind_of_change(shape: list[int | None], change: str) -> None:
     import keras
 
-    from bnfold.tf.freeze import TensorDecl
+    from bnfold.keras.load import TensorDecl
 
     tensor = keras.Input(shape=tuple(shape), name="audio", dtype="float32")
     declared = TensorDecl("audio", (None, *shape), "float32")

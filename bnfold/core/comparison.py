@@ -10,10 +10,10 @@ batch still normalizes with batch statistics (BN left in training mode).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
 
@@ -52,13 +52,38 @@ DEFAULT_IMAGE_SIZE = 64
 TOLERANCE_FORMULA = "atol + rtol * max_abs_value"
 
 
+class CheckArgs(TypedDict, total=False):
+    """The check's options as keyword arguments: every entry point takes them as ``**check: Unpack[CheckArgs]``.
+
+    ``bnfold.fold``, ``fold_file``, ``to_onnx``, ``fold_onnx``, ``fold_keras``,
+    ``fold_keras_file`` and ``verify`` accept the same names with the same
+    meaning, and the CLI fills them once from ``--feed``, ``--input-shape``,
+    ``--rtol``/``--atol``, ``--samples``, ``--seed``, ``--force`` and
+    ``--no-verify``; each entry point turns them into one :class:`CheckOptions`
+    (:meth:`CheckOptions.of`), which is what the stages below pass on.
+    """
+
+    verify_outputs: bool  # run the check at all (default True)
+    force: bool  # keep the result although the check failed (default False)
+    feeds: dict[str, np.ndarray] | None
+    input_shapes: dict[str, list[int]] | None
+    rtol: float | None
+    atol: float | None
+    samples: int
+    seed: int
+    batch_check: bool
+    on_batch: Callable[[int, int], None] | None
+
+
 @dataclass(frozen=True)
 class CheckOptions:
     """How a check is run (``--feed``, ``--input-shape``, ``--rtol/--atol``, ``--samples``, ``--seed``), as one value.
 
     ``feeds`` maps a placeholder (or any internal tensor, ``"Mfcc:0"``) to a value
     used in every batch; other inputs are drawn at random, anew for each of the
-    ``samples`` batches. ``on_batch(done, total)`` reports progress.
+    ``samples`` batches. ``on_batch(done, total)`` reports progress. ``verify``
+    and ``force`` say whether the check runs and whether a failed one still
+    lets the result through.
     """
 
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
@@ -69,6 +94,28 @@ class CheckOptions:
     seed: int = 0
     batch_check: bool = True
     on_batch: Callable[[int, int], None] | None = None
+    verify: bool = True
+    force: bool = False
+
+    @classmethod
+    def of(cls, args: Mapping[str, Any]) -> CheckOptions:
+        """The options that ``**check`` keyword arguments (:class:`CheckArgs`) name; a name it does not know is a TypeError,
+        as for any function's unknown keyword."""
+        unknown = sorted(set(args) - set(CheckArgs.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        return cls(
+            feeds=dict(args.get("feeds") or {}),
+            input_shapes=dict(args.get("input_shapes") or {}),
+            rtol=args.get("rtol"),
+            atol=args.get("atol"),
+            samples=int(args.get("samples", 1)),
+            seed=int(args.get("seed", 0)),
+            batch_check=bool(args.get("batch_check", True)),
+            on_batch=args.get("on_batch"),
+            verify=bool(args.get("verify_outputs", True)),
+            force=bool(args.get("force", False)),
+        )
 
 
 @dataclass

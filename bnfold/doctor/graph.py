@@ -661,7 +661,7 @@ def diagnose(
     without running its graph (see :mod:`bnfold.doctor.training`); ``outputs``
     names its inference path, ``train_op`` its train op when the graph does not say.
     """
-    from bnfold.tf.freeze import load
+    from bnfold.sources import load
 
     if isinstance(source, str | Path) and (checkpoint is not None or _is_checkpoint(Path(source))):
         with trusting(trust_model):  # graph runs (--data, the probe) pass bnfold.tf.runsafety's gate only when trusted
@@ -703,7 +703,7 @@ def _diagnose_checkpoint(
     outputs: list[str] | None,
     train_op: list[str] | None,
 ) -> Report:
-    from bnfold.doctor.graph import training as tg
+    from bnfold.doctor import training as tg
 
     artifacts = tg.open_artifacts(path, Path(checkpoint) if checkpoint is not None else None)
     graph = tg.analyse(artifacts.meta, train_op)

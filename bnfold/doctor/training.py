@@ -27,7 +27,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from bnfold.core.errors import InputError, UsageError, first_line
-from bnfold.doctor.graph import Finding
+from bnfold.core.findings import Finding
 from bnfold.tf.canonical import ConstEvaluator
 from bnfold.tf.graph import GraphIndex, attr, parse_input
 from bnfold.tf.recognize import FUSED_BN_OPS

@@ -19,25 +19,31 @@ in how an inbound tensor is written, which :class:`_Scope` hides.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
-from bnfold.core import foldmath
-from bnfold.core.comparison import TOLERANCES, CheckOptions, InputSpec, Verification, compare_runners, failure_message
-from bnfold.core.errors import InputError, OutputError, UsageError, VerificationError, first_line
+from bnfold.core import foldmath, protocol, serve
+from bnfold.core.comparison import TOLERANCES, CheckArgs, CheckOptions, InputSpec, Verification, compare_runners, failure_message
+from bnfold.core.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError, first_line
 from bnfold.core.files import check_output_path
 from bnfold.core.foldmath import SiteRecord
+from bnfold.core.formats import is_keras_path
+from bnfold.core.protocol import decode_arrays, first_line_of, send
 from bnfold.core.result import FoldResult
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
 BN_CLASSES = ("BatchNormalization", "SyncBatchNormalization")
 FORM = "Keras BatchNormalization"
 Ref = tuple[str, int, int]  # (layer name, node index, tensor index), as configs write an inbound tensor
@@ -782,20 +788,13 @@ def _compute_dtype(model: Any) -> str:
     return worst
 
 
-def check(original: Any, folded: Any, options: CheckOptions) -> Verification:
+def compare_models(original: Any, folded: Any, options: CheckOptions) -> Verification:
     """Run both models on the same inputs (inference mode) and compare every output, as every format does."""
     compute = _compute_dtype(original)
     if compute in ("float16", "bfloat16") and (options.rtol is None or options.atol is None):
         rtol, atol = TOLERANCES[compute]
-        options = CheckOptions(
-            feeds=options.feeds,
-            input_shapes=options.input_shapes,
-            rtol=rtol if options.rtol is None else options.rtol,
-            atol=atol if options.atol is None else options.atol,
-            samples=options.samples,
-            seed=options.seed,
-            batch_check=options.batch_check,
-            on_batch=options.on_batch,
+        options = dataclasses.replace(
+            options, rtol=rtol if options.rtol is None else options.rtol, atol=atol if options.atol is None else options.atol
         )
     unknown = [n for n in options.feeds if n not in input_names(original)]
     if unknown:
@@ -813,19 +812,7 @@ def check(original: Any, folded: Any, options: CheckOptions) -> Verification:
 
 
 def fold_keras(
-    model: Any,
-    *,
-    verify_outputs: bool = True,
-    standalone_affine: bool = False,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    force: bool = False,
-    on_batch: Callable[[int, int], None] | None = None,
-    source: str | None = None,
+    model: Any, *, standalone_affine: bool = False, source: str | None = None, **check: Unpack[CheckArgs]
 ) -> tuple[Any, FoldResult]:
     """Fold a Functional or Sequential Keras model's BN layers; return the new model and the report.
 
@@ -833,8 +820,10 @@ def fold_keras(
     output names and order, the dtype policy, and every unfolded layer's weights
     bit for bit. With ``verify_outputs`` both models run on the same inputs in
     inference mode and :class:`~bnfold.core.errors.VerificationError` is raised when
-    an output differs beyond tolerance (unless ``force``).
+    an output differs beyond tolerance (unless ``force``); ``check`` takes the
+    check's options (:class:`~bnfold.core.comparison.CheckArgs`).
     """
+    options = CheckOptions.of(check)
     name = source or f"<{type(model).__name__} {getattr(model, 'name', '')}>"
     if _model_kind(model) is None:
         raise subclassed_error(model, name)
@@ -856,12 +845,9 @@ def fold_keras(
         ops_after=layer_counts(new_model),
         source=name,
     )
-    if verify_outputs:
-        options = CheckOptions(
-            feeds=feeds or {}, input_shapes=input_shapes or {}, rtol=rtol, atol=atol, samples=samples, seed=seed, on_batch=on_batch
-        )
-        result.verification = check(model, new_model, options)
-        if not result.verification.passed and not force:
+    if options.verify:
+        result.verification = compare_models(model, new_model, options)
+        if not result.verification.passed and not options.force:
             raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
     return new_model, result
 
@@ -896,9 +882,6 @@ def _carry_compile(model: Any, new_model: Any) -> None:
 # Files
 
 
-def is_keras_path(path: str | os.PathLike[str] | None) -> bool:
-    return path is not None and Path(path).suffix.lower() in KERAS_SUFFIXES
-
 
 def load_model(path: Path, trust_model: bool = False) -> Any:
     """The model as its author saved it: :func:`bnfold.tf.freeze.load_keras_model` (Keras 2 files with tf_keras).
@@ -906,7 +889,7 @@ def load_model(path: Path, trust_model: bool = False) -> Any:
     An ``.h5`` written by Keras 2 is folded with tf_keras, so the ``.h5``
     written back loads where the input did.
     """
-    from bnfold.tf.freeze import load_keras_model
+    from bnfold.keras.load import load_keras_model
 
     if path.is_dir():
         raise InputError(f"{path}: is a directory; Keras output needs a .keras or .h5 model file as input")
@@ -982,14 +965,13 @@ def fold_keras_file(
     item returned is None (load ``dst`` to use it). Inside a worker, or for a
     live model (:func:`fold_keras`), everything runs where it is called.
     """
-    from bnfold.core import worker as isolation
 
     src_path, dst_path = Path(src), Path(dst)
     if not is_keras_path(src_path):
         raise UsageError(f"{dst_path}: Keras output needs a Keras model as input (.keras or .h5), not {src_path.name}")
     if not dry_run:
         check_output_path(src_path, dst_path, in_place)
-    if isolation.in_worker():
+    if serve.in_worker():
         data, result = fold_here(str(src_path), str(dst_path), dry_run, trust_model, options)
         if data is not None:
             write_bytes(dst_path, data)
@@ -1005,16 +987,16 @@ def _fold_in_worker(src: Path, dst: Path, dry_run: bool, trust_model: bool, opti
     from bnfold.core import sandbox
     from bnfold.core import worker as isolation
     from bnfold.core.result import result_from_json
-    from bnfold.tf.freeze import check_keras_input
+    from bnfold.keras.load import check_keras_input
 
     unknown = set(options) - {*_WORKER_OPTIONS, "feeds", "on_batch"}
     if unknown:
         raise TypeError(f"fold_keras_file() got unexpected keyword arguments {sorted(unknown)}")
     check_keras_input(src, trust_model)  # refused here, before any Keras reads the file
     feeds = dict(options.get("feeds") or {})
-    meta, payload = isolation.encode_arrays(list(feeds.values()))
+    meta, payload = protocol.encode_arrays(list(feeds.values()))
     header = {
-        "op": "keras_fold", "src": str(src), "dst": str(dst), "dry_run": dry_run, "trust_model": trust_model,
+        "op": FOLD, "src": str(src), "dst": str(dst), "dry_run": dry_run, "trust_model": trust_model,
         "options": {k: options[k] for k in _WORKER_OPTIONS if k in options}, "feeds": list(feeds), "arrays": meta,
     }  # fmt: skip
     sandbox.allow_read(src)
@@ -1040,9 +1022,8 @@ def fold_here(src: str, dst: str, dry_run: bool, trust_model: bool, options: dic
     src_path, dst_path = Path(src), Path(dst)
     model = load_model(src_path, trust_model)
     new_model, result = fold_keras(model, source=str(src_path), **options)
-    check_options = CheckOptions(
-        feeds=options.get("feeds") or {}, input_shapes=options.get("input_shapes") or {}, seed=options.get("seed", 0)
-    )
+    checked = CheckOptions.of({k: v for k, v in options.items() if k != "standalone_affine"})
+    check_options = CheckOptions(feeds=checked.feeds, input_shapes=checked.input_shapes, seed=checked.seed)
     if not _is_keras3(_framework(new_model)) and dst_path.suffix.lower() == ".keras":
         new_model = as_keras3(new_model, src_path, dst_path, check_options)
         if result.verification is not None:
@@ -1099,7 +1080,7 @@ def as_keras3(legacy: Any, src: Path, dst: Path, options: CheckOptions) -> Any:
     3 does not have, a name it refuses, a Sequential input it reads with another
     rank) :class:`OutputError` says why and suggests ``.h5`` output.
     """
-    from bnfold.tf.freeze import TensorDecl, _loaded_decls, signature_difference
+    from bnfold.keras.load import TensorDecl, _loaded_decls, signature_difference
 
     def refuse(why: str) -> OutputError:
         return OutputError(
@@ -1145,3 +1126,27 @@ def as_keras3(legacy: Any, src: Path, dst: Path, options: CheckOptions) -> Any:
     if not same.passed:
         raise refuse(f"it predicts differently: {failure_message(same)}")
     return rebuilt
+
+
+def serve_fold(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """``bnfold a.keras b.keras`` in the worker: load, fold, check, save to the private directory and check the
+    saved file (:func:`bnfold.keras.fold.fold_here`); answered with the file's bytes and the report as JSON."""
+    from bnfold.core.errors import InputError, VerificationError
+
+    options = dict(head["options"])
+    options["feeds"] = dict(zip(head["feeds"], decode_arrays(head["arrays"], payload), strict=True))
+    try:
+        data, result = fold_here(str(head["src"]), str(head["dst"]), bool(head["dry_run"]), bool(head["trust_model"]), options)
+    except VerificationError as exc:
+        if exc.result is None:
+            raise
+        send(reply, {"ok": True, "failed": str(exc), "result": exc.result.to_json()})  # type: ignore[attr-defined]
+        return
+    except (BnfoldError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer's own code (a trusted Lambda) failing in the confined worker
+        raise InputError(f"{head['src']}: the model failed in bnfold's worker ({type(exc).__name__}: {first_line_of(str(exc))})") from None
+    send(reply, {"ok": True, "result": result.to_json()}, data or b"")
+
+
+FOLD = f"{__name__}:serve_fold"

@@ -18,29 +18,27 @@ import dataclasses
 import gc
 import logging
 import os
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
+from bnfold.core import serve
 from bnfold.core.comparison import CheckOptions, compare_runners, parse_input
 from bnfold.core.errors import InputError, UsageError, first_line
-from bnfold.core.files import check_output_path
+from bnfold.core.protocol import send
+from bnfold.core.result import FoldResult, OnnxStage
+from bnfold.core.trust import trusting
 from bnfold.onnx.fold import fold_model, op_counts
-from bnfold.onnx.io import (  # noqa: F401  (re-exported: this module was their home before the TF-free split)
-    ONNX_SUFFIX,
-    OnnxStage,
-    OrtRunner,
-    is_onnx_path,
-    write_onnx,
-)
+from bnfold.onnx.io import OrtRunner
 from bnfold.onnx.io import input_specs as onnx_input_specs  # noqa: F401
-from bnfold.onnx.pipeline import check_feeds as _check_feeds
-from bnfold.onnx.pipeline import check_output_model as _check_output_model
-from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file, plan_output, raise_if_failed
+from bnfold.onnx.pipeline import check_output_model, raise_if_failed
+from bnfold.tf.runsafety import check_runnable
+from bnfold.tf.switches import use_moving_stats
+from bnfold.tf.verify import find_inputs, needed_inputs, open_graph_runner
 
 if TYPE_CHECKING:
     from tensorflow.core.framework import graph_pb2
@@ -104,9 +102,9 @@ def convert_confined(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: 
     model past 2 GB comes back as a file with external data in the worker's private directory."""
     from bnfold.core import worker as isolation
 
-    if isolation.in_worker():
+    if serve.in_worker():
         return convert(graph_def, inputs, outputs, opset)
-    header = {"op": "tf2onnx", "inputs": list(inputs), "outputs": list(outputs), "opset": opset}
+    header = {"op": CONVERT, "inputs": list(inputs), "outputs": list(outputs), "opset": opset}
     worker = isolation.acquire()
     try:
         head, body = worker.request(header, graph_def.SerializeToString())
@@ -246,90 +244,10 @@ def check_opset(opset: int) -> None:
         raise UsageError(f"--opset {opset}: tf2onnx converts opsets {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
 
 
-def to_onnx(
-    source: Source,
-    inputs: list[str] | None = None,
-    outputs: list[str] | None = None,
-    *,
-    opset: int = DEFAULT_OPSET,
-    verify_outputs: bool = True,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    force: bool = False,
-    on_batch: Callable[[int, int], None] | None = None,
-    trust_model: bool = False,
-    set_flags: dict[str, bool] | None = None,
-    training_bn: str = "keep",
-) -> tuple[onnx.ModelProto, Any]:
-    """A folded, checked ``onnx.ModelProto`` and its :class:`~bnfold.api.FoldResult`.
-
-    ``source`` is a frozen GraphDef (or ``.pb``/``.pbtxt`` path), or an ONNX model
-    (or ``.onnx`` path). ``verify_outputs`` runs the result in onnxruntime with
-    optimizations off against the original (TF graph in TF, or ONNX model in
-    onnxruntime) and raises :class:`~bnfold.core.errors.VerificationError` when it
-    differs, unless ``force``. ``result.onnx`` holds the ONNX stage's sites,
-    op counts and name mapping.
-
-    ``set_flags`` and ``training_bn`` are resolved on the TensorFlow side, as
-    for ``.pb`` output (:func:`bnfold.api.fold`), before tf2onnx sees the graph:
-    a switch on a training flag becomes its taken branch, never an ONNX ``If``.
-    The check feeds the original the resolved flags (and compares against the
-    moving-statistics rewrite when ``training_bn`` made one).
-    """
-    check = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, on_batch=on_batch)
-    switch_options: dict[str, Any] = {"set_flags": set_flags, "training_bn": training_bn}
-    if isinstance(source, onnx.ModelProto) or (isinstance(source, (str, os.PathLike)) and is_onnx_path(source)):
-        if set_flags or training_bn != "keep":
-            raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
-        # ONNX in, ONNX out: no TensorFlow on this path (bnfold.onnx.pipeline).
-        from bnfold.core.trust import trusting as trusting_onnx
-
-        with trusting_onnx(trust_model):
-            return fold_onnx(
-                source,
-                inputs,
-                outputs,
-                verify_outputs=verify_outputs,
-                feeds=feeds,
-                input_shapes=input_shapes,
-                rtol=rtol,
-                atol=atol,
-                samples=samples,
-                seed=seed,
-                force=force,
-                on_batch=on_batch,
-            )
-    check_opset(opset)
-    from bnfold import api
-    from bnfold.tf.freeze import load
-    from bnfold.tf.runsafety import check_runnable, trusting
-    from bnfold.tf.verify import find_inputs, needed_inputs, open_graph_runner
-
-    graph_def: graph_pb2.GraphDef | None = None
-    if verify_outputs:  # the check's worker imports TensorFlow while tf2onnx converts
-        from bnfold.core import worker as isolation
-
-        isolation.prestart()
-        loaded = load(source, trust_model=trust_model)
-        graph_def, name, signature = loaded.graph_def, loaded.source, loaded.signature
-        del loaded
-        _check_feeds(feeds, {s.name for s in find_inputs(graph_def)} | set(inputs or []))
-        # The TF stage is exactly the .pb fold (same canonicalization, same records); the
-        # check that matters is the one below, of the ONNX file against the original graph.
-        result = api.fold(graph_def, inputs, outputs, verify_outputs=False, feeds=feeds, **switch_options)
-        result.signature = signature  # the source's (a SavedModel's or Keras model's), as .pb output reports it
-    else:
-        # Nothing will run the original: api.fold loads it and folds that copy in place, so
-        # one GraphDef, not two, is alive while tf2onnx converts (a GraphDef passed in is copied).
-        result = api.fold(source, inputs, outputs, verify_outputs=False, feeds=feeds, trust_model=trust_model, **switch_options)
-        name = result.source
-        _check_feeds(feeds, set(result.inputs) | {s.name for s in find_inputs(result.graph_def)} | set(inputs or []))
-    result.source, result.unchanged = name, False  # converted to ONNX: checked below, whatever the TF stage did
-    in_names, out_names = result.inputs, result.outputs
+def export_folded(result: FoldResult, opset: int, trust_model: bool) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The folded TF graph in ``result`` as ONNX: tf2onnx in the confined worker, then the ONNX-side fold of what
+    tf2onnx's own patterns left; ``result.onnx`` records that stage. Returns the model and TF -> ONNX tensor names."""
+    name, in_names, out_names = result.source, result.inputs, result.outputs
     if not out_names:
         raise InputError(f"{name}: the graph has no outputs; name them with --outputs")
     if not trust_model:  # tf2onnx runs grappler's constant folding, which evaluates ops (ReadFile of a constant path...)
@@ -352,30 +270,39 @@ def to_onnx(
         input_names={n: names[n] for n in in_names},
         output_names={n: names[n] for n in out_names},
     )
-    _check_output_model(model, name, result)
-    if verify_outputs:
-        assert graph_def is not None
-        if any(r.rewritten for r in result.training_bn):  # changed on purpose: compared with the rewritten original
-            from bnfold.tf.switches import use_moving_stats
+    check_output_model(model, name, result)
+    return model, names
 
-            graph_def = use_moving_stats(graph_def)[0]
-        fed = {parse_input(k)[0] for k in feeds or {}}
-        placeholders = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
-        flags = {r.flag: np.array(r.value) for r in result.switches if r.flag in placeholders and r.flag not in fed}
-        check = dataclasses.replace(check, feeds={**flags, **check.feeds})
-        needed = needed_inputs(graph_def, out_names, set())
-        specs = [s for s in find_inputs(graph_def) if s.name in in_names]
-        specs = [s for s in specs if s.name in needed or s.name in flags]
-        with trusting(trust_model):
-            result.verification = compare_runners(
-                lambda: open_graph_runner(graph_def, "the input graph"),
-                lambda: OrtRunner(model, names),
-                {s.name: s for s in specs},
-                out_names,
-                check,
-            )
-        raise_if_failed(result, name, force)
-    return model, result
+
+def check_against_graph(
+    model: onnx.ModelProto, names: dict[str, str], graph_def: graph_pb2.GraphDef, result: FoldResult, check: CheckOptions, trust_model: bool
+) -> None:
+    """The ONNX file run in onnxruntime (optimizations off) against the original TF graph in TensorFlow.
+
+    The original is fed the flags the TF stage resolved, and is compared after
+    the moving-statistics rewrite when ``--training-bn`` made one (changed on
+    purpose). Raises :class:`~bnfold.core.errors.VerificationError` on a
+    difference unless ``check.force``.
+    """
+    out_names = result.outputs
+    if any(r.rewritten for r in result.training_bn):
+        graph_def = use_moving_stats(graph_def)[0]
+    fed = {parse_input(k)[0] for k in check.feeds}
+    placeholders = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
+    flags = {r.flag: np.array(r.value) for r in result.switches if r.flag in placeholders and r.flag not in fed}
+    check = dataclasses.replace(check, feeds={**flags, **check.feeds})
+    needed = needed_inputs(graph_def, out_names, set())
+    specs = [s for s in find_inputs(graph_def) if s.name in result.inputs]
+    specs = [s for s in specs if s.name in needed or s.name in flags]
+    with trusting(trust_model):
+        result.verification = compare_runners(
+            lambda: open_graph_runner(graph_def, "the input graph"),
+            lambda: OrtRunner(model, names),
+            {s.name: s for s in specs},
+            out_names,
+            check,
+        )
+    raise_if_failed(result, result.source, check.force)
 
 
 def _tf2onnx_version() -> str:
@@ -388,19 +315,6 @@ def _tf2onnx_version() -> str:
         import tf2onnx
 
         return str(tf2onnx.__version__)
-
-
-def fold_file_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, in_place: bool = False, **options: Any) -> Any:
-    """``bnfold.fold_file(src, "x.onnx")``: fold, convert, check, verify, then write atomically."""
-    src_path, dst_path = Path(src), Path(dst)
-    if is_onnx_path(src_path):
-        return fold_onnx_file(src_path, dst_path, in_place=in_place, **options)
-    if not is_onnx_path(dst_path):
-        raise UsageError(f"{dst}: give an output path ending in .onnx")
-    check_output_path(src_path, dst_path, in_place)
-    model, result = to_onnx(src_path, **options)
-    write_onnx(model, dst_path, plan_output(result, model, dst_path))
-    return result
 
 
 def print_stage(result: Any, console: Any) -> None:
@@ -427,3 +341,30 @@ def print_stage(result: Any, console: Any) -> None:
     console.print(table)
     names = ", ".join(f"{k} -> {v}" for k, v in {**stage.input_names, **stage.output_names}.items())
     console.print(f"ONNX names: {names}")
+
+
+def serve_convert(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """tf2onnx's conversion of a folded GraphDef (:func:`bnfold.onnx.export.convert`), answered with the ONNX model's bytes;
+    a model past protobuf's 2 GB is written with external data in the private directory instead, and its path answered."""
+    from tensorflow.core.framework import graph_pb2
+
+    from bnfold.onnx.export import convert
+    from bnfold.onnx.io import serialize_within_limit
+
+    graph_def = graph_pb2.GraphDef.FromString(payload)
+    del payload
+    model = convert(graph_def, list(head["inputs"]), list(head["outputs"]), int(head["opset"]))
+    del graph_def
+    data = serialize_within_limit(model)
+    if data is not None:
+        del model
+        send(reply, {"ok": True}, data)
+        return
+    import onnx
+
+    where = tempfile.mkdtemp(prefix="tf2onnx-")
+    onnx.save_model(model, os.path.join(where, "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    send(reply, {"ok": True, "path": os.path.join(where, "model.onnx")})
+
+
+CONVERT = f"{__name__}:serve_convert"

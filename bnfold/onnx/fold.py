@@ -252,9 +252,12 @@ def evaluate_constant(sub: onnx.ModelProto, name: str, feeds: dict[str, np.ndarr
     """``name`` in ``sub`` by ``onnx.reference.ReferenceEvaluator``, in bnfold's confined worker
     (:mod:`bnfold.core.worker`): the model is a file's, and its nodes are run. Only the subgraph's bytes,
     the feeds and the value cross. None when it cannot be evaluated (a value that is simply not a constant)."""
+    from bnfold.core import serve
     from bnfold.core import worker as isolation
+    from bnfold.core.protocol import decode_arrays, encode_arrays
+    from bnfold.onnx.runner import EVALUATE
 
-    if isolation.in_worker():
+    if serve.in_worker():
         from onnx.reference import ReferenceEvaluator
 
         try:
@@ -263,13 +266,13 @@ def evaluate_constant(sub: onnx.ModelProto, name: str, feeds: dict[str, np.ndarr
             return None
         return np.asarray(value)
     data = sub.SerializeToString()
-    meta, arrays = isolation.encode_arrays(list(feeds.values()))
-    header = {"op": "onnx_eval", "model_bytes": len(data), "fetches": [name], "feeds": list(feeds), "arrays": meta}
+    meta, arrays = encode_arrays(list(feeds.values()))
+    header = {"op": EVALUATE, "model_bytes": len(data), "fetches": [name], "feeds": list(feeds), "arrays": meta}
     try:
         head, body = isolation.ask(header, data + arrays, tensorflow=False, engine="the ONNX reference evaluator")
     except (isolation.GraphRunError, isolation.WorkerDied):
         return None
-    (value,) = isolation.decode_arrays(head["arrays"], body)
+    (value,) = decode_arrays(head["arrays"], body)
     return value
 
 

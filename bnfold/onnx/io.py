@@ -27,17 +27,14 @@ import onnx
 from google.protobuf import message
 from onnx import external_data_helper
 
+from bnfold.core import protocol
 from bnfold.core.comparison import InputSpec
 from bnfold.core.errors import InputError, OutputError, UnsafeModelError, VerificationError, first_line
 from bnfold.core.files import _umask, read_bytes
 
-ONNX_SUFFIX = ".onnx"
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a serialized ModelProto cannot be larger
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the model file when writing external data
 
-
-def is_onnx_path(path: str | os.PathLike[str] | None) -> bool:
-    return path is not None and Path(path).suffix.lower() == ONNX_SUFFIX
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -270,13 +267,14 @@ class OrtRunner:
 
     def __init__(self, model: onnx.ModelProto, names: dict[str, str] | None = None) -> None:
         from bnfold.core import worker as isolation
+        from bnfold.onnx import runner
 
         self.names = names or {}
         restore = _free_unknown_dims(model)
         try:
             data = serialize_within_limit(model)
             self.worker = isolation.acquire(tensorflow=False)
-            header: dict[str, object] = {"op": "ort_load"}
+            header: dict[str, object] = {"op": runner.LOAD}
             if data is None:
                 where = tempfile.mkdtemp(prefix="ort-", dir=self.worker.limits.private_dir)
                 copy = onnx.ModelProto()
@@ -308,7 +306,7 @@ class OrtRunner:
 
         mapped = {self.names.get(k, k): v for k, v in feeds.items()}
         fed = {k: v for k, v in mapped.items() if k in self.inputs}
-        meta, payload = isolation.encode_arrays(list(fed.values()))
+        meta, payload = protocol.encode_arrays(list(fed.values()))
         header = {"op": "run", "fetches": [self.names.get(f, f) for f in fetches], "feeds": list(fed), "arrays": meta}
         try:
             head, body = self.worker.request(header, payload)
@@ -316,7 +314,7 @@ class OrtRunner:
             self.worker.stop()
             exc.engine = "onnxruntime"
             raise
-        return isolation.decode_arrays(head["arrays"], body)
+        return protocol.decode_arrays(head["arrays"], body)
 
     def close(self) -> None:
         from bnfold.core import worker as isolation

@@ -11,16 +11,16 @@ nothing to fold is returned as it was and needs no check.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from bnfold.core.comparison import CheckOptions, compare_runners, failure_message, parse_input
+from bnfold.core.comparison import CheckArgs, CheckOptions, compare_runners, failure_message, parse_input
 from bnfold.core.errors import UsageError, VerificationError, first_line
 from bnfold.core.files import check_output_path
+from bnfold.core.formats import is_onnx_path
 from bnfold.core.result import FoldResult, OnnxStage
 from bnfold.onnx.fold import fold_model
 from bnfold.onnx.io import (
@@ -29,7 +29,6 @@ from bnfold.onnx.io import (
     check_input_model,
     data_file_for,
     input_specs,
-    is_onnx_path,
     load_onnx,
     needs_external,
     op_counts,
@@ -37,6 +36,9 @@ from bnfold.onnx.io import (
     serialize_within_limit,
     write_onnx,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def check_feeds(feeds: dict[str, np.ndarray] | None, allowed: set[str]) -> None:
@@ -49,16 +51,7 @@ def fold_onnx(
     source: onnx.ModelProto | str | os.PathLike[str],
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
-    *,
-    verify_outputs: bool = True,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    force: bool = False,
-    on_batch: Callable[[int, int], None] | None = None,
+    **check: Unpack[CheckArgs],
 ) -> tuple[onnx.ModelProto, FoldResult]:
     """Fold an ONNX model (or ``.onnx`` path); the folded model and its :class:`~bnfold.core.result.FoldResult`.
 
@@ -67,17 +60,11 @@ def fold_onnx(
     when they differ, unless ``force``. Dynamic axes get the default-shape rule
     of :func:`bnfold.core.comparison._synthesize`; ``input_shapes`` overrides it.
     """
-    check = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, on_batch=on_batch)
-    return _fold(source, inputs, outputs, verify_outputs, check, force)
+    return _fold(source, inputs, outputs, CheckOptions.of(check))
 
 
 def _fold(
-    source: onnx.ModelProto | str | os.PathLike[str],
-    inputs: list[str] | None,
-    outputs: list[str] | None,
-    verify_outputs: bool,
-    check: CheckOptions,
-    force: bool,
+    source: onnx.ModelProto | str | os.PathLike[str], inputs: list[str] | None, outputs: list[str] | None, check: CheckOptions
 ) -> tuple[onnx.ModelProto, FoldResult]:
     external = False
     if isinstance(source, onnx.ModelProto):
@@ -125,7 +112,7 @@ def _fold(
     if unchanged:
         return model, result  # nothing changed, nothing to prove
     check_output_model(model, name, result)
-    if verify_outputs:
+    if check.verify:
         result.verification = compare_runners(
             lambda: OrtRunner(original),
             lambda: OrtRunner(model),
@@ -133,7 +120,7 @@ def _fold(
             out_names,
             check,
         )
-        raise_if_failed(result, name, force)
+        raise_if_failed(result, name, check.force)
     return model, result
 
 
@@ -171,13 +158,13 @@ def plan_output(result: FoldResult, model: onnx.ModelProto, dst: Path) -> bool:
     return external
 
 
-def fold_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, in_place: bool = False, **options: Any) -> FoldResult:
+def fold_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, in_place: bool = False, **check: Unpack[CheckArgs]) -> FoldResult:
     """Fold ``src`` (.onnx) and write ``dst`` (.onnx, plus ``dst.data`` when tensors stay external) atomically."""
     src_path, dst_path = Path(src), Path(dst)
     if not is_onnx_path(dst_path):
         raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
     check_output_path(src_path, dst_path, in_place)
-    model, result = fold_onnx(src_path, **options)
+    model, result = fold_onnx(src_path, **check)
     write_onnx(model, dst_path, plan_output(result, model, dst_path))
     return result
 

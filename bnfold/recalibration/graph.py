@@ -41,13 +41,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, tensor_shape_pb2, types_pb2
 
-from bnfold.core.errors import UsageError, VerificationError, first_line
+from bnfold.core import protocol, serve
+from bnfold.core.errors import BnfoldError, UsageError, VerificationError, first_line
 from bnfold.core.findings import BnStats
+from bnfold.core.formats import is_keras_path
+from bnfold.core.protocol import decode_arrays, encode_arrays, first_line_of, send
 from bnfold.core.recalibration import (  # noqa: F401  (re-exported: the API's records, report and data)
     DEFAULT_MEMORY_BUDGET,
     Data,
@@ -101,7 +104,7 @@ def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # -- finding the BNs (the doctor's readers) ----------------------------------------------
 def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
     """Every BN whose statistics can be recalibrated, and a note for each that cannot."""
-    from bnfold.doctor.graph import graph as doctor
+    from bnfold.doctor import graph as doctor
 
     index = GraphIndex(graph_def)
     ev = ConstEvaluator(index)
@@ -724,7 +727,7 @@ def recalibrate(
     ``memory_budget`` bytes. The model runs in bnfold's isolated worker under the
     same rules as ``doctor --data`` (README "Security").
     """
-    from bnfold.tf.freeze import load
+    from bnfold.sources import load
     from bnfold.tf.runsafety import trusting
 
     if type(source).__name__ == "ModelProto" or (isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".onnx")):
@@ -736,7 +739,7 @@ def recalibrate(
         onnx_result.onnx_model = model
         return onnx_result
     if isinstance(source, (str, os.PathLike)) and (checkpoint is not None or _is_checkpoint(Path(source))):
-        from bnfold.doctor.graph import training as tg
+        from bnfold.doctor import training as tg
 
         if not outputs:
             raise UsageError(f"{source}: a TF1 checkpoint needs --outputs naming its inference outputs")
@@ -761,10 +764,10 @@ def _is_checkpoint(path: Path) -> bool:
 
 def write(result: RecalibrationResult, dst: str | os.PathLike[str], opset: int | None = None) -> None:
     """Write the recalibrated graph in any format bnfold writes (.pb, .pbtxt, .onnx, SavedModel directory); atomically."""
-    from bnfold import api
+    from bnfold.core.formats import check_output_format, is_onnx_path
     from bnfold.core.result import FoldResult
-    from bnfold.formats import check_output_format, is_onnx_path
     from bnfold.tf.graph import op_counts
+    from bnfold.tf.io import write_result
 
     check_output_format(dst)
     if is_onnx_path(dst):
@@ -775,7 +778,7 @@ def write(result: RecalibrationResult, dst: str | os.PathLike[str], opset: int |
         write_onnx(model, dst)
         return
     counts = op_counts(result.graph_def)
-    api.write_result(
+    write_result(
         FoldResult(result.graph_def, [], result.inputs, result.outputs, counts, counts, source=result.source, signature=result.signature),
         dst,
     )
@@ -795,7 +798,7 @@ def recalibrate_file(
     Nothing is written when recalibration fails, and ``dst`` may not be ``src`` unless ``in_place``.
     """
     from bnfold.core.files import check_output_path
-    from bnfold.formats import check_output_format, is_onnx_path, is_saved_model_destination
+    from bnfold.core.formats import check_output_format, is_onnx_path, is_saved_model_destination
 
     check_output_format(dst)
     check_output_path(Path(src), Path(dst), in_place, directory=is_saved_model_destination(dst))
@@ -803,8 +806,8 @@ def recalibrate_file(
         from bnfold.recalibration.onnx import recalibrate_onnx_file
 
         return recalibrate_onnx_file(Path(src), Path(dst), data, **options)
-    if Path(dst).suffix.lower() in KERAS_SUFFIXES:
-        if Path(src).suffix.lower() not in KERAS_SUFFIXES:
+    if is_keras_path(dst):
+        if not is_keras_path(src):
             raise UsageError(f"{dst}: Keras output needs a Keras model (.keras/.h5) as input; write .pb, .pbtxt, .onnx or a SavedModel")
         return recalibrate_keras_file(Path(src), Path(dst), data, **options)
     result = recalibrate(src, data, **options)
@@ -812,7 +815,6 @@ def recalibrate_file(
     return result
 
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def _keras_bns(model: Any) -> list[Any]:
@@ -846,13 +848,12 @@ def recalibrate_keras_file(
     (:func:`keras_write_here`; the file's bytes come back). This process measures
     (the runs happen in a worker too) and writes ``dst`` atomically.
     """
-    from bnfold.core import worker as isolation
     from bnfold.keras import fold as keras_fold
     from bnfold.tf.runsafety import trusting
 
     if outputs or set_flags or checkpoint:
         raise UsageError("--outputs/--set/--checkpoint apply to graphs and checkpoints; a Keras model takes none of them")
-    if isolation.in_worker():
+    if serve.in_worker():
         loaded, names, real = keras_tagged_here(str(src), trust_model)
     else:
         loaded, names, real = _keras_tagged_in_worker(src, trust_model)
@@ -875,7 +876,7 @@ def recalibrate_keras_file(
     if missing:
         result.notes.append(f"Keras BN layer(s) {', '.join(missing)} not found in the traced graph: their statistics are kept")
     values = {layer_of[name]: stats for name, stats in result.values.items() if name in layer_of}
-    if isolation.in_worker():
+    if serve.in_worker():
         saved = keras_write_here(str(src), str(dst), trust_model, values)
     else:
         saved = _keras_write_in_worker(src, dst, trust_model, values)
@@ -928,7 +929,7 @@ def _keras_request(src: Path, header: dict[str, Any], payload: bytes = b"") -> t
     from bnfold.core.errors import InputError
 
     try:
-        return isolation.ask({"op": "keras_recalibrate", "src": str(src), **header}, payload, engine="Keras")
+        return isolation.ask({"op": KERAS, "src": str(src), **header}, payload, engine="Keras")
     except isolation.GraphRunError as exc:
         raise isolation.as_bnfold_error(exc, lambda text: InputError(f"{src}: cannot recalibrate the model ({text})")) from None
     except isolation.WorkerDied as exc:
@@ -939,17 +940,17 @@ def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str
     """:func:`keras_tagged_here` in the worker: the file's checks here (nothing of it loaded), then GraphDef bytes,
     the signature and layer names as JSON and the statistics as arrays come back."""
     from bnfold.core import sandbox
-    from bnfold.core import worker as isolation
     from bnfold.core.errors import InputError
     from bnfold.core.result import Signature
-    from bnfold.tf.freeze import Loaded, check_keras_input
+    from bnfold.keras.load import check_keras_input
+    from bnfold.tf.freeze import Loaded
 
     check_keras_input(src, trust_model)  # refused here, before any Keras reads the file
     sandbox.allow_read(src)
     head, body = _keras_request(src, {"step": "freeze", "trust_model": trust_model})
     size = int(head["graph_bytes"])
     graph_def = graph_pb2.GraphDef.FromString(body[:size])
-    arrays = isolation.decode_arrays(head["arrays"], body[size:])
+    arrays = protocol.decode_arrays(head["arrays"], body[size:])
     names = [str(n) for n in head["names"]]
     if len(arrays) != 2 * len(names):
         raise InputError(f"{src}: bnfold's worker answered {len(arrays)} statistics for {len(names)} BN layers")
@@ -961,10 +962,48 @@ def _keras_tagged_in_worker(src: Path, trust_model: bool) -> tuple[Any, list[str
 
 def _keras_write_in_worker(src: Path, dst: Path, trust_model: bool, values: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
     """:func:`keras_write_here` in the worker: layer numbers and the new statistics go in, the saved file's bytes come back."""
-    from bnfold.core import worker as isolation
 
     numbers = sorted(values)
-    meta, payload = isolation.encode_arrays([np.asarray(a, np.float64) for n in numbers for a in values[n]])
+    meta, payload = protocol.encode_arrays([np.asarray(a, np.float64) for n in numbers for a in values[n]])
     header = {"step": "write", "dst": str(dst), "trust_model": trust_model, "layers": numbers, "arrays": meta}
     _, body = _keras_request(src, header, payload)
     return body
+
+
+def serve_keras(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
+    """``bnfold recalibrate a.keras b.keras`` in the worker (:func:`bnfold.recalibration.graph.recalibrate_keras_file`), in two steps.
+
+    ``freeze``: load the file, freeze it with each BN layer's moving mean tagged; answered with the GraphDef's bytes
+    followed by the layers' real statistics as arrays, their names and the signature as JSON. ``write``: load the
+    file again, set the new statistics sent as arrays (by layer number), save it in the private directory and
+    check the saved file; answered with its bytes.
+    """
+    from bnfold.core.errors import InputError
+
+    src, trust_model = str(head["src"]), bool(head["trust_model"])
+    try:
+        if head["step"] == "freeze":
+            loaded, names, real = keras_tagged_here(src, trust_model)
+            sig = loaded.signature
+            signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
+            graph = loaded.graph_def.SerializeToString()
+            del loaded
+            meta, data = encode_arrays([a for pair in real for a in pair])
+            send(reply, {"ok": True, "graph_bytes": len(graph), "names": names, "arrays": meta, "signature": signature}, graph + data)
+            return
+        if head["step"] != "write":
+            raise ValueError(f"unknown keras_recalibrate step {head['step']!r}")
+        arrays = decode_arrays(head["arrays"], payload)
+        numbers = [int(n) for n in head["layers"]]
+        if len(arrays) != 2 * len(numbers):
+            raise ValueError("keras_recalibrate: two arrays per layer")
+        values = {n: (arrays[2 * i], arrays[2 * i + 1]) for i, n in enumerate(numbers)}
+        data = keras_write_here(src, str(head["dst"]), trust_model, values)
+    except (BnfoldError, MemoryError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer's own code (a trusted Lambda) failing in the confined worker
+        raise InputError(f"{src}: the model failed in bnfold's worker ({type(exc).__name__}: {first_line_of(str(exc))})") from None
+    send(reply, {"ok": True}, data)
+
+
+KERAS = f"{__name__}:serve_keras"

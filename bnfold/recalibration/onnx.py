@@ -225,7 +225,8 @@ def recalibrate_onnx(
 
 def recalibrate_onnx_file(src: Path, dst: Path, data: Any, **options: Any) -> RecalibrationResult:
     """ONNX in, ONNX out (written atomically; external data beside it when the model needs it)."""
-    from bnfold.onnx.io import is_onnx_path, write_onnx
+    from bnfold.core.formats import is_onnx_path
+    from bnfold.onnx.io import write_onnx
 
     unsupported = {k: v for k, v in options.items() if v not in (None, False, {}, []) and k not in ("memory_budget", "trust_model")}
     if unsupported:

@@ -259,7 +259,7 @@ def node_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[str]
 
 def closure(nodes: dict[str, node_def_pb2.NodeDef], fetches: Iterable[str]) -> list[str]:
     """Names of the nodes a run of ``fetches`` needs (data and control edges), found iteratively."""
-    from bnfold.tf.graph import parse_input
+    from bnfold.core.comparison import parse_input
 
     running, seen = [], set()
     stack = [parse_input(f)[0] for f in fetches]
@@ -406,7 +406,7 @@ def _object_functions(obj: Any) -> list[str]:
 
 def _restore_refusals(graph_def: graph_pb2.GraphDef, nodes: dict[str, Any], restore: list[str], filename_tensor: str) -> list[Refusal]:
     """The TF1 restore op: allowlisted like loading, and its checkpoint reads only from the prefix the loader feeds."""
-    from bnfold.tf.graph import parse_input
+    from bnfold.core.comparison import parse_input
 
     names = {f.signature.name for f in graph_def.library.function}
     feed = parse_input(filename_tensor)[0] if filename_tensor else None

@@ -16,12 +16,10 @@ from tensorflow.core.framework import node_def_pb2, op_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
 from bnfold.core.budgets import BudgetExceeded
-from bnfold.tf.graph import GraphIndex, attr, parse_input
+from bnfold.tf.graph import PASS_THROUGH, GraphIndex, attr, parse_input
 
 FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
 
-# Ops that only forward their input: constants are seen through them.
-PASS_THROUGH = {"Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics", "IdentityN"}
 
 _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Rsqrt": lambda x: 1.0 / np.sqrt(x),
@@ -268,7 +266,8 @@ class ConstEvaluator:
         """
         from tensorflow.core.framework import graph_pb2
 
-        from bnfold.core.worker import GraphRunError, IsolatedGraph, WorkerDied
+        from bnfold.core.worker import GraphRunError, WorkerDied
+        from bnfold.tf.runner import IsolatedGraph
 
         sub = graph_pb2.GraphDef()
         sub.versions.CopyFrom(self.index.versions)

@@ -17,8 +17,9 @@ from tensorflow.python.framework import dtypes
 
 from bnfold.core.foldmath import Action, Folded, SiteRecord, fit_channels, fold_after, fold_before, storable
 from bnfold.tf.canonical import FLOAT_TYPES, ConstEvaluator, consumer_dtype, output_dtype
-from bnfold.tf.graph import ContentBuffer, GraphIndex, Scratch, attr, attr_text, collection_paused, make_node, parse_input
+from bnfold.tf.graph import GraphIndex, attr, attr_text, collection_paused, make_node, parse_input
 from bnfold.tf.recognize import Affine, OtherNormalization, Unfoldable, as_step, data_format_axis, recognize
+from bnfold.tf.tensors import ContentBuffer, Scratch
 
 if TYPE_CHECKING:
     from bnfold.tf.streaming import Contents

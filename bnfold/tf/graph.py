@@ -19,6 +19,7 @@ from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, n
 from tensorflow.python.framework import dtypes, tensor_util
 
 from bnfold.core.comparison import parse_input
+from bnfold.tf.tensors import ContentBuffer, Scratch, plain_dtype, varint
 
 if TYPE_CHECKING:
     from bnfold.tf.streaming import Contents, LazyTensor
@@ -119,7 +120,7 @@ class GraphIndex:
         """The values behind ``ref`` when they are a stub's (through ops that only forward them), else None."""
         if self.contents is None:
             return None
-        from bnfold.tf.canonical import PASS_THROUGH
+        from bnfold.tf.graph import PASS_THROUGH
 
         node, port = self.producer(ref)
         while node is not None and node.op in PASS_THROUGH:
@@ -363,57 +364,6 @@ class GraphIndex:
         return graph
 
 
-class ContentBuffer:
-    """An array whose bytes sit right behind the wire header of a ``TensorProto.tensor_content``.
-
-    The Python protobuf runtime stores only ``bytes`` in a bytes field, so filling a proto
-    from an array costs two copies (``tobytes``, then the field's own). Parsing accepts any
-    buffer: with the header in front, the fold math writes the new weights into ``array``
-    and the proto takes them with one copy (:func:`fill_tensor_proto`).
-    """
-
-    _ALIGN = 16  # the array starts at this offset into the buffer, so the values are aligned
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, scratch: Scratch | None = None) -> None:
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header = b"\x22" + varint(nbytes)  # field 4 (tensor_content), wire type 2
-        self._raw = scratch.take(self._ALIGN + nbytes) if scratch is not None else np.empty(self._ALIGN + nbytes, dtype=np.uint8)
-        self._start = self._ALIGN - len(header)
-        self._raw[self._start : self._ALIGN] = np.frombuffer(header, dtype=np.uint8)
-        self.array: np.ndarray = self._raw[self._ALIGN :].view(dtype).reshape(shape)
-
-    def write_content(self, proto: tensor_pb2.TensorProto) -> None:
-        proto.MergeFromString(memoryview(self._raw)[self._start :])  # type: ignore[arg-type]
-
-
-class Scratch:
-    """One buffer that each new kernel of a fold is computed in, in turn, before the graph copies it.
-
-    Fresh memory for every kernel costs a page fault per 4 KiB on first touch, which on
-    a 100 MB model took longer than the arithmetic; a buffer reused from kernel to
-    kernel is touched once. Only the last :meth:`take` is valid.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = np.empty(0, dtype=np.uint8)
-
-    def take(self, nbytes: int) -> np.ndarray:
-        if self._buffer.size < nbytes:
-            self._buffer = np.empty(nbytes, dtype=np.uint8)
-        return self._buffer[:nbytes]
-
-
-def varint(value: int) -> bytes:
-    """Protobuf's base-128 varint: the length prefix of a length-delimited field."""
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | 0x80 if value else byte)
-        if not value:
-            return bytes(out)
-
-
 def tensor_proto(value: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
     """A TensorProto for ``value``, whose dtype already matches ``dtype``."""
     proto = tensor_pb2.TensorProto()
@@ -469,22 +419,6 @@ def const_array(tensor: tensor_pb2.TensorProto) -> np.ndarray:
     # Values not all stored (one float broadcast to the declared shape): the shape alone decides the memory.
     check_tensor("a Const", [d.size for d in tensor.tensor_shape.dim])
     return tensor_util.MakeNdarray(tensor)
-
-
-_PLAIN_DTYPES: dict[int, np.dtype | None] = {}
-
-
-def plain_dtype(dtype: int) -> np.dtype | None:
-    """The numpy dtype whose bytes ``tensor_content`` holds as they are (numbers), else None; looked up once per enum."""
-    if dtype not in _PLAIN_DTYPES:
-        try:
-            np_dtype: np.dtype | None = np.dtype(dtypes.as_dtype(dtype).as_numpy_dtype)
-        except TypeError:
-            np_dtype = None
-        if np_dtype is not None and not (np_dtype.kind in "fiub" or np_dtype.name == "bfloat16"):
-            np_dtype = None
-        _PLAIN_DTYPES[dtype] = np_dtype
-    return _PLAIN_DTYPES[dtype]
 
 
 def make_node(
@@ -570,3 +504,7 @@ def live_library(graph_def: graph_pb2.GraphDef) -> function_pb2.FunctionDefLibra
     out.gradient.extend(g for g in library.gradient if g.function_name in live)
     out.registered_gradients.extend(library.registered_gradients)
     return out
+
+
+# Ops that only forward their input: constants are seen through them.
+PASS_THROUGH = {"Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics", "IdentityN"}

@@ -18,6 +18,8 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.core.errors import InputError, OutputError, first_line
 from bnfold.core.files import _umask, atomic_write, check_output_path, read_bytes, terminating_cleanly  # noqa: F401  (TF-free; re-exported)
+from bnfold.core.formats import check_output_format, is_saved_model_destination
+from bnfold.core.result import FoldResult, Signature
 from bnfold.tf.graph import parse_input
 
 if TYPE_CHECKING:
@@ -265,3 +267,21 @@ def stream_graph_def(graph_def: graph_pb2.GraphDef, f: BinaryIO, contents: Conte
         else:
             setattr(rest, descriptor.name, value)
     f.write(rest.SerializeToString(deterministic=True))
+
+
+def write_result(result: FoldResult, dst: str | os.PathLike[str]) -> None:
+    """Write a folded TF graph as .pb/.pbtxt, or as a SavedModel directory with the source's signature."""
+    assert result.graph_def is not None
+    check_output_format(dst)
+    if is_saved_model_destination(dst):
+        signature = result.signature or Signature(
+            inputs={n: f"{n}:0" for n in result.inputs},
+            outputs={parse_input(n)[0]: f"{parse_input(n)[0]}:{parse_input(n)[1]}" for n in result.outputs},
+        )
+        if result.contents is not None:
+            from bnfold.tf.streaming import materialize_all
+
+            materialize_all(result.graph_def, result.contents)
+        write_saved_model(result.graph_def, signature.name, signature.inputs, signature.outputs, Path(dst))
+    else:
+        write_graph_def(result.graph_def, dst, result.contents)

@@ -31,7 +31,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2
 
 from bnfold.core.errors import BrokenOutputError, InputError
 from bnfold.core.foldmath import scaled
-from bnfold.tf.graph import ContentBuffer, plain_dtype, varint
+from bnfold.tf.tensors import ContentBuffer, plain_dtype, varint
 
 STUB = b"\xff"  # the content of a stub: one byte, never the size of a tensor this large
 LARGE = 64 * 1024  # bytes of tensor_content from which a constant stays in the file

@@ -14,16 +14,16 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
-from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
 from bnfold.core.comparison import (
     DEFAULT_BATCH,
     TOLERANCES,
+    CheckArgs,
     CheckOptions,
     InputSpec,
     OutputCheck,
@@ -38,9 +38,14 @@ from bnfold.core.comparison import (
     run_reference,
 )
 from bnfold.core.errors import BnfoldError, BrokenOutputError, UsageError, VerificationError, first_line
-from bnfold.core.worker import GraphRunError, IsolatedGraph, WorkerDied
+from bnfold.core.worker import GraphRunError, WorkerDied
 from bnfold.tf.canonical import output_dtype
 from bnfold.tf.graph import GraphIndex, attr, parse_input
+from bnfold.tf.runner import IsolatedGraph
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -121,34 +126,6 @@ def has_outputs(node: node_def_pb2.NodeDef, graph_def: graph_pb2.GraphDef) -> bo
         else:
             return True
     return False
-
-
-def runner_config(layout: bool = True) -> config_pb2.ConfigProto:
-    """How the check's sessions run a graph: as written, with no optimizer rewriting it.
-
-    Grappler is off, and so is TensorFlow's classic graph optimizer (``L0``: no
-    constant folding, no common-subexpression elimination): they would rewrite
-    the very graphs being compared, and on ResNet50 they cost more than the run
-    itself (first ``session.run`` 1.09 s with grappler's meta optimizer and
-    ``L1``, 0.53 s without; peak RSS 1.95 GB -> 1.50 GB).
-
-    ``layout`` keeps grappler's layout pass, converting NCHW to NHWC on the
-    CPU: TensorFlow's CPU kernels run NCHW convolutions only through oneDNN,
-    which TensorFlow turns off on CPUs without AVX-512, and the layout pass
-    makes such graphs runnable everywhere. It is exact (transposes around the
-    op), and both graphs of a check get it alike. A graph without a
-    channels-first op (:func:`channels_first`) has nothing for it to do, so
-    the meta optimizer is not started at all.
-    """
-    config = config_pb2.ConfigProto()
-    config.graph_options.optimizer_options.opt_level = config_pb2.OptimizerOptions.L0
-    rewrites = config.graph_options.rewrite_options
-    if layout:
-        rewrites.optimizers.append("layout")
-        rewrites.cpu_layout_conversion = rewriter_config_pb2.RewriterConfig.NCHW_TO_NHWC
-    else:
-        rewrites.disable_meta_optimizer = True
-    return config
 
 
 def channels_first(graph_def: graph_pb2.GraphDef) -> bool:
@@ -360,24 +337,18 @@ def verify(
     folded: graph_pb2.GraphDef | str | os.PathLike[str],
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
-    feeds: dict[str, np.ndarray] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 1,
-    seed: int = 0,
-    batch_check: bool = True,
-    on_batch: Callable[[int, int], None] | None = None,
+    *,
     trust_model: bool = False,
+    **check: Unpack[CheckArgs],
 ) -> Verification:
     """Run both graphs (GraphDefs or paths) on the same inputs and compare every output.
 
-    The keyword arguments are those of :class:`CheckOptions`. Unless
+    ``check`` takes the check's options (:class:`~bnfold.core.comparison.CheckArgs`). Unless
     ``trust_model``, a graph that would reach outside the process is refused
     before anything runs (:mod:`bnfold.tf.runsafety`).
     """
     original, folded = _as_graph_def(original), _as_graph_def(folded)
-    options = CheckOptions(dict(feeds or {}), input_shapes or {}, rtol, atol, samples, seed, batch_check, on_batch)
+    options = CheckOptions.of(check)
     plan = _plan(original, inputs, outputs, options, trust_model, also_gate=folded)
     from bnfold.tf.runsafety import trusting
 
