@@ -261,7 +261,8 @@ def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
     import onnx
     from tensorflow.python.tools import optimize_for_inference_lib
 
-    from bnfold.onnx.export import DEFAULT_OPSET, to_onnx
+    from bnfold.api import to_onnx
+    from bnfold.onnx.export import DEFAULT_OPSET
     from bnfold.onnx.fold import leftover_sites
 
     print(f"[{name}] freezing (cached)", flush=True)

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_keras import randomize_bn
 
 import bnfold
-from bnfold.onnx.export import DEFAULT_OPSET, convert, to_onnx
+from bnfold.api import to_onnx
+from bnfold.onnx.export import DEFAULT_OPSET, convert
 from bnfold.onnx.fold import fold_model, leftover_sites
 from bnfold.tf.freeze import freeze_keras
 from bnfold.tf.io import load_graph_def

@@ -28,8 +28,9 @@ from onnx import helper, numpy_helper
 from tensorflow.core.framework import graph_pb2
 from test_keras import randomize_bn
 
+from bnfold.api import to_onnx
 from bnfold.core.errors import UsageError
-from bnfold.onnx.export import DEFAULT_OPSET, convert, tensor_name, to_onnx
+from bnfold.onnx.export import DEFAULT_OPSET, convert, tensor_name
 from bnfold.onnx.fold import _shape_skeleton, fold_model
 from bnfold.onnx.io import load_onnx
 from bnfold.onnx.pipeline import plan_output
