@@ -275,26 +275,9 @@ def closure(nodes: dict[str, node_def_pb2.NodeDef], fetches: Iterable[str]) -> l
 
 def reachable(library: Any, seeds: Iterable[str]) -> list[str]:
     """Functions reached from ``seeds`` through bodies, nested attributes and registered gradients."""
-    bodies = {f.signature.name: f for f in library.function}
-    gradients = {g.function_name: g.gradient_func for g in library.gradient}
-    names = set(bodies)
-    pending = [f for f in seeds if f in names]
-    seen: list[str] = []
-    done: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in done:
-            continue
-        done.add(name)
-        seen.append(name)
-        function = bodies[name]
-        for node in function.node_def:
-            pending += node_functions(node, names)
-        for value in function.attr.values():
-            pending += [f for f in attr_functions(value) if f in names]
-        if gradients.get(name) in names:
-            pending.append(gradients[name])
-    return seen
+    from bnfold.tf.graph import reachable_functions
+
+    return reachable_functions(library, seeds, with_gradients=True, calls=node_functions, own_attributes=attr_functions)
 
 
 def graph_refusals(

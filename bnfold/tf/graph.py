@@ -466,11 +466,19 @@ def called_functions(node: node_def_pb2.NodeDef, functions: set[str]) -> list[st
 
 
 def reachable_functions(
-    library: function_pb2.FunctionDefLibrary, seeds: Iterable[str], with_gradients: bool = False
+    library: function_pb2.FunctionDefLibrary,
+    seeds: Iterable[str],
+    with_gradients: bool = False,
+    calls: Callable[[node_def_pb2.NodeDef, set[str]], list[str]] = called_functions,
+    own_attributes: Callable[[attr_value_pb2.AttrValue], Iterable[str]] | None = None,
 ) -> list[str]:
     """Library functions reached from ``seeds`` through calls in function bodies (and, with
     ``with_gradients``, the gradient registered for each reached function), in visit order.
-    The one library walk the run rule and the dead-function pass share."""
+
+    The one library walk of bnfold: the dead-function pass uses it as it is, the
+    allowlist (:func:`bnfold.tf.allowlist.reachable`) with a wider ``calls`` (functions
+    nested in attribute values at any depth) and ``own_attributes`` (functions a
+    function's own attributes name)."""
     bodies = {f.signature.name: f for f in library.function}
     gradients = {g.function_name: g.gradient_func for g in library.gradient} if with_gradients else {}
     names = set(bodies)
@@ -483,8 +491,12 @@ def reachable_functions(
             continue
         seen.add(name)
         reached.append(name)
-        for node in bodies[name].node_def:
-            pending += called_functions(node, names)
+        function = bodies[name]
+        for node in function.node_def:
+            pending += calls(node, names)
+        if own_attributes is not None:
+            for value in function.attr.values():
+                pending += [f for f in own_attributes(value) if f in names]
         if gradients.get(name) in names:
             pending.append(gradients[name])
     return reached
