@@ -1,24 +1,23 @@
-"""The Python API: ``fold`` for export pipelines, ``fold_file`` for files.
+"""The Python API: ``fold`` for export pipelines, ``fold_file`` for files, ``to_onnx`` for ONNX output.
 
-Runs the stages in one direction: load -> fold (canonical forms are read by the
-constant evaluator) -> verify -> write. Verification is on by default because
-the promise is that the written model computes what the input did.
+On top of the adapters: each function picks the pipeline for its source and
+destination (:func:`bnfold.core.formats.route`) and imports that adapter only
+then, so ONNX in and ONNX out never imports TensorFlow. Each runs the stages in
+one direction: load -> canonicalize -> recognize -> fold -> prune -> verify ->
+write. Verification is on by default because the promise is that the written
+model computes what the input did.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from tensorflow.core.framework import graph_pb2
-
 from bnfold.core import sandbox
 from bnfold.core import worker as isolation
 from bnfold.core.comparison import CheckArgs, CheckOptions
-from bnfold.core.errors import UsageError, VerificationError
+from bnfold.core.errors import UsageError
 from bnfold.core.files import check_output_path
 from bnfold.core.formats import (  # noqa: F401  (OUTPUT_FORMATS re-exported)
     GRAPH,
@@ -31,17 +30,8 @@ from bnfold.core.formats import (  # noqa: F401  (OUTPUT_FORMATS re-exported)
     output_format,
     route,
 )
-from bnfold.core.result import DEFAULT_SIGNATURE, FoldResult, Resolution, TrainingBnRewrite
+from bnfold.core.result import DEFAULT_SIGNATURE, FoldResult
 from bnfold.core.trust import trusting
-from bnfold.sources import load
-from bnfold.tf import io
-from bnfold.tf.fold import fold_graph_outcome
-from bnfold.tf.freeze import Loaded
-from bnfold.tf.graph import op_counts, parse_input
-from bnfold.tf.io import write_result
-from bnfold.tf.runsafety import check_runnable, refused_nodes
-from bnfold.tf.switches import canonicalize, without_cond_plumbing
-from bnfold.tf.verify import PendingCheck, failure_message, find_inputs, find_outputs
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -50,13 +40,6 @@ if TYPE_CHECKING:
 GraphSource = Any
 
 
-
-
-def _check_names(graph_def: graph_pb2.GraphDef, names: list[str] | None, option: str) -> None:
-    known = {n.name for n in graph_def.node}
-    for name in names or []:
-        if parse_input(name)[0] not in known:
-            raise UsageError(f"{option}: no node named {parse_input(name)[0]!r} in the graph")
 
 
 def fold(
@@ -100,8 +83,13 @@ def fold(
     so memory stays near the size of the graph without its weights. The result then
     holds stubs: pass it to :func:`write_result` (which fills them), not to other code.
     """
+    from bnfold.sources import load
+    from bnfold.tf import io
+    from bnfold.tf.freeze import Loaded
+    from bnfold.tf.pipeline import fold_loaded
+
     options = CheckOptions.of(check)
-    verify_outputs, feeds = options.verify, options.feeds
+    verify_outputs = options.verify
     if isinstance(source, str | os.PathLike) and (trust_model or not _is_graph_file(source)):
         # The worker loads SavedModel and Keras files (bnfold.tf.freeze.load_in_worker); a trusted graph may read its
         # own assets in the check. Allowed before the worker starts: Landlock rules are fixed when it confines itself.
@@ -114,73 +102,22 @@ def fold(
         loaded = Loaded(graph, str(source))
     else:
         loaded = load(source, signature, trust_model=trust_model)
-    graph_def, name = loaded.graph_def, loaded.source
-    _check_names(graph_def, inputs, "--inputs")
-    _check_names(graph_def, outputs, "--outputs")
-    in_names = inputs or [s.name for s in find_inputs(graph_def)]
-    if outputs:
-        out_names = outputs
-    elif loaded.signature is not None:
-        out_names = [parse_input(t)[0] for t in loaded.signature.outputs.values()]
-    else:
-        out_names = without_cond_plumbing(graph_def, find_outputs(graph_def))
-    # Inputs, outputs and fed tensors must survive the fold under their names.
-    protected = {parse_input(n)[0] for n in [*in_names, *out_names, *feeds]}
-    canonical, resolutions, rewrites = canonicalize(graph_def, set_flags, training_bn, protected)
-    flag_nodes = {n.name for n in graph_def.node if n.op in ("Placeholder", "PlaceholderWithDefault")}
-    ops_before = op_counts(graph_def)
-    # A graph bnfold loaded itself and will not verify against is folded in place:
-    # no copy of the model is made (bnfold IN OUT --no-verify, the fastest path).
-    owned = loaded.graph_def is not source or canonical is not graph_def
-    reference = canonical if any(r.rewritten for r in rewrites) else graph_def
-    fed = {parse_input(k)[0] for k in feeds}
-    check_feeds = {**{r.flag: np.array(r.value) for r in resolutions if r.flag in flag_nodes and r.flag not in fed}, **feeds}
-    pending = None
-    if verify_outputs:  # the input graph's half of the check runs in the worker while this process folds
-        gate = lambda: check_runnable(reference, out_names, f"{name}: the check")  # noqa: E731
-        pending = PendingCheck(reference, inputs, out_names, dataclasses.replace(options, feeds=check_feeds), trust_model, gate)
-    outcome = fold_graph_outcome(canonical, protected, in_place=owned and not verify_outputs, fed=fed, contents=contents)
-    folded, sites = outcome.graph_def, outcome.sites
-    result = FoldResult(
-        graph_def=folded,
-        sites=sites,
-        inputs=in_names,
-        outputs=out_names,
-        ops_before=ops_before,
-        ops_after=op_counts(folded),
-        source=name,
-        switches=resolutions,
-        training_bn=rewrites,
-        signature=loaded.signature,
-        other_normalizations=outcome.others,
-        foreign_ops=[r.to_json() for r in refused_nodes(graph_def)],
+    return fold_loaded(
+        loaded,
+        inputs,
+        outputs,
+        options,
+        set_flags=set_flags,
+        training_bn=training_bn,
+        trust_model=trust_model,
+        owned=loaded.graph_def is not source,
         contents=contents,
     )
-    if _left_as_it_was(result, graph_def, resolutions, rewrites):
-        # Nothing folded, nothing removed: the graph is written as it came, and a graph identical
-        # to the input needs no proof (nor inputs bnfold cannot make up).
-        result.graph_def, result.ops_after, result.unchanged = graph_def, dict(ops_before), True
-        return result
-    if pending is not None:
-        result.verification = pending.finish(folded)
-        if not result.verification.passed and not options.force:
-            raise VerificationError(f"{name}: verification failed: {failure_message(result.verification)}", result)
-    return result
 
 
 def _is_graph_file(source: GraphSource) -> bool:
     """A path :func:`bnfold.tf.freeze.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
     return isinstance(source, str | os.PathLike) and Path(source).is_file() and input_format(source) == GRAPH
-
-
-def _left_as_it_was(
-    result: FoldResult, graph_def: graph_pb2.GraphDef, resolutions: list[Resolution], rewrites: list[TrainingBnRewrite]
-) -> bool:
-    if resolutions or any(r.rewritten for r in rewrites) or any(s.action in ("folded", "standalone") for s in result.sites):
-        return False
-    # No pass edited anything: each returns its input object when it has nothing to do. (Folded in
-    # place, under --no-verify, the object is the input's even after edits: the counts must agree too.)
-    return result.graph_def is graph_def and result.ops_after == result.ops_before
 
 
 def fold_file(
@@ -205,10 +142,18 @@ def fold_file(
         return fold_keras_file(src_path, dst_path, in_place=in_place, **options)[1]  # type: ignore[arg-type]
     if pipeline == ONNX:
         return fold_file_onnx(src_path, dst_path, in_place=in_place, **options)
-    io.check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst))
+    check_output_path(src_path, dst_path, in_place, directory=is_saved_model_destination(dst))
     result = fold(src_path, **options)  # type: ignore[arg-type]
     write_result(result, dst)
     return result
+
+
+def write_result(result: FoldResult, dst: str | os.PathLike[str]) -> None:
+    """Write a folded TF graph as .pb/.pbtxt, or as a SavedModel directory with the source's signature
+    (:func:`bnfold.tf.io.write_result`); a streamed result's values are spliced in as it is written."""
+    from bnfold.tf.io import write_result as write
+
+    write(result, dst)
 
 
 def to_onnx(
@@ -236,17 +181,21 @@ def to_onnx(
     tf2onnx sees the graph: a switch on a training flag becomes its taken branch,
     never an ONNX ``If``.
     """
-    from bnfold.onnx import export
-    from bnfold.onnx.pipeline import check_feeds, fold_onnx
+    from bnfold.onnx.pipeline import fold_onnx
 
     options = CheckOptions.of(check)
-    if not isinstance(source, str | os.PathLike | graph_pb2.GraphDef) and type(source).__name__ == "ModelProto" or (
-        isinstance(source, str | os.PathLike) and input_format(source) == ONNX
-    ):
+    if type(source).__module__.startswith("onnx") or (isinstance(source, str | os.PathLike) and input_format(source) == ONNX):
         if set_flags or training_bn != "keep":
             raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         with trusting(trust_model):  # ONNX in, ONNX out: no TensorFlow on this path
             return fold_onnx(source, inputs, outputs, **check)
+    from tensorflow.core.framework import graph_pb2
+
+    from bnfold.onnx import export
+    from bnfold.onnx.pipeline import check_feeds
+    from bnfold.sources import load
+    from bnfold.tf.verify import find_inputs
+
     opset = export.DEFAULT_OPSET if opset is None else opset
     export.check_opset(opset)
     switches: dict[str, Any] = {"set_flags": set_flags, "training_bn": training_bn}
