@@ -306,13 +306,14 @@ def fold_command(
             if not quiet:
                 rcc.print_report(onnx_recalibrated, out)
         elif recalibrate:
-            from bnfold.recalibration import graph as rc
+            from bnfold import recalibration as rc
+            from bnfold.core import recalibration as rcc
 
             recalibrated = rc.recalibrate(
                 src, _data_arrays(recalibrate, "--recalibrate"), outputs=out_names, set_flags=_flags(set_), trust_model=trust_model
             )
             if not quiet:
-                rc.print_report(recalibrated, out)
+                rcc.print_report(recalibrated, out)
             source, out_names = recalibrated.graph_def, recalibrated.outputs
             check["feeds"] = {**recalibrated.flag_feeds, **feeds}  # the check feeds resolved flags the value they were resolved to
         switch_options: dict[str, Any] = {}
@@ -390,7 +391,7 @@ def keras_output(src: Path, dst: Path, dry_run: bool, in_place: bool, standalone
                  report: Path | None, quiet: bool, graph_only: list[object], check: CheckArgs) -> None:  # fmt: skip
     """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras.fold), report as for graphs."""
     from bnfold.core import report as rep
-    from bnfold.keras import fold as keras_fold
+    from bnfold.keras import file as keras_fold
 
     if any(graph_only):
         raise UsageError(
@@ -522,7 +523,7 @@ def recalibrate_command(
         if is_onnx_path(src):
             from bnfold.recalibration.onnx import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
         else:
-            from bnfold.recalibration.graph import recalibrate_file  # type: ignore[assignment]
+            from bnfold.recalibration import recalibrate_file  # type: ignore[assignment]
         options: dict[str, Any] = {"opset": opset} if opset is not None else {}
         result = recalibrate_file(
             src,
