@@ -18,10 +18,11 @@ if TYPE_CHECKING:
     from bnfold.core.comparison import Verification
     from bnfold.core.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
     from bnfold.core.foldmath import SiteRecord
+    from bnfold.core.recalibration import RecalibrationResult
     from bnfold.core.result import FoldResult
     from bnfold.keras.fold import fold_keras
     from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
-    from bnfold.recalibration.graph import RecalibrationResult, recalibrate, recalibrate_file
+    from bnfold.recalibration import recalibrate, recalibrate_file
     from bnfold.tf.verify import verify
 
 _EXPORTS = {
@@ -40,9 +41,9 @@ _EXPORTS = {
     "fold_onnx_file": "bnfold.onnx.pipeline",
     "Verification": "bnfold.core.comparison",
     "verify": "bnfold.tf.verify",
-    "recalibrate": "bnfold.recalibration.graph",
-    "recalibrate_file": "bnfold.recalibration.graph",
-    "RecalibrationResult": "bnfold.recalibration.graph",
+    "recalibrate": "bnfold.recalibration",
+    "recalibrate_file": "bnfold.recalibration",
+    "RecalibrationResult": "bnfold.core.recalibration",
 }
 __all__ = [
     "BnfoldError",

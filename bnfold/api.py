@@ -137,7 +137,7 @@ def fold_file(
     src_path, dst_path = Path(src), Path(dst)
     pipeline = route(src_path, dst_path)
     if pipeline == KERAS:
-        from bnfold.keras.fold import fold_keras_file  # the layer-level fold: Keras in, Keras out
+        from bnfold.keras.file import fold_keras_file  # the layer-level fold: Keras in, Keras out
 
         return fold_keras_file(src_path, dst_path, in_place=in_place, **options)[1]  # type: ignore[arg-type]
     if pipeline == ONNX:

@@ -33,8 +33,9 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold.cli import app
 from bnfold.core.errors import UnsafeModelError, UsageError
+from bnfold.core.recalibration import Moments
 from bnfold.doctor.graph import MIN_DRIFT_VALUES, diagnose
-from bnfold.recalibration.graph import Moments, recalibrate_graph
+from bnfold.recalibration.graph import recalibrate_graph
 from bnfold.tf.io import load_graph_def
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -126,7 +126,7 @@ def recalibrate_command(
         if is_onnx_path(src):
             from bnfold.recalibration.onnx import recalibrate_onnx_file as recalibrate_file  # no TensorFlow for ONNX files
         else:
-            from bnfold.recalibration.graph import recalibrate_file  # type: ignore[assignment]
+            from bnfold.recalibration import recalibrate_file  # type: ignore[assignment]
         options: dict[str, Any] = {"opset": opset} if opset is not None else {}
         result = recalibrate_file(
             src,

@@ -140,13 +140,14 @@ def fold_command(
             if not quiet:
                 rcc.print_report(onnx_recalibrated, out)
         elif recalibrate:
-            from bnfold.recalibration import graph as rc
+            from bnfold import recalibration as rc
+            from bnfold.core import recalibration as rcc
 
             recalibrated = rc.recalibrate(
                 src, data_arrays(recalibrate, "--recalibrate"), outputs=out_names, set_flags=flags(set_), trust_model=trust_model
             )
             if not quiet:
-                rc.print_report(recalibrated, out)
+                rcc.print_report(recalibrated, out)
             source, out_names = recalibrated.graph_def, recalibrated.outputs
             check["feeds"] = {**recalibrated.flag_feeds, **feeds}  # the check feeds resolved flags the value they were resolved to
         switch_options: dict[str, Any] = {}
@@ -224,7 +225,7 @@ def keras_output(src: Path, dst: Path, dry_run: bool, in_place: bool, standalone
                  report: Path | None, quiet: bool, graph_only: list[object], check: CheckArgs) -> None:  # fmt: skip
     """``bnfold model.keras folded.keras``: the layer-level fold (bnfold.keras.fold), report as for graphs."""
     from bnfold.core import report as rep
-    from bnfold.keras import fold as keras_fold
+    from bnfold.keras import file as keras_fold
 
     if any(graph_only):
         raise UsageError(

@@ -1,6 +1,6 @@
 """What TF and ONNX recalibration share, without TensorFlow: the moments, the records, the report.
 
-:mod:`bnfold.recalibration.graph` (TF graphs, Keras) and :mod:`bnfold.recalibration.onnx`
+:mod:`bnfold.recalibration.graph` (TF graphs; Keras through :mod:`bnfold.recalibration.keras`) and :mod:`bnfold.recalibration.onnx`
 (onnxruntime) measure the same thing and report it the same way, so a user reads
 one table and one JSON whatever the format.
 """

@@ -23,16 +23,7 @@ from onnx import helper, numpy_helper
 from bnfold.core.errors import UsageError, VerificationError, first_line
 from bnfold.core.findings import MIN_DRIFT_VALUES as MIN_VALUES_PER_CHANNEL
 from bnfold.core.findings import BnStats
-from bnfold.core.recalibration import (
-    DEFAULT_MEMORY_BUDGET,
-    Data,
-    Feeder,
-    LayerRecord,
-    Moments,
-    RecalibrationResult,
-    _summary,
-    drift_score,
-)
+from bnfold.core.recalibration import DEFAULT_MEMORY_BUDGET, Data, Feeder, LayerRecord, Moments, RecalibrationResult, _summary, drift_score
 
 
 def _sites(model: onnx.ModelProto) -> tuple[list[tuple[BnStats, Any, bool]], list[str]]:
