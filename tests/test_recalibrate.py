@@ -244,7 +244,7 @@ def new_stats(result: bnfold.RecalibrationResult) -> tuple[np.ndarray, np.ndarra
 
 
 def _sites(graph_def: graph_pb2.GraphDef):  # type: ignore[no-untyped-def]
-    from bnfold.recalibration.graph import find_sites
+    from bnfold.recalibration.sites import find_sites
 
     return find_sites(graph_def)[0]
 

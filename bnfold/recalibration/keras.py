@@ -21,7 +21,8 @@ from bnfold.core import protocol, serve
 from bnfold.core.errors import BnfoldError, UsageError
 from bnfold.core.protocol import decode_arrays, encode_arrays, first_line_of, send
 from bnfold.core.recalibration import DEFAULT_MEMORY_BUDGET, Data, RecalibrationResult
-from bnfold.recalibration.graph import Site, recalibrate_graph
+from bnfold.recalibration.graph import recalibrate_graph
+from bnfold.recalibration.sites import Site
 from bnfold.tf.graph import parse_input
 
 
