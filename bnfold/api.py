@@ -72,7 +72,7 @@ def fold(
     changes the result on purpose, so verification then compares against the
     rewritten graph.
 
-    Untrusted models (README "Security"): Keras files whose config carries code
+    Untrusted models (docs/security.md): Keras files whose config carries code
     and graphs whose check would reach outside the process (files, network,
     session resources) raise :class:`~bnfold.core.errors.UnsafeModelError` unless
     ``trust_model``; with ``verify_outputs=False`` nothing runs, and such nodes

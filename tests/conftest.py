@@ -1,6 +1,6 @@
 """Shared helpers: run real TensorFlow graphs and compare them, independently of bnfold.verify.
 
-Also the one place that decides (see the README's "Tests" section):
+Also the one place that decides (see docs/development.md, "Tests"):
 
 - whether the published models are here (``realworld`` fixture and marker,
   ``BNFOLD_REALWORLD`` / ``BNFOLD_NO_REALWORLD``);
@@ -49,7 +49,7 @@ def _realworld_root() -> Path | None:
 REALWORLD_ROOT = _realworld_root()
 REALWORLD_SKIP = (
     "needs the published models (../shared/realworld beside the project, or BNFOLD_REALWORLD=/path; "
-    "hidden by BNFOLD_NO_REALWORLD=1): see README, Tests"
+    "hidden by BNFOLD_NO_REALWORLD=1): see docs/development.md, Tests"
 )
 
 

@@ -543,7 +543,7 @@ def test_cli_keras_to_keras_loads_in_safe_mode_predicts_and_trains(tmp_path: Pat
     x = sample(model, batch=4)
     history = loaded.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    # the way README "Keras output" tells users to load it with their own copy of the layer class
+    # the way docs/keras.md tells users to load it with their own copy of the layer class
     again = keras.saving.load_model(tmp_path / "out.keras", safe_mode=True, custom_objects=keras_fold.custom_objects())
     assert_same_predictions(model, again)
 

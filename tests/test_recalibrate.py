@@ -1,7 +1,7 @@
 """``bnfold recalibrate`` on real models trained on scikit-learn's digits with each BN mistake users make.
 
 The recalibrated model differs from its input on purpose, so equivalence is not
-the proof. What is (README "Fix it: bnfold recalibrate"):
+the proof. What is (docs/recalibrate.md):
 
 1. Inference-mode output of the recalibrated model on the calibration samples
    matches the training-mode output (BN on batch statistics) of the same network

@@ -163,7 +163,7 @@ def test_keras_safe_mode_stays_as_second_line(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-# --trust-model lifts the allowlist, not the confinement (README "Security"): where Landlock confines the
+# --trust-model lifts the allowlist, not the confinement (docs/security.md): where Landlock confines the
 # worker, an attack the user let run is stopped there, and its error names what it tried.
 CONFINED = sandbox.landlock_abi() > 0
 

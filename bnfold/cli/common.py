@@ -30,7 +30,7 @@ TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust-model",
-        help="Trust the file: load Keras code (Lambda layers) and run graphs that read/write files or use resources (README: Security).",
+        help="Trust the file: load Keras code (Lambda layers) and run graphs that read/write files or use resources (docs/security.md).",
     ),
 ]
 MemoryOpt = Annotated[
@@ -162,7 +162,7 @@ def verification_progress(quiet: bool) -> Iterator[Callable[[int, int], None] | 
 
 
 def warn_foreign_ops(result: object, quiet: bool) -> None:
-    """One stderr line listing the nodes bnfold would not run (README "Security"); they were passed through untouched."""
+    """One stderr line listing the nodes bnfold would not run (docs/security.md); they were passed through untouched."""
     foreign = getattr(result, "foreign_ops", [])
     if foreign and not quiet:
         shown = ", ".join(f"{f['node']} ({f['op']})" for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

@@ -88,7 +88,7 @@ def fold_command(
     ] = False,
     recalibrate: Annotated[
         Optional[list[str]],
-        typer.Option("--recalibrate", help="x.npy or NAME=x.npy: recompute the BN statistics from this data first, then fold (README: Fix it)."),
+        typer.Option("--recalibrate", help="x.npy or NAME=x.npy: recompute the BN statistics from this data first, then fold (docs/recalibrate.md)."),
     ] = None,
     quiet: QuietOpt = False,
     trust_model: TrustOpt = False,

@@ -9,7 +9,7 @@ skipped, with the reason) and an input the check would synthesize refuses the
 check (exit 4). The worker's memory and time limits (:mod:`bnfold.core.sandbox`)
 stay the backstop for what shapes do not tell.
 
-The budgets (README "Security"):
+The budgets (docs/security.md):
 - ``TENSOR_ELEMENTS``: 2^28 elements (1 GiB of float32) for any one tensor
   bnfold computes or synthesizes, or reads from a ``Const`` whose values are
   not all stored (a value broadcast to its declared shape);

@@ -36,8 +36,7 @@ def dtype_name(dtype: np.dtype) -> str:
     return "string" if dtype.kind in "OSU" else dtype.name
 
 
-# Default tolerances per output dtype, chosen from measured fold errors (README: "Tolerances").
-# Default tolerances per output dtype, chosen from measured fold errors (README: "Tolerances").
+# Default tolerances per output dtype, chosen from measured fold errors (docs/verification.md).
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-12),
     "float32": (1e-4, 1e-6),
@@ -45,7 +44,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (5e-2, 1e-2),
 }
 DEFAULT_BATCH = 2
-# Height and width given to image-like inputs whose spatial size is unknown (README: "Verification and tolerances").
+# Height and width given to image-like inputs whose spatial size is unknown (docs/verification.md).
 # 64 survives five stride-2 stages (ResNet, MobileNet) and keeps the check fast.
 DEFAULT_IMAGE_SIZE = 64
 # What an output's max abs error must not exceed; the report shows the number, the JSON also the formula.

@@ -51,7 +51,7 @@ class OutputError(BnfoldError):
 
 
 class UnsafeModelError(BnfoldError):
-    """The model carries code, or its graph would reach outside the process if run (README "Security").
+    """The model carries code, or its graph would reach outside the process if run (docs/security.md).
 
     Its own exit code, so that scripts tell "refused to run untrusted content"
     from a broken input; ``--trust-model`` / ``trust_model=True`` lifts it.

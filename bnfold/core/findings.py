@@ -23,7 +23,7 @@ from bnfold.core.files import atomic_write
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
-# BN_STATS_DRIFT thresholds (README: "bnfold doctor"). A channel drifts when its
+# BN_STATS_DRIFT thresholds (docs/doctor.md). A channel drifts when its
 # data mean is more than half a stored standard deviation from the moving mean,
 # or its data variance is under half or over twice the moving variance.
 DRIFT_MEAN_Z = 0.5

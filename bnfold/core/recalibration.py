@@ -181,7 +181,7 @@ def write_json(result: RecalibrationResult, path: Path) -> None:
 
 
 # -- the data (one piece for TF graphs, Keras and ONNX) -----------------------------------
-# Default bytes of one batch's inputs plus the BN inputs it produces (README: "Fix it: bnfold recalibrate").
+# Default bytes of one batch's inputs plus the BN inputs it produces (docs/recalibrate.md).
 DEFAULT_MEMORY_BUDGET = 1024 * 2**20
 
 # What the API takes as data: arrays per input (list in input order, or by name), an iterable of batches, a tf.data.Dataset.

@@ -1,4 +1,4 @@
-"""Run TensorFlow graphs in a child process, so that an abort inside TensorFlow cannot kill bnfold.
+"""Run models in a confined child process, so that an abort inside TensorFlow cannot kill bnfold.
 
 A graph can make TensorFlow's C++ code fail a ``CHECK`` or abort (a scalar fed
 to a conv, a shape a kernel does not expect). That ends the process with
@@ -14,14 +14,16 @@ that died is replaced. :func:`prestart` starts one early, so that its
 TensorFlow import overlaps the fold.
 
 Beyond TensorFlow graphs, the worker does every other thing that runs a
-model from a file: it loads and freezes SavedModels and Keras files
-(``freeze``), folds a Keras file into a Keras file (``keras_fold``), freezes a
-Keras file for recalibration and writes its new BN statistics back
-(``keras_recalibrate``), converts
-with tf2onnx (``tf2onnx``), holds onnxruntime sessions (``ort_load``, then
-``run``) and evaluates ONNX constants with the reference evaluator
-(``onnx_eval``). A worker for ONNX requests only is a new interpreter without
-TensorFlow (:func:`acquire` with ``tensorflow=False``).
+model from a file. This module is its client side and knows no format; the
+requests belong to the adapters and name their handler (:mod:`bnfold.core.serve`):
+``bnfold.tf.runner:load`` (a graph to run), ``bnfold.sources:serve_freeze``
+(SavedModels and Keras files loaded and frozen), ``bnfold.keras.file:serve_fold``
+(a Keras file folded into a Keras file), ``bnfold.recalibration.keras:serve_keras``
+(a Keras file's BN statistics measured and written back),
+``bnfold.onnx.export:serve_convert`` (tf2onnx), ``bnfold.onnx.runner:load`` and
+``:evaluate`` (onnxruntime sessions, ONNX constants by the reference evaluator).
+A worker for ONNX requests only is a new interpreter without TensorFlow
+(:func:`acquire` with ``tensorflow=False``).
 
 The worker is confined (:mod:`bnfold.core.sandbox`) as it starts, while it has one
 thread and before it imports TensorFlow or sees a model: Landlock where the
@@ -275,7 +277,7 @@ def _wait_readable(stream: IO[bytes], seconds: float) -> bool:
 
 
 def _warn_unconfined() -> None:
-    """Say once per process, on stderr, that workers run without Landlock here (README "Security")."""
+    """Say once per process, on stderr, that workers run without Landlock here (docs/security.md)."""
     if _warned or sandbox.landlock_abi():
         return
     _warned.append(True)

@@ -679,7 +679,7 @@ def diagnose(
 
 
 def recalibrate_line(source: Any, outputs: list[str] | None = None, checkpoint: str | Path | None = None) -> str:
-    """The ready-to-run ``bnfold recalibrate`` command for this model (README "Fix it: bnfold recalibrate")."""
+    """The ready-to-run ``bnfold recalibrate`` command for this model (docs/recalibrate.md)."""
     import shlex
 
     model = shlex.quote(str(source)) if isinstance(source, str | Path) else "MODEL"

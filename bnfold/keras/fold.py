@@ -59,7 +59,7 @@ class ChannelAffine(keras.layers.Layer):
     fine-tuning with the layer unfrozen); this layer cannot. Registered as
     ``bnfold>ChannelAffine``, so ``keras.saving.load_model`` accepts it in safe
     mode once ``bnfold.keras.fold`` is imported (or with the class passed in
-    ``custom_objects``; README "Keras output").
+    ``custom_objects``; docs/keras.md).
     """
 
     def __init__(self, axis: int = -1, **kwargs: Any) -> None:

@@ -41,7 +41,7 @@ def recalibrate(
     or dicts; ``(x, y)`` pairs use ``x``), or a ``tf.data.Dataset``; samples go along
     axis 0. Arrays are cut into batches whose inputs and fetched BN inputs fit
     ``memory_budget`` bytes. The model runs in bnfold's isolated worker under the
-    same rules as ``doctor --data`` (README "Security").
+    same rules as ``doctor --data`` (docs/security.md).
     """
     from bnfold.recalibration.graph import recalibrate_graph
     from bnfold.sources import load

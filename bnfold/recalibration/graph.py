@@ -7,7 +7,7 @@ seconds. Each BN's new moving mean and variance are the per-channel moments of
 its input over the calibration samples, measured in inference mode with every
 BN upstream already recalibrated: exactly what the deployed model will see.
 
-How (README "Fix it: bnfold recalibrate"):
+How (docs/recalibrate.md):
 
 - The BNs are found by the doctor's readers of each form (fused in either mode,
   ``BatchNormWithGlobalNormalization``, decomposed), on the graph with its
@@ -51,7 +51,7 @@ from bnfold.tf.canonical import ConstEvaluator, input_dtype
 from bnfold.tf.graph import GraphIndex, make_node, parse_input
 from bnfold.tf.recognize import FUSED_BN_OPS
 
-# Bytes of activations kept (in the worker) from one pass to the next, for all samples (README: "Fix it: bnfold
+# Bytes of activations kept (in the worker) from one pass to the next, for all samples (docs/recalibrate.md:
 # recalibrate"): beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
 

@@ -4,7 +4,7 @@ A denylist of dangerous ops held op by op, but it was applied to the code
 bnfold expected to run, and four routes nobody foresaw slipped past it (a
 tf_keras ``ClassMethod`` layer, a function passed as a value, a SavedModel's
 saver and table initializers, restore functions). So the rule is turned
-around (README "Security"): everything a loader, the check, ``doctor --data``
+around (docs/security.md): everything a loader, the check, ``doctor --data``
 or constant evaluation could reach must be shown to be pure computation, and
 anything that cannot be shown so is refused before any framework loader sees
 the file (:class:`~bnfold.core.errors.UnsafeModelError`, exit 6), unless the user

@@ -3,7 +3,7 @@
 bnfold runs a model's graph for the equivalence check, for ``doctor --data``,
 for constant evaluation and (through tf2onnx's constant folding) for ONNX
 conversion. A downloaded graph is untrusted input. This module is the gate in
-front of those runs; the rule itself (README "Security") lives in
+front of those runs; the rule itself (docs/security.md) lives in
 :mod:`bnfold.tf.allowlist`, which also decides what loading a SavedModel or a
 Keras file may run:
 
