@@ -51,8 +51,8 @@ from bnfold.tf.canonical import ConstEvaluator, input_dtype
 from bnfold.tf.graph import GraphIndex, make_node, parse_input
 from bnfold.tf.recognize import FUSED_BN_OPS
 
-# Bytes of activations kept (in the worker) from one pass to the next, for all samples (docs/recalibrate.md:
-# recalibrate"): beyond it a pass recomputes the graph up to its level instead.
+# Bytes of activations kept (in the worker) from one pass to the next, for all samples (docs/recalibrate.md):
+# beyond it a pass recomputes the graph up to its level instead.
 DEFAULT_CACHE_BUDGET = 2 * 2**30
 
 
