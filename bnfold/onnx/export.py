@@ -32,8 +32,8 @@ from bnfold.core.errors import InputError, UsageError, first_line
 from bnfold.core.protocol import send
 from bnfold.core.result import FoldResult, OnnxStage
 from bnfold.core.trust import trusting
-from bnfold.onnx.fold import fold_model, op_counts
-from bnfold.onnx.io import OrtRunner
+from bnfold.onnx.fold import fold_model
+from bnfold.onnx.io import OrtRunner, op_counts
 from bnfold.onnx.io import input_specs as onnx_input_specs  # noqa: F401
 from bnfold.onnx.pipeline import check_output_model, raise_if_failed
 from bnfold.tf.runsafety import check_runnable
