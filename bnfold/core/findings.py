@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from bnfold.core.errors import EXIT_FINDINGS, EXIT_OK
 from bnfold.core.files import atomic_write
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from bnfold.core.foldmath import SiteRecord
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -122,6 +127,22 @@ def at_init_finding(stat: BnStats) -> Finding | None:
         "with momentum > 0), check that decay/momentum is below 1, then retrain or recompute the statistics",
         {"channels": int(stat.mean.size)},
     )
+
+
+def unfoldable_findings(records: Iterable[SiteRecord], what: str, where: str) -> list[Finding]:
+    """BN_UNFOLDABLE for each site the folder skipped: ``what`` names it (``{form}`` is the record's form), ``where`` it stays."""
+    return [
+        Finding(
+            "BN_UNFOLDABLE",
+            "info",
+            [r.name],
+            f"{what.format(form=r.form)} cannot be folded and stays in the {where}: {r.reason}.",
+            "see the other findings for this node; otherwise nothing to do",
+            {"form": r.form},
+        )
+        for r in records
+        if r.action == "skipped"
+    ]
 
 
 def channel_moments(value: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from bnfold.core.findings import (  # noqa: F401  (print_report/write_json re-ex
     drift_finding,
     print_report,
     sort_findings,
+    unfoldable_findings,
     write_json,
 )
 from bnfold.onnx.fold import fold_model
@@ -88,18 +89,7 @@ def check_bn_nodes(model: onnx.ModelProto) -> tuple[list[Finding], list[BnStats]
 def check_unfoldable(model: onnx.ModelProto) -> list[Finding]:
     """BN_UNFOLDABLE: what the folder would skip, and why (from the folder's own records)."""
     _, records = fold_model(model)
-    return [
-        Finding(
-            "BN_UNFOLDABLE",
-            "info",
-            [r.name],
-            f"{r.form} cannot be folded and stays in the model: {r.reason}.",
-            "see the other findings for this node; otherwise nothing to do",
-            {"form": r.form},
-        )
-        for r in records
-        if r.action == "skipped"
-    ]
+    return unfoldable_findings(records, "{form}", "model")
 
 
 def check_drift(model: onnx.ModelProto, stats: list[BnStats], feeds: dict[str, np.ndarray]) -> list[Finding]:
