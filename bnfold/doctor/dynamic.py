@@ -16,7 +16,7 @@ from tensorflow.core.framework import graph_pb2
 
 from bnfold.core.budgets import BudgetExceeded, Tally
 from bnfold.core.errors import BnfoldError, VerificationError, first_line
-from bnfold.core.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, MIN_DRIFT_VALUES, Finding, ModeDrift, channel_moments, drift_metrics
+from bnfold.core.findings import DRIFT_MEAN_Z, DRIFT_VAR_RATIO, MIN_DRIFT_VALUES, Finding, ModeDrift, drifting_channels
 from bnfold.doctor.statistics import LayerStats
 from bnfold.tf.graph import GraphIndex
 from bnfold.tf.recognize import FUSED_BN_OPS
@@ -52,12 +52,10 @@ def _values_per_channel(stat: LayerStats, value: np.ndarray) -> int:
 def _mode_drift(stat: LayerStats, value: np.ndarray) -> tuple[ModeDrift, np.ndarray] | None:
     if _values_per_channel(stat, value) < MIN_DRIFT_VALUES:
         return None
-    data_mean, data_var = channel_moments(value, stat.channel_axis)
-    if stat.mean.size not in (1, data_mean.size):
+    measured = drifting_channels(stat, value)
+    if measured is None:
         return None
-    z, ratio = drift_metrics(stat, data_mean, data_var)
-    low, high = DRIFT_VAR_RATIO
-    bad = (z > DRIFT_MEAN_Z) | (ratio < low) | (ratio > high)
+    z, ratio, bad = measured
     drift = ModeDrift(float(np.max(z)), float(np.min(ratio)), float(np.max(ratio)), int(bad.sum()), int(bad.size))
     return drift, bad
 
