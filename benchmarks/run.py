@@ -263,7 +263,7 @@ def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
 
     from bnfold.api import to_onnx
     from bnfold.onnx.export import DEFAULT_OPSET
-    from bnfold.onnx.fold import leftover_sites
+    from bnfold.onnx.recognize import leftover_sites
 
     print(f"[{name}] freezing (cached)", flush=True)
     path, nobn_path = frozen(name)
@@ -620,7 +620,7 @@ DEFINITIONS = """## Definitions
   sits right behind a conv/dense op (through an optional
   `BiasAdd`/`Add`): a per-channel scale still computed per inference. Run on the original it counts each BN
   once. **left** = the same count on each tool's output.
-- **BN sites left in ONNX**: `bnfold.onnx.fold.leftover_sites`: `BatchNormalization` nodes plus per-channel
+- **BN sites left in ONNX**: `bnfold.onnx.recognize.leftover_sites`: `BatchNormalization` nodes plus per-channel
   `Mul`/`Add` right after a `Conv`/`ConvTranspose`/`Gemm`/`MatMul` (a conv's own bias input is not counted).
 - **In-process fold target**: `bnfold.fold(graph_def, verify_outputs=False)` on a freshly parsed GraphDef (the
   caller's graph, so the result is built beside it) and serializing the result, against parsing and serializing

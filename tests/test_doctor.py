@@ -559,7 +559,8 @@ def without_train_op_collection(case, tmp_path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("case", ["ok", "not_wired", "towers_early", "towers_ok", "towers_apart_early"])
 def test_tf1_train_op_found_from_the_optimizers_apply_ops(tf1_cases, tmp_path, case: str) -> None:  # type: ignore[no-untyped-def]
-    from bnfold.doctor.training import analyse, open_artifacts
+    from bnfold.doctor.training import open_artifacts
+    from bnfold.doctor.training_graph import analyse
 
     prefix = without_train_op_collection(tf1_cases / case, tmp_path)
     graph = analyse(open_artifacts(prefix).meta)

@@ -21,7 +21,8 @@ from test_keras import randomize_bn
 import bnfold
 from bnfold.api import to_onnx
 from bnfold.onnx.export import DEFAULT_OPSET, convert
-from bnfold.onnx.fold import fold_model, leftover_sites
+from bnfold.onnx.fold import fold_model
+from bnfold.onnx.recognize import leftover_sites
 from bnfold.tf.freeze import freeze_keras
 from bnfold.tf.io import load_graph_def
 from bnfold.tf.verify import find_inputs, find_outputs

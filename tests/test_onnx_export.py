@@ -31,9 +31,10 @@ from test_keras import randomize_bn
 from bnfold.api import to_onnx
 from bnfold.core.errors import UsageError
 from bnfold.onnx.export import DEFAULT_OPSET, convert, tensor_name
-from bnfold.onnx.fold import _shape_skeleton, fold_model
+from bnfold.onnx.fold import fold_model
 from bnfold.onnx.io import load_onnx
 from bnfold.onnx.pipeline import plan_output
+from bnfold.onnx.recognize import _shape_skeleton
 from bnfold.tf.freeze import freeze_keras
 from bnfold.tf.verify import find_inputs, find_outputs
 

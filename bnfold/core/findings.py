@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from bnfold.core.errors import EXIT_FINDINGS, EXIT_OK
 from bnfold.core.files import atomic_write
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from bnfold.core.foldmath import SiteRecord
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -124,6 +129,22 @@ def at_init_finding(stat: BnStats) -> Finding | None:
     )
 
 
+def unfoldable_findings(records: Iterable[SiteRecord], what: str, where: str) -> list[Finding]:
+    """BN_UNFOLDABLE for each site the folder skipped: ``what`` names it (``{form}`` is the record's form), ``where`` it stays."""
+    return [
+        Finding(
+            "BN_UNFOLDABLE",
+            "info",
+            [r.name],
+            f"{what.format(form=r.form)} cannot be folded and stays in the {where}: {r.reason}.",
+            "see the other findings for this node; otherwise nothing to do",
+            {"form": r.form},
+        )
+        for r in records
+        if r.action == "skipped"
+    ]
+
+
 def channel_moments(value: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and variance over every axis but ``axis`` (all axes when None)."""
     x = np.asarray(value, dtype=np.float64)
@@ -143,16 +164,24 @@ def drift_metrics(stat: BnStats, data_mean: np.ndarray, data_var: np.ndarray) ->
     return z, ratio
 
 
-def drift_finding(stat: BnStats, value: np.ndarray) -> Finding | None:
-    """BN_STATS_DRIFT for one BN, from its input ``value`` on the user's data (None when it does not drift)."""
+def drifting_channels(stat: BnStats, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per channel of a BN's input ``value`` on the user's data: the mean's z, the variance ratio, and whether either
+    is beyond the limits (DRIFT_MEAN_Z, DRIFT_VAR_RATIO); None when its channels do not match the stored statistics."""
     data_mean, data_var = channel_moments(value, stat.channel_axis)
     if stat.mean.size not in (1, data_mean.size):
         return None
     z, ratio = drift_metrics(stat, data_mean, data_var)
     low, high = DRIFT_VAR_RATIO
-    bad = (z > DRIFT_MEAN_Z) | (ratio < low) | (ratio > high)
-    if not np.any(bad):
+    return z, ratio, (z > DRIFT_MEAN_Z) | (ratio < low) | (ratio > high)
+
+
+def drift_finding(stat: BnStats, value: np.ndarray) -> Finding | None:
+    """BN_STATS_DRIFT for one BN, from its input ``value`` on the user's data (None when it does not drift)."""
+    measured = drifting_channels(stat, value)
+    if measured is None or not np.any(measured[2]):
         return None
+    z, ratio, bad = measured
+    low, high = DRIFT_VAR_RATIO
     worst = int(np.argmax(np.where(bad, z + np.abs(np.log(np.maximum(ratio, 1e-12))), -np.inf)))
     return Finding(
         "BN_STATS_DRIFT",

@@ -29,10 +29,12 @@ from bnfold.core.findings import (  # noqa: F401  (print_report/write_json re-ex
     drift_finding,
     print_report,
     sort_findings,
+    unfoldable_findings,
     write_json,
 )
-from bnfold.onnx.fold import OnnxFolder, fold_model
+from bnfold.onnx.fold import fold_model
 from bnfold.onnx.io import OrtRunner, check_allowlist, input_specs, load_onnx
+from bnfold.onnx.recognize import ModelIndex
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Report(DoctorReport):
 
 def check_bn_nodes(model: onnx.ModelProto) -> tuple[list[Finding], list[BnStats], int]:
     """BN_TRAINING_MODE and BN_STATS_AT_INIT; the statistics of each inference-mode BN for the drift check."""
-    probe = OnnxFolder(model)
+    probe = ModelIndex(model)
     findings: list[Finding] = []
     stats: list[BnStats] = []
     count = 0
@@ -87,18 +89,7 @@ def check_bn_nodes(model: onnx.ModelProto) -> tuple[list[Finding], list[BnStats]
 def check_unfoldable(model: onnx.ModelProto) -> list[Finding]:
     """BN_UNFOLDABLE: what the folder would skip, and why (from the folder's own records)."""
     _, records = fold_model(model)
-    return [
-        Finding(
-            "BN_UNFOLDABLE",
-            "info",
-            [r.name],
-            f"{r.form} cannot be folded and stays in the model: {r.reason}.",
-            "see the other findings for this node; otherwise nothing to do",
-            {"form": r.form},
-        )
-        for r in records
-        if r.action == "skipped"
-    ]
+    return unfoldable_findings(records, "{form}", "model")
 
 
 def check_drift(model: onnx.ModelProto, stats: list[BnStats], feeds: dict[str, np.ndarray]) -> list[Finding]:
@@ -107,7 +98,7 @@ def check_drift(model: onnx.ModelProto, stats: list[BnStats], feeds: dict[str, n
         return []
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    types = OnnxFolder(model).types
+    types = ModelIndex(model).types
     have = {o.name for o in probe.graph.output}
     for stat in stats:
         if stat.input_ref not in have:

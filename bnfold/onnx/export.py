@@ -32,13 +32,10 @@ from bnfold.core.errors import InputError, UsageError, first_line
 from bnfold.core.protocol import send
 from bnfold.core.result import FoldResult, OnnxStage
 from bnfold.core.trust import trusting
-from bnfold.onnx.fold import fold_model, op_counts
-from bnfold.onnx.io import OrtRunner
+from bnfold.onnx.fold import fold_model
+from bnfold.onnx.io import OrtRunner, op_counts
 from bnfold.onnx.io import input_specs as onnx_input_specs  # noqa: F401
 from bnfold.onnx.pipeline import check_output_model, raise_if_failed
-from bnfold.tf.runsafety import check_runnable
-from bnfold.tf.switches import use_moving_stats
-from bnfold.tf.verify import find_inputs, needed_inputs, open_graph_runner
 
 if TYPE_CHECKING:
     from tensorflow.core.framework import graph_pb2
@@ -247,6 +244,8 @@ def check_opset(opset: int) -> None:
 def export_folded(result: FoldResult, opset: int, trust_model: bool) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The folded TF graph in ``result`` as ONNX: tf2onnx in the confined worker, then the ONNX-side fold of what
     tf2onnx's own patterns left; ``result.onnx`` records that stage. Returns the model and TF -> ONNX tensor names."""
+    from bnfold.tf.runsafety import check_runnable  # TF only here: the ONNX-only CLI imports this module without TensorFlow
+
     name, in_names, out_names = result.source, result.inputs, result.outputs
     if not out_names:
         raise InputError(f"{name}: the graph has no outputs; name them with --outputs")
@@ -284,6 +283,9 @@ def check_against_graph(
     purpose). Raises :class:`~bnfold.core.errors.VerificationError` on a
     difference unless ``check.force``.
     """
+    from bnfold.tf.switches import use_moving_stats
+    from bnfold.tf.verify import find_inputs, needed_inputs, open_graph_runner
+
     out_names = result.outputs
     if any(r.rewritten for r in result.training_bn):
         graph_def = use_moving_stats(graph_def)[0]

@@ -50,7 +50,7 @@ class OrtSession:
 
 
 def evaluate(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[bytes]) -> None:
-    """The worker's ``EVALUATE`` request: the ONNX reference evaluator on a constant's subgraph (:class:`bnfold.onnx.fold.ConstValues`)."""
+    """The worker's ``EVALUATE`` request: the ONNX reference evaluator on a constant's subgraph (:class:`bnfold.onnx.recognize.ConstValues`)."""
     import onnx
     from onnx.reference import ReferenceEvaluator
 

@@ -271,6 +271,20 @@ def _finish(index: GraphIndex, ev: ConstEvaluator, name: str, form: str, own: li
     )
 
 
+def _statistic_inputs(
+    index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef, names: str
+) -> tuple[str, list[str], list[np.ndarray]] | Unfoldable:
+    """A fused or global BN's data input, and the refs and constant values of its four parameters (``names``, in input order)."""
+    if len(index.data_inputs(node)) < 5:
+        return Unfoldable(node.name, node.op, "malformed node: fewer than 5 inputs")
+    x_ref, *param_refs = index.data_inputs(node)
+    params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
+    if len(params) != 4:
+        note = ev.note(param_refs[:4])
+        return Unfoldable(node.name, node.op, f"{names} are not constants" + (f" ({note})" if note else ""))
+    return x_ref, param_refs[:4], params
+
+
 def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable:
     form = node.op
     is_training = attr(node, "is_training").b if "is_training" in node.attr else True
@@ -279,32 +293,24 @@ def recognize_fused(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.No
     extra_outputs = [c for c in index.consumers(node.name) if c.index != 0]
     if extra_outputs:
         return Unfoldable(node.name, form, f"output {extra_outputs[0].index} (batch statistics) is read by {extra_outputs[0].node}")
-    if len(index.data_inputs(node)) < 5:
-        return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
-    x_ref, *param_refs = index.data_inputs(node)
-    params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
-    if len(params) != 4:
-        note = ev.note(param_refs[:4])
-        return Unfoldable(node.name, form, "scale/offset/mean/variance are not constants" + (f" ({note})" if note else ""))
-    gamma, beta, mean, var = params
+    read = _statistic_inputs(index, ev, node, "scale/offset/mean/variance")
+    if isinstance(read, Unfoldable):
+        return read
+    x_ref, param_refs, (gamma, beta, mean, var) = read
     eps = attr(node, "epsilon").f if "epsilon" in node.attr else 1e-4
-    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
+    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs)
 
 
 def recognize_global(index: GraphIndex, ev: ConstEvaluator, node: node_def_pb2.NodeDef) -> Affine | Unfoldable:
     form = node.op
-    if len(index.data_inputs(node)) < 5:
-        return Unfoldable(node.name, form, "malformed node: fewer than 5 inputs")
-    x_ref, *param_refs = index.data_inputs(node)
-    params = [p for p in (ev.value(r) for r in param_refs[:4]) if p is not None]
-    if len(params) != 4:
-        note = ev.note(param_refs[:4])
-        return Unfoldable(node.name, form, "mean/variance/beta/gamma are not constants" + (f" ({note})" if note else ""))
-    mean, var, beta, gamma = params
+    read = _statistic_inputs(index, ev, node, "mean/variance/beta/gamma")
+    if isinstance(read, Unfoldable):
+        return read
+    x_ref, param_refs, (mean, var, beta, gamma) = read
     if not attr(node, "scale_after_normalization").b:
         gamma = np.ones_like(var)
     eps = attr(node, "variance_epsilon").f
-    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs[:4])
+    return _from_statistics(index, ev, node, form, x_ref, (gamma, beta, mean, var), eps, param_refs)
 
 
 def _from_statistics(
