@@ -28,7 +28,7 @@ from bnfold.core import worker as isolation
 from bnfold.core.errors import EXIT_VERIFY, VerificationError
 from bnfold.core.protocol import decode_arrays, encode_arrays
 from bnfold.tf import runner
-from bnfold.tf.runner import IsolatedGraph
+from bnfold.tf.runner import IsolatedGraph, run_without_onednn
 from bnfold.tf.verify import GraphAborted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -417,5 +417,5 @@ def test_the_fallback_runs_channels_first_graphs_with_onednn_off_and_the_same_ou
     assert not runner.worker.alive  # a oneDNN-off worker is not kept for other graphs
     (expected,) = run_graph(graph_def, feeds, ["y:0"])
     np.testing.assert_allclose(folded_off, expected, rtol=1e-5, atol=1e-5)
-    (again,) = runner.run_without_onednn(graph_def.SerializeToString(), ["y:0"], feeds)
+    (again,) = run_without_onednn(graph_def.SerializeToString(), ["y:0"], feeds)
     np.testing.assert_array_equal(again, folded_off)

@@ -41,7 +41,7 @@ from bnfold.core.findings import (
 from bnfold.core.findings import print_report as print_findings
 from bnfold.core.findings import write_json as write_json  # the CLI writes the report through this module
 from bnfold.doctor.dynamic import LayerDrift, apply_probe, drift_findings, measure_drift
-from bnfold.doctor.statistics import LayerStats, _decomposed_stats, _fused_stats, _global_stats, _with_affine
+from bnfold.doctor.statistics import LayerStats, _with_affine, batch_mean_behind, decomposed_stats, fused_stats, global_stats
 from bnfold.tf.canonical import ConstEvaluator
 from bnfold.tf.fold import fold_graph
 from bnfold.tf.graph import GraphIndex, attr, parse_input
@@ -71,20 +71,6 @@ class Report(DoctorReport):
     def to_json(self) -> dict[str, object]:
         return {**super().to_json(), "drift": [row.to_json() for row in self.drift], "notes": self.notes}
 
-
-# -- training mode of decomposed normalizations ------------------------------------
-def _reduces_batch_axis(index: GraphIndex, ev: ConstEvaluator, node: object) -> bool:
-    axes = ev.value(index.data_inputs(node)[1])  # type: ignore[arg-type]
-    return axes is not None and 0 in {int(a) for a in np.ravel(axes)}
-
-
-def _batch_mean_behind(index: GraphIndex, ev: ConstEvaluator, rsqrt: str) -> str | None:
-    """A ``Mean`` over the batch axis among the (run-time) inputs of a normalization's ``Rsqrt``."""
-    linear_or_input = ("Placeholder", "Conv2D", "MatMul", "Conv3D", "DepthwiseConv2dNative")
-    for node in index.walk(rsqrt, limit=40, stop=lambda n: n.op in linear_or_input):
-        if node.op == "Mean" and _reduces_batch_axis(index, ev, node):
-            return node.name
-    return None
 
 # -- checks ------------------------------------------------------------------------
 def _branch_has_bn(graph_def: graph_pb2.GraphDef, index: GraphIndex, site: CondSite) -> bool:
@@ -142,7 +128,7 @@ def check_bn_nodes(graph_def: graph_pb2.GraphDef) -> tuple[list[Finding], list[L
             count += 1
             training = attr(node, "is_training").b if "is_training" in node.attr else True
             fused_site = None if training else recognize(index, ev, node)
-            stat = _with_affine(_fused_stats(index, ev, node), fused_site if isinstance(fused_site, Affine) else None)
+            stat = _with_affine(fused_stats(index, ev, node), fused_site if isinstance(fused_site, Affine) else None)
             if training:
                 rewrite = (
                     "or fold it with bnfold --training-bn=moving-stats (the graph holds its moving statistics)"
@@ -163,9 +149,9 @@ def check_bn_nodes(graph_def: graph_pb2.GraphDef) -> tuple[list[Finding], list[L
         elif node.op in GLOBAL_BN_OPS:
             count += 1
             global_site = recognize(index, ev, node)
-            stat = _with_affine(_global_stats(index, ev, node), global_site if isinstance(global_site, Affine) else None)
+            stat = _with_affine(global_stats(index, ev, node), global_site if isinstance(global_site, Affine) else None)
         elif node.op == "Rsqrt" and not ev.is_const(node.name):
-            mean = _batch_mean_behind(index, ev, node.name)
+            mean = batch_mean_behind(index, ev, node.name)
             if mean is not None:
                 count += 1
                 findings.append(
@@ -184,7 +170,7 @@ def check_bn_nodes(graph_def: graph_pb2.GraphDef) -> tuple[list[Finding], list[L
             site = recognize(index, ev, node) if node.op in ("Add", "AddV2", "Sub", "Mul", "BiasAdd", "RealDiv") else None
             if isinstance(site, Affine) and site.form == "decomposed":
                 count += 1
-                stat = _with_affine(_decomposed_stats(index, ev, site), site)
+                stat = _with_affine(decomposed_stats(index, ev, site), site)
         if stat is None:
             continue
         stats.append(stat)

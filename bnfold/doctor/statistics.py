@@ -54,7 +54,7 @@ def _with_affine(stat: BnStats | None, site: Affine | None) -> LayerStats | None
     return layer
 
 # -- statistics of each BN form ----------------------------------------------------
-def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
+def fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
     inputs = index.data_inputs(node)  # type: ignore[arg-type]
     training = attr(node, "is_training").b if "is_training" in node.attr else True  # type: ignore[attr-defined]
     if training:
@@ -75,7 +75,7 @@ def _fused_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats
     return BnStats(name, inputs[0], mean.reshape(-1), var.reshape(-1), eps, axis, (name, 3), (name, 4))
 
 
-def _global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
+def global_stats(index: GraphIndex, ev: ConstEvaluator, node: object) -> BnStats | None:
     inputs = index.data_inputs(node)  # type: ignore[arg-type]
     mean, var = ev.value(inputs[1]), ev.value(inputs[2])
     if mean is None or var is None:
@@ -90,7 +90,7 @@ def _find_op(index: GraphIndex, ref: str, op: str) -> str | None:
     return next((node.name for node in index.walk(parse_input(ref)[0], limit=64) if node.op == op), None)
 
 
-def _decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> BnStats | None:
+def decomposed_stats(index: GraphIndex, ev: ConstEvaluator, site: Affine) -> BnStats | None:
     """Mean and variance of a decomposed BN (``tf.nn.batch_normalization``, Keras 3).
 
     The variance is the non-scalar operand of the ``Add`` under ``Rsqrt``; the mean
@@ -153,4 +153,19 @@ def _mean_beside_rsqrt(index: GraphIndex, ev: ConstEvaluator, ref: str) -> tuple
                 readers = [index.node(c.node).op for c in index.consumers(node.name)]
                 if any(op in ("Sub", "Neg") for op in readers):
                     return ev.value(other), (node.name, with_rsqrt.index(False))
+    return None
+
+
+# -- training mode of decomposed normalizations ------------------------------------
+def reduces_batch_axis(index: GraphIndex, ev: ConstEvaluator, node: object) -> bool:
+    axes = ev.value(index.data_inputs(node)[1])  # type: ignore[arg-type]
+    return axes is not None and 0 in {int(a) for a in np.ravel(axes)}
+
+
+def batch_mean_behind(index: GraphIndex, ev: ConstEvaluator, rsqrt: str) -> str | None:
+    """A ``Mean`` over the batch axis among the (run-time) inputs of a normalization's ``Rsqrt``."""
+    linear_or_input = ("Placeholder", "Conv2D", "MatMul", "Conv3D", "DepthwiseConv2dNative")
+    for node in index.walk(rsqrt, limit=40, stop=lambda n: n.op in linear_or_input):
+        if node.op == "Mean" and reduces_batch_axis(index, ev, node):
+            return node.name
     return None

@@ -307,7 +307,7 @@ def recalibrate_graph(
     adopt: Callable[[list[Site]], None] | None = None,
 ) -> RecalibrationResult:
     """Recompute every BN's moving statistics of a frozen graph from ``data`` (see the module docstring)."""
-    from bnfold.doctor.graph import MIN_DRIFT_VALUES
+    from bnfold.core.findings import MIN_DRIFT_VALUES
     from bnfold.tf.runsafety import check_runnable, is_trusted
     from bnfold.tf.switches import resolve_switches, without_cond_plumbing
     from bnfold.tf.verify import find_inputs, find_outputs, open_graph_runner

@@ -52,7 +52,7 @@ def _shaped(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # -- finding the BNs (the doctor's readers) ----------------------------------------------
 def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
     """Every BN whose statistics can be recalibrated, and a note for each that cannot."""
-    from bnfold.doctor import graph as doctor
+    from bnfold.doctor import statistics as doctor
 
     index = GraphIndex(graph_def)
     ev = ConstEvaluator(index)
@@ -65,13 +65,13 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
         form = node.op
         if node.op in FUSED_BN_OPS:
             training = attr(node, "is_training").b if "is_training" in node.attr else True
-            stat = doctor._fused_stats(index, ev, node)  # noqa: SLF001 - the doctor's reader of this form
+            stat = doctor.fused_stats(index, ev, node)
             if stat is None and training:
                 stat = _training_fused(index, ev, node)
         elif node.op in GLOBAL_BN_OPS:
-            stat = doctor._global_stats(index, ev, node)  # noqa: SLF001
+            stat = doctor.global_stats(index, ev, node)
         elif node.op == "Rsqrt" and not ev.is_const(node.name):
-            mean = doctor._batch_mean_behind(index, ev, node.name)  # noqa: SLF001
+            mean = doctor.batch_mean_behind(index, ev, node.name)
             if mean is not None:
                 moments_site = _batch_moments_site(index, ev, node, mean)
                 if moments_site is None:
@@ -85,7 +85,7 @@ def find_sites(graph_def: graph_pb2.GraphDef) -> tuple[list[Site], list[str]]:
         elif node.op in ("Add", "AddV2", "Sub", "Mul", "BiasAdd", "RealDiv"):
             site = recognize(index, ev, node)
             if isinstance(site, Affine) and site.form == "decomposed":
-                stat = doctor._decomposed_stats(index, ev, site)  # noqa: SLF001
+                stat = doctor.decomposed_stats(index, ev, site)
                 output, form = site.output_node, "decomposed"
         if stat is None:
             if node.op in FUSED_BN_OPS or node.op in GLOBAL_BN_OPS:
@@ -136,9 +136,9 @@ def _batch_moment(index: GraphIndex, ev: ConstEvaluator, ref: str) -> Any:
         if node is None:
             return None
         if node.op == "Mean":
-            from bnfold.doctor.graph import _reduces_batch_axis
+            from bnfold.doctor.statistics import reduces_batch_axis
 
-            return node if _reduces_batch_axis(index, ev, node) else None
+            return node if reduces_batch_axis(index, ev, node) else None
         if node.op not in _PASS_THROUGH:
             return None
         node, _ = index.producer(index.data_inputs(node)[0])
