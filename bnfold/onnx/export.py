@@ -34,7 +34,6 @@ from bnfold.core.result import FoldResult, OnnxStage
 from bnfold.core.trust import trusting
 from bnfold.onnx.fold import fold_model
 from bnfold.onnx.io import OrtRunner, op_counts
-from bnfold.onnx.io import input_specs as onnx_input_specs  # noqa: F401
 from bnfold.onnx.pipeline import check_output_model, raise_if_failed
 
 if TYPE_CHECKING:
