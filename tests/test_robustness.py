@@ -380,12 +380,12 @@ def test_a_folded_graph_tf_cannot_load_is_bnfolds_bug_exit_70() -> None:
 
 def test_cli_reports_a_broken_fold_as_internal_error_without_suggesting_no_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bnfold's own fold stage replaced by one returning a graph TF rejects: the CLI must not advise --no-verify."""
-    from bnfold import api
     from bnfold.core.errors import EXIT_INTERNAL
+    from bnfold.tf import pipeline
     from bnfold.tf.fold import FoldOutcome
 
     original, broken = _fp32_weights_on_fp16_conv()
-    monkeypatch.setattr(api, "fold_graph_outcome", lambda *args, **kwargs: FoldOutcome(broken, [], []))
+    monkeypatch.setattr(pipeline, "fold_graph_outcome", lambda *args, **kwargs: FoldOutcome(broken, [], []))
     out = tmp_path / "o.pb"
     result = invoke("fold", _write(tmp_path, original), out)
     assert result.exit_code == EXIT_INTERNAL, result.output
