@@ -1,4 +1,4 @@
-"""What the allowlist (bnfold.allowlist) costs on ResNet50: the decision from the file's bytes, against loading the file.
+"""What the allowlist (bnfold.tf.allowlist) costs on ResNet50: the decision from the file's bytes, against loading the file.
 
     python benchmarks/allowlist_cost.py            # writes allowlist_cost.json beside this script
 
@@ -42,9 +42,11 @@ def main() -> None:
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from bnfold.allowlist import graph_refusals, keras_refusal, saved_model_refusals
-    from bnfold.freeze import freeze_keras, keras_config
-    from bnfold.io import load_graph_def
+    from bnfold.keras.allowlist import keras_refusal
+    from bnfold.keras.load import keras_config
+    from bnfold.tf.allowlist import graph_refusals, saved_model_refusals
+    from bnfold.tf.freeze import freeze_keras
+    from bnfold.tf.io import load_graph_def
 
     model = keras.applications.ResNet50(weights=None)
     rows = {}

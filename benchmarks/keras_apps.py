@@ -20,9 +20,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
-from bnfold.folding import fold_graph  # noqa: E402
-from bnfold.freeze import freeze_keras  # noqa: E402
-from bnfold.verification import find_inputs, find_outputs, verify  # noqa: E402
+from bnfold.tf.fold import fold_graph  # noqa: E402
+from bnfold.tf.freeze import freeze_keras  # noqa: E402
+from bnfold.tf.verify import find_inputs, find_outputs, verify  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 MODELS = ["ResNet50", "MobileNetV2", "DenseNet121"]

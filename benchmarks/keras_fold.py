@@ -28,7 +28,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnfold import fold_keras  # noqa: E402
-from bnfold.keras_fold import LINEAR, _model_kind, _walk_refs  # noqa: E402
+from bnfold.keras.layer_graph import _model_kind, _walk_refs  # noqa: E402
+from bnfold.keras.plan import LINEAR  # noqa: E402
 
 MODELS = ["MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"]
 OUT = Path(__file__).resolve().parent / "keras_fold.json"

@@ -17,7 +17,7 @@ run; bnfold's includes its own onnxruntime check).
 TF route: each model is a keras.applications network at 224x224 (weights=None,
 randomized BN statistics), frozen once. For each it reports node counts,
 BatchNormalization nodes and per-channel Mul/Add left right behind a linear op
-(``bnfold.onnx_fold.leftover_sites``), the time of tf2onnx alone and of
+(``bnfold.onnx.recognize.leftover_sites``), the time of tf2onnx alone and of
 ``bnfold in.pb out.onnx`` (TF fold + tf2onnx + ONNX fold + onnxruntime check),
 and the onnxruntime error (optimizations off) of each file against TF.
 Single runs on a shared machine: quote ratios, not absolute times.
@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keras_apps import WORK, randomized  # noqa: E402
 
-from bnfold.freeze import freeze_keras  # noqa: E402
-from bnfold.io import load_graph_def  # noqa: E402
-from bnfold.onnx_export import DEFAULT_OPSET, OrtRunner  # noqa: E402
-from bnfold.onnx_fold import leftover_sites  # noqa: E402
-from bnfold.verification import GraphRunner, find_inputs, find_outputs  # noqa: E402
+from bnfold.onnx.export import DEFAULT_OPSET, OrtRunner  # noqa: E402
+from bnfold.onnx.recognize import leftover_sites  # noqa: E402
+from bnfold.tf.freeze import freeze_keras  # noqa: E402
+from bnfold.tf.io import load_graph_def  # noqa: E402
+from bnfold.tf.verify import GraphRunner, find_inputs, find_outputs  # noqa: E402
 
 MODELS = ["MobileNetV2", "EfficientNetB0", "ResNet50"]
 
@@ -222,7 +222,7 @@ def run_tool(tool: str, src: Path, dst: Path) -> str | None:
 
     try:
         if tool == "bnfold":
-            from bnfold.onnx_api import fold_onnx_file
+            from bnfold.onnx.pipeline import fold_onnx_file
 
             fold_onnx_file(src, dst)
         elif tool == "onnxoptimizer":

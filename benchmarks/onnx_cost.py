@@ -53,7 +53,7 @@ def rss_mb() -> int:
 def io_names(pb: Path) -> tuple[str, str]:
     """The frozen graph's one input placeholder and one output, as tf2onnx wants them (``x:0``)."""
     code = (
-        "import sys; from tensorflow.core.framework import graph_pb2; from bnfold.verification import find_inputs, find_outputs\n"
+        "import sys; from tensorflow.core.framework import graph_pb2; from bnfold.tf.verify import find_inputs, find_outputs\n"
         "g = graph_pb2.GraphDef(); g.ParseFromString(open(sys.argv[1], 'rb').read())\n"
         "print([s.name for s in find_inputs(g)][0], find_outputs(g)[0])"
     )
@@ -138,15 +138,15 @@ STAGES_TF2ONNX = [
     ("tf2onnx.utils", "save_protobuf", "serialize + write"),
 ]
 STAGES_BNFOLD = [
-    ("bnfold.onnx_export", "to_onnx", "bnfold: to_onnx"),
-    ("bnfold.freeze", "load", "load (read + parse)"),
+    ("bnfold.onnx.export", "to_onnx", "bnfold: to_onnx"),
+    ("bnfold.tf.freeze", "load", "load (read + parse)"),
     ("bnfold.api", "load", "load (read + parse)"),
     ("bnfold.api", "fold", "TF fold (api.fold)"),
-    ("bnfold.onnx_export", "convert", "tf2onnx conversion (convert)"),
-    ("bnfold.onnx_export", "fold_model", "ONNX fold (fold_model)"),
-    ("bnfold.onnx_export", "_check_output_model", "onnx.checker"),
-    ("bnfold.onnx_export", "plan_output", "plan_output"),
-    ("bnfold.onnx_export", "write_onnx", "serialize + write"),
+    ("bnfold.onnx.export", "convert", "tf2onnx conversion (convert)"),
+    ("bnfold.onnx.export", "fold_model", "ONNX fold (fold_model)"),
+    ("bnfold.onnx.export", "_check_output_model", "onnx.checker"),
+    ("bnfold.onnx.export", "plan_output", "plan_output"),
+    ("bnfold.onnx.export", "write_onnx", "serialize + write"),
 ]
 
 

@@ -11,7 +11,7 @@ run; the figures are ratios on the same machine and load):
 - ``training pass``: ``model(x, training=True)`` over the 256 samples in batches of 32, each BN on its
   batch's statistics: one forward pass, the cost of ``update_bn``;
 - ``inference pass``: the frozen graph run once over the samples in bnfold's worker (fetching the output);
-- ``recalibrate``: ``bnfold.recalibration.recalibrate_graph`` on the frozen graph, everything included
+- ``recalibrate``: ``bnfold.recalibration.graph.recalibrate_graph`` on the frozen graph, everything included
   (worker start, one pass per BN depth level, the final measuring pass).
 
 Writes ``recalibrate_cost.json`` beside this script; no figure here is a test.
@@ -42,9 +42,9 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from bnfold.freeze import freeze_keras
-    from bnfold.recalibration import recalibrate_graph
-    from bnfold.verification import open_graph_runner
+    from bnfold.recalibration.graph import recalibrate_graph
+    from bnfold.tf.freeze import freeze_keras
+    from bnfold.tf.verify import open_graph_runner
 
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50(weights=None, input_shape=(args.size, args.size, 3))

@@ -44,8 +44,8 @@ def main() -> None:
     import numpy as np
 
     import bnfold
-    from bnfold.io import load_graph_def
-    from bnfold.verification import open_graph_runner
+    from bnfold.tf.io import load_graph_def
+    from bnfold.tf.verify import open_graph_runner
 
     work = Path(tempfile.mkdtemp(prefix="bnfold-digits-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -74,8 +74,8 @@ def main() -> None:
             import tensorflow as tf
             from tf2onnx import tfonnx
 
-            from bnfold.onnx_recalibration import recalibrate_onnx_file
-            from bnfold.switches import resolve_switches
+            from bnfold.recalibration.onnx import recalibrate_onnx_file
+            from bnfold.tf.switches import resolve_switches
 
             inference, _ = resolve_switches(load_graph_def(work / "not_wired.pb"), {"is_training": False}, {"x", "logits"})
             graph = tf.Graph()

@@ -29,12 +29,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from keras_apps import WORK, randomized  # noqa: E402
 
-from bnfold import io as bio  # noqa: E402
-from bnfold.affine import FUSED_BN_OPS, GLOBAL_BN_OPS  # noqa: E402
-from bnfold.canonical import ConstEvaluator  # noqa: E402
-from bnfold.folding import LINEAR_OPS, fold_graph  # noqa: E402
-from bnfold.graph import GraphIndex  # noqa: E402
-from bnfold.verification import GraphRunner, find_inputs, find_outputs  # noqa: E402
+from bnfold.tf import io as bio  # noqa: E402
+from bnfold.tf.canonical import ConstEvaluator  # noqa: E402
+from bnfold.tf.fold import LINEAR_OPS, fold_graph  # noqa: E402
+from bnfold.tf.graph import GraphIndex  # noqa: E402
+from bnfold.tf.recognize import FUSED_BN_OPS, GLOBAL_BN_OPS  # noqa: E402
+from bnfold.tf.verify import GraphRunner, find_inputs, find_outputs  # noqa: E402
 
 MODELS = ["ResNet50", "MobileNetV2", "EfficientNetB0", "DenseNet121", "InceptionV3"]
 STATIC_OPS = {"Const", "Identity", "NoOp", "Placeholder", "PlaceholderWithDefault"}
@@ -62,7 +62,7 @@ def without_bn(model):  # type: ignore[no-untyped-def]
 
 def frozen(name: str) -> tuple[Path, Path]:
     """Cached frozen graphs of the model and of its BN-free twin."""
-    from bnfold.freeze import freeze_keras
+    from bnfold.tf.freeze import freeze_keras
 
     WORK.mkdir(exist_ok=True)
     path, nobn = WORK / f"{name}.pb", WORK / f"{name}_nobn.pb"
@@ -214,9 +214,10 @@ def movement_floor(data: bytes) -> Callable[[], None]:
     per-channel vector in float64 into a buffer, copy that into a new GraphDef; copy every other node
     into it; serialize. No recognition, no graph index, no checks.
     """
-    from bnfold.folding import LINEAR_OPS
-    from bnfold.foldmath import scaled
-    from bnfold.graph import ContentBuffer, Scratch, const_array
+    from bnfold.core.foldmath import scaled
+    from bnfold.tf.fold import LINEAR_OPS
+    from bnfold.tf.graph import const_array
+    from bnfold.tf.tensors import ContentBuffer, Scratch
 
     original = graph_pb2.GraphDef.FromString(data)
     nodes = {n.name: n for n in original.node}
@@ -260,8 +261,9 @@ def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
     import onnx
     from tensorflow.python.tools import optimize_for_inference_lib
 
-    from bnfold.onnx_export import DEFAULT_OPSET, to_onnx
-    from bnfold.onnx_fold import leftover_sites
+    from bnfold.api import to_onnx
+    from bnfold.onnx.export import DEFAULT_OPSET
+    from bnfold.onnx.recognize import leftover_sites
 
     print(f"[{name}] freezing (cached)", flush=True)
     path, nobn_path = frozen(name)
@@ -280,7 +282,7 @@ def measure(name: str, reps: int, tmp: Path) -> dict[str, object]:
         g.ParseFromString(path.read_bytes())
         bio.write_graph_def(g, tmp / "floor.pb")
 
-    def bnfold_fold() -> None:  # what `bnfold in.pb out.pb --no-verify` runs: the streaming path (bnfold.streaming)
+    def bnfold_fold() -> None:  # what `bnfold in.pb out.pb --no-verify` runs: the streaming path (bnfold.tf.streaming)
         from bnfold import api
 
         result = api.fold(path, verify_outputs=False, stream_constants=True)
@@ -364,7 +366,7 @@ def targets(name: str, tmp: Path, reps: int = 3) -> dict[str, float]:
     """The rows of issue #16: in-memory fold over the in-memory floor, the CLI with and without the check,
     and ``bnfold in.pb out.onnx --no-verify`` against ``python -m tf2onnx.convert`` (wall and peak RSS)."""
     from bnfold import api
-    from bnfold.onnx_export import DEFAULT_OPSET
+    from bnfold.onnx.export import DEFAULT_OPSET
 
     path, _ = frozen(name)
     data = path.read_bytes()
@@ -476,7 +478,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 sys.path.insert(0, sys.argv[2])
 import run
 from tensorflow.core.framework import graph_pb2
-from bnfold.folding import fold_graph
+from bnfold.tf.fold import fold_graph
 def fold(data):
     g = graph_pb2.GraphDef()
     g.ParseFromString(data)
@@ -534,7 +536,7 @@ def write_results(rows: list[dict], scale: list[dict], baseline_mb: float, total
         "Absolute times vary between machines and runs; quote the ratios.",
         "",
         "Models: keras.applications, weights=None, BN statistics randomized (gamma U(0.5,1.5), beta N(0,0.3), "
-        "mean N(0,0.3), var U(0.5,2)), 224x224x3 input (InceptionV3 too), frozen once with `bnfold.freeze.freeze_keras`.",
+        "mean N(0,0.3), var U(0.5,2)), 224x224x3 input (InceptionV3 too), frozen once with `bnfold.tf.freeze.freeze_keras`.",
         "",
         *(targets_table(target, rows, scale, baseline_mb) if target else []),
         "## BN removal and runtime ops",
@@ -618,7 +620,7 @@ DEFINITIONS = """## Definitions
   sits right behind a conv/dense op (through an optional
   `BiasAdd`/`Add`): a per-channel scale still computed per inference. Run on the original it counts each BN
   once. **left** = the same count on each tool's output.
-- **BN sites left in ONNX**: `bnfold.onnx_fold.leftover_sites`: `BatchNormalization` nodes plus per-channel
+- **BN sites left in ONNX**: `bnfold.onnx.recognize.leftover_sites`: `BatchNormalization` nodes plus per-channel
   `Mul`/`Add` right after a `Conv`/`ConvTranspose`/`Gemm`/`MatMul` (a conv's own bias input is not counted).
 - **In-process fold target**: `bnfold.fold(graph_def, verify_outputs=False)` on a freshly parsed GraphDef (the
   caller's graph, so the result is built beside it) and serializing the result, against parsing and serializing

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keras_apps import frozen_bytes  # noqa: E402
 
 import bnfold  # noqa: E402
-from bnfold.verification import find_inputs, find_outputs  # noqa: E402
+from bnfold.tf.verify import find_inputs, find_outputs  # noqa: E402
 
 MODELS = ["MobileNetV2", "EfficientNetB0", "ResNet50", "DenseNet121"]
 OUT = Path(__file__).resolve().parent / "tflite_ops.json"

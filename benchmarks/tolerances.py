@@ -17,8 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bnfold.folding import fold_graph  # noqa: E402
-from bnfold.verification import compare, find_outputs  # noqa: E402
+from bnfold.tf.fold import fold_graph  # noqa: E402
+from bnfold.tf.verify import compare, find_outputs  # noqa: E402
 from sample_models.make_samples import Spec, build, input_shape  # noqa: E402
 
 

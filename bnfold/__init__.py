@@ -14,36 +14,36 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
-    from bnfold.api import fold, fold_file
-    from bnfold.comparison import Verification
-    from bnfold.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
-    from bnfold.foldmath import SiteRecord
-    from bnfold.keras_fold import fold_keras
-    from bnfold.onnx_api import fold_onnx, fold_onnx_file
-    from bnfold.onnx_export import to_onnx
-    from bnfold.recalibration import RecalibrationResult, recalibrate, recalibrate_file
-    from bnfold.result import FoldResult
-    from bnfold.verification import verify
+    from bnfold.api import fold, fold_file, to_onnx
+    from bnfold.core.comparison import Verification
+    from bnfold.core.errors import BnfoldError, InputError, OutputError, UsageError, VerificationError
+    from bnfold.core.foldmath import SiteRecord
+    from bnfold.core.recalibration import RecalibrationResult
+    from bnfold.core.result import FoldResult
+    from bnfold.keras.fold import fold_keras
+    from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
+    from bnfold.recalibration import recalibrate, recalibrate_file
+    from bnfold.tf.verify import verify
 
 _EXPORTS = {
-    "FoldResult": "bnfold.result",
+    "FoldResult": "bnfold.core.result",
     "fold": "bnfold.api",
     "fold_file": "bnfold.api",
-    "fold_keras": "bnfold.keras_fold",
-    "BnfoldError": "bnfold.errors",
-    "InputError": "bnfold.errors",
-    "OutputError": "bnfold.errors",
-    "UsageError": "bnfold.errors",
-    "VerificationError": "bnfold.errors",
-    "SiteRecord": "bnfold.foldmath",
-    "to_onnx": "bnfold.onnx_export",
-    "fold_onnx": "bnfold.onnx_api",
-    "fold_onnx_file": "bnfold.onnx_api",
-    "Verification": "bnfold.comparison",
-    "verify": "bnfold.verification",
+    "fold_keras": "bnfold.keras.fold",
+    "BnfoldError": "bnfold.core.errors",
+    "InputError": "bnfold.core.errors",
+    "OutputError": "bnfold.core.errors",
+    "UsageError": "bnfold.core.errors",
+    "VerificationError": "bnfold.core.errors",
+    "SiteRecord": "bnfold.core.foldmath",
+    "to_onnx": "bnfold.api",
+    "fold_onnx": "bnfold.onnx.pipeline",
+    "fold_onnx_file": "bnfold.onnx.pipeline",
+    "Verification": "bnfold.core.comparison",
+    "verify": "bnfold.tf.verify",
     "recalibrate": "bnfold.recalibration",
     "recalibrate_file": "bnfold.recalibration",
-    "RecalibrationResult": "bnfold.recalibration",
+    "RecalibrationResult": "bnfold.core.recalibration",
 }
 __all__ = [
     "BnfoldError",

@@ -1,6 +1,6 @@
 """Shared helpers: run real TensorFlow graphs and compare them, independently of bnfold.verify.
 
-Also the one place that decides (see the README's "Tests" section):
+Also the one place that decides (see docs/development.md, "Tests"):
 
 - whether the published models are here (``realworld`` fixture and marker,
   ``BNFOLD_REALWORLD`` / ``BNFOLD_NO_REALWORLD``);
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2  # noqa: E402
 
-from bnfold import isolation  # noqa: E402
+from bnfold.tf import runner  # noqa: E402
 
 # -- the published models (../shared/realworld, MANIFEST.md there) ---------------------------------------------
 
@@ -49,7 +49,7 @@ def _realworld_root() -> Path | None:
 REALWORLD_ROOT = _realworld_root()
 REALWORLD_SKIP = (
     "needs the published models (../shared/realworld beside the project, or BNFOLD_REALWORLD=/path; "
-    "hidden by BNFOLD_NO_REALWORLD=1): see README, Tests"
+    "hidden by BNFOLD_NO_REALWORLD=1): see docs/development.md, Tests"
 )
 
 
@@ -112,7 +112,7 @@ def session_config() -> config_pb2.ConfigProto:
 
 
 def run_graph(graph_def: graph_pb2.GraphDef, feeds: dict[str, np.ndarray], fetches: list[str]) -> list[np.ndarray]:
-    """Run here, under bnfold's one answer to TensorFlow's intermittent aborts (``isolation.ABORT_POLICY``):
+    """Run here, under bnfold's one answer to TensorFlow's intermittent aborts (``runner.ABORT_POLICY``):
     tried again, then run in a worker with oneDNN off. An ``AbortedError`` never reaches a test."""
     graph = tf.Graph()
     with graph.as_default():
@@ -121,10 +121,10 @@ def run_graph(graph_def: graph_pb2.GraphDef, feeds: dict[str, np.ndarray], fetch
     fed = {(k if ":" in k else f"{k}:0"): v for k, v in feeds.items()}
     with tf.compat.v1.Session(graph=graph, config=session_config()) as session:
         try:
-            return isolation.run_retrying_aborts(tf, lambda: session.run(names, fed))
+            return runner.run_retrying_aborts(tf, lambda: session.run(names, fed))
         except tf.errors.AbortedError:
             pass
-    return isolation.run_without_onednn(graph_def.SerializeToString(), names, fed)
+    return runner.run_without_onednn(graph_def.SerializeToString(), names, fed)
 
 
 def bn_ops(graph_def: graph_pb2.GraphDef) -> list[str]:

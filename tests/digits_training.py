@@ -8,7 +8,7 @@ tiny and seeded: a few seconds per case. TF1 code needs ``disable_v2_behavior``,
 which is process-global, hence the subprocess. The Keras case is a separate
 process mode (``--keras``) since Keras 3 needs TF2 behaviour.
 
-The mistakes (README "Fix it: bnfold recalibrate"):
+The mistakes (docs/recalibrate.md):
 - ``not_wired``: ``tf.compat.v1.layers.batch_normalization`` whose UPDATE_OPS never run with the train op;
 - ``decay1``: update ops wired, but ``momentum=1`` (``decay=1``), so the statistics stay 0/1;
 - ``valid_copy``: a validation network whose BN moving statistics are ``tf.Variable`` (which ignores

@@ -1,4 +1,4 @@
-"""The allowlist (bnfold.allowlist) lets real models through and finds functions however deep they hide.
+"""The allowlist (bnfold.tf.allowlist) lets real models through and finds functions however deep they hide.
 
 The hostile suite (test_hostile.py) shows what is refused through the CLI;
 these tests show the other half that makes an allowlist usable: models users
@@ -20,18 +20,11 @@ from onnx import helper
 from test_hostile import evil_function, onnx_model, plain_graph, read_saved_model, tf1_saved_model
 
 from bnfold import fold
-from bnfold.allowlist import (
-    DISABLE_ENV,
-    enforced,
-    graph_refusals,
-    keras_refusal,
-    node_functions,
-    onnx_refusal,
-    saved_model_refusals,
-    tf_function_allowed,
-    trusting,
-)
-from bnfold.freeze import keras_config
+from bnfold.core.trust import DISABLE_ENV, enforced, trusting
+from bnfold.keras.allowlist import keras_refusal, tf_function_allowed
+from bnfold.keras.load import keras_config
+from bnfold.onnx.allowlist import onnx_refusal
+from bnfold.tf.allowlist import graph_refusals, node_functions, saved_model_refusals
 
 
 @settings(max_examples=20, deadline=None)

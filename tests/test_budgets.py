@@ -1,7 +1,7 @@
 """Budgets checked from shapes before allocation, and inputs/outputs a hostile user or model could abuse.
 
 Every case is a model crafted as an attacker would, run through bnfold's real
-entry points; what it may cost is bounded by the budgets (bnfold.budgets), and
+entry points; what it may cost is bounded by the budgets (bnfold.core.budgets), and
 what bnfold says is one line with the documented exit code.
 """
 
@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from bnfold import api, budgets
+from bnfold import api
 from bnfold.cli import app, one_line
-from bnfold.errors import VerificationError
-from bnfold.onnx_api import fold_onnx
+from bnfold.core import budgets
+from bnfold.core.errors import VerificationError
+from bnfold.onnx.pipeline import fold_onnx
 
 runner = CliRunner()
 

@@ -14,8 +14,8 @@ from conftest import ROOT, assert_close, run_graph
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY
-from bnfold.io import load_graph_def
+from bnfold.core.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY
+from bnfold.tf.io import load_graph_def
 
 SAMPLES = ROOT / "sample_models"
 runner = CliRunner()

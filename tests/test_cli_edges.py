@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold import api
 from bnfold.cli import app
-from bnfold.errors import EXIT_INPUT, EXIT_USAGE, UsageError
-from bnfold.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination, output_path
-from bnfold.io import load_graph_def
+from bnfold.core.errors import EXIT_INPUT, EXIT_USAGE, UsageError
+from bnfold.core.formats import OUTPUT_FORMATS, check_output_format, is_saved_model_destination, output_path
+from bnfold.tf.io import load_graph_def
 
 SAMPLES = ROOT / "sample_models"
 MODEL = SAMPLES / "conv_fused_nhwc.pb"

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2
 
 import bnfold
-from bnfold.canonical import ConstEvaluator, evaluable_by_tf
-from bnfold.graph import GraphIndex
+from bnfold.tf.canonical import ConstEvaluator, evaluable_by_tf
+from bnfold.tf.graph import GraphIndex
 
 C = 4
 

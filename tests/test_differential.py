@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2
 
 import bnfold
-from bnfold.errors import BnfoldError, VerificationError
+from bnfold.core.errors import BnfoldError, VerificationError
 
 BATCH = 2
 SPATIAL = 6
@@ -236,7 +236,7 @@ def check_case(case: Case) -> None:
         expected = run_graph(graph_def, feeds, outputs)
     except (tf.errors.OpError, ValueError):
         # TensorFlow has no kernel here for this dtype/layout: not valid input, on every run (an intermittent
-        # abort never gets here: run_graph follows bnfold's isolation.ABORT_POLICY).
+        # abort never gets here: run_graph follows bnfold's runner.ABORT_POLICY).
         assume(False)
         return
     result = bnfold.fold(graph_def, outputs=outputs, verify_outputs=False)

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from bnfold import fold
 from bnfold.cli import app
-from bnfold.doctor import DRIFT_MEAN_Z, diagnose
-from bnfold.errors import UsageError
+from bnfold.core.errors import UsageError
+from bnfold.doctor.graph import DRIFT_MEAN_Z, diagnose
 
 COND_OPS = {"Switch", "Merge", "If", "StatelessIf"}
 LOOP_OPS = {"Enter", "Exit", "NextIteration", "LoopCond"}
@@ -559,7 +559,8 @@ def without_train_op_collection(case, tmp_path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("case", ["ok", "not_wired", "towers_early", "towers_ok", "towers_apart_early"])
 def test_tf1_train_op_found_from_the_optimizers_apply_ops(tf1_cases, tmp_path, case: str) -> None:  # type: ignore[no-untyped-def]
-    from bnfold.training_graph import analyse, open_artifacts
+    from bnfold.doctor.training import open_artifacts
+    from bnfold.doctor.training_graph import analyse
 
     prefix = without_train_op_collection(tf1_cases / case, tmp_path)
     graph = analyse(open_artifacts(prefix).meta)
@@ -592,7 +593,7 @@ def test_tf1_checkpoint_is_read_and_nothing_runs(tf1_cases) -> None:  # type: ig
     assert found(diagnose(case / CKPT)) == []
     report = diagnose(case / CKPT, outputs=["logits"])
     assert report.codes() == ["BN_TRAINING_SWITCH"] and report.findings[0].details["flag"] == "is_training"
-    from bnfold.errors import UnsafeModelError
+    from bnfold.core.errors import UnsafeModelError
 
     x = np.random.default_rng(0).standard_normal((8, 8, 8, 3)).astype(np.float32)
     with pytest.raises(UnsafeModelError, match="write_marker"):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import graph_pb2, types_pb2
 
 import bnfold
-from bnfold.errors import EXIT_INTERNAL, BnfoldError, VerificationError
+from bnfold.core.errors import EXIT_INTERNAL, BnfoldError, VerificationError
 from sample_models.make_samples import SAMPLES, build
 
 NAMES = sorted(SAMPLES)
@@ -81,7 +81,7 @@ INPUT_REASONS = ("cannot load the input graph", "could not run the model", "depe
 
 def _original_runs(data: bytes) -> bool:
     """Whether TF itself imports and runs the (mutated) input on the inputs the check would make."""
-    from bnfold.verification import find_outputs
+    from bnfold.tf.verify import find_outputs
 
     original = graph_pb2.GraphDef()
     try:

@@ -11,10 +11,10 @@ and no traceback, the canary exactly as it was (same files, same bytes), the
 input byte-identical, and no output left behind by a refused run.
 
 The suite runs twice (the ``layers`` fixture): as users run bnfold, where the
-allowlist (:mod:`bnfold.allowlist`) refuses every case before anything loads;
+allowlist (:mod:`bnfold.tf.allowlist`) refuses every case before anything loads;
 and with the allowlist switched off by its test-only switch, where the OS
 sandbox alone must contain the same attacks. The second run is skipped until
-the sandbox (``bnfold.sandbox``) is merged. Cases marked ``fires`` are also run
+the sandbox (``bnfold.core.sandbox``) is merged. Cases marked ``fires`` are also run
 with ``--trust-model`` to show that the attack is real: there the canary is hit.
 """
 
@@ -46,8 +46,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 from test_budgets import bn_model, first_two, onnx_bn, slice_two
 from test_security import EvilResource, conv_bn, io_graph, lambda_model, saved_model
 
-from bnfold.allowlist import DISABLE_ENV
-from bnfold.errors import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY
+from bnfold.core.errors import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY
+from bnfold.core.trust import DISABLE_ENV
 
 MEMORY_CAP = 4 * 2**30  # bytes of address space for each bnfold process (TensorFlow starts in about 2 GiB)
 TIME_CAP = 300  # seconds for each bnfold process
@@ -1038,8 +1038,8 @@ def layers(request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment of the bnfold processes: as users run it, or with the allowlist off (test-only switch)."""
     if request.param == "allowlist":
         return {}
-    if importlib.util.find_spec("bnfold.sandbox") is None:
-        pytest.skip("sandbox not merged yet: the allowlist-off run needs bnfold.sandbox")
+    if importlib.util.find_spec("bnfold.core.sandbox") is None:
+        pytest.skip("sandbox not merged yet: the allowlist-off run needs bnfold.core.sandbox")
     return {DISABLE_ENV: "1"}
 
 
@@ -1113,7 +1113,7 @@ def test_attack_is_real(case: Case, tmp_path: Path) -> None:
     errors at all; a resource destructor's failure is swallowed by TensorFlow).
     Without Landlock nothing else stands in its way, and the canary is hit.
     """
-    from bnfold import sandbox
+    from bnfold.core import sandbox
 
     d, canary, model = prepare(case, tmp_path)
     before = snapshot(canary)
@@ -1142,7 +1142,7 @@ CONTAINED_EVIDENCE: dict[str, str | None] = {
 
 def test_function_constant_data_is_read_beside_the_model(tmp_path: Path) -> None:
     """A model-local function's Constant with external data takes its value from the model's directory, not the CWD."""
-    from bnfold.onnx_io import load_onnx
+    from bnfold.onnx.io import load_onnx
 
     d = tmp_path / "model"
     d.mkdir()

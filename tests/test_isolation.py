@@ -24,10 +24,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import bnfold
-from bnfold import isolation
-from bnfold.errors import EXIT_VERIFY, VerificationError
-from bnfold.isolation import IsolatedGraph, decode_arrays, encode_arrays
-from bnfold.verification import GraphAborted
+from bnfold.core import worker as isolation
+from bnfold.core.errors import EXIT_VERIFY, VerificationError
+from bnfold.core.protocol import decode_arrays, encode_arrays
+from bnfold.tf import runner
+from bnfold.tf.runner import IsolatedGraph, run_without_onednn
+from bnfold.tf.verify import GraphAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +115,7 @@ def test_tensors_kept_in_the_worker_feed_later_runs_without_crossing_the_pipe() 
     """``run_kept``: a fetch stashed under a key stays in the worker (only its shape and size come back, in
     chunks appended along axis 0); later runs feed row ranges of it by key, and give what feeding the values
     themselves gives; a dropped key is gone (the worker says so, and serves on)."""
-    from bnfold.isolation import GraphRunError
+    from bnfold.core.worker import GraphRunError
 
     graph_def = conv_bn_graph(abort=False)
     names = {n.name: n for n in graph_def.node}
@@ -212,7 +214,7 @@ def test_the_worker_imports_the_bytes_as_import_graph_def_does(name: str) -> Non
     from sample_models.make_samples import SAMPLES, build
 
     graph_def = _function_graph() if name == "functions" else build(SAMPLES[name])
-    imported = isolation.import_serialized(tf, graph_def.SerializeToString()).as_graph_def()
+    imported = runner.import_serialized(tf, graph_def.SerializeToString()).as_graph_def()
     expected = _public_import(graph_def)
     assert imported.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
 
@@ -239,16 +241,17 @@ def test_a_graph_tensorflow_rejects_is_an_error_and_the_worker_lives_on() -> Non
 
 FORK_SCRIPT = r"""
 import json, sys, threading, time
-from bnfold import isolation
+from bnfold.core import worker as isolation
 isolation.prefer_fork()
+from bnfold.tf import runner
 import numpy as np
 import tensorflow as tf
 
 data = open(sys.argv[1], "rb").read()  # building a graph here would start TF's graph-runner thread
 facts = {}
 
-first = isolation.IsolatedGraph(data, channels_first=False)
-second = isolation.IsolatedGraph(data, channels_first=False)  # forked while the first worker is held
+first = runner.IsolatedGraph(data, channels_first=False)
+second = runner.IsolatedGraph(data, channels_first=False)  # forked while the first worker is held
 facts["kinds"] = [type(g.worker.process).__name__ for g in (first, second)]
 (value,) = second.run(["y:0"], {"x:0": np.ones((2, 3), np.float32)})
 facts["value"] = value.tolist()
@@ -301,7 +304,8 @@ def test_this_process_never_forks_once_tensorflow_has_run() -> None:
 
 PROGRESS_SCRIPT = r"""
 import sys
-from bnfold import cli, isolation
+from bnfold import cli
+from bnfold.core import worker as isolation
 
 kinds = []
 started = isolation.Worker.__init__
@@ -354,7 +358,7 @@ def test_on_a_terminal_the_progress_bar_shows_and_the_worker_is_still_forked(tmp
     assert (tmp_path / "out.pb.kinds").read_text() == "_Forked"
 
 
-# -- TensorFlow's intermittent aborts: one policy (isolation.ABORT_POLICY) ---------------------------------------
+# -- TensorFlow's intermittent aborts: one policy (runner.ABORT_POLICY) ---------------------------------------
 
 
 def test_an_aborted_run_is_tried_again_and_the_last_abort_is_raised() -> None:
@@ -367,8 +371,8 @@ def test_an_aborted_run_is_tried_again_and_the_last_abort_is_raised() -> None:
             raise tf.errors.AbortedError(None, None, "could not create a primitive descriptor for the reorder primitive")
         return "ran"
 
-    assert isolation.ABORT_RETRIES >= 3
-    assert isolation.run_retrying_aborts(tf, aborts_twice) == "ran" and len(calls) == 3
+    assert runner.ABORT_RETRIES >= 3
+    assert runner.run_retrying_aborts(tf, aborts_twice) == "ran" and len(calls) == 3
     calls.clear()
 
     def always_aborts() -> str:
@@ -376,8 +380,8 @@ def test_an_aborted_run_is_tried_again_and_the_last_abort_is_raised() -> None:
         raise tf.errors.AbortedError(None, None, "aborted")
 
     with pytest.raises(tf.errors.AbortedError):
-        isolation.run_retrying_aborts(tf, always_aborts)
-    assert len(calls) == isolation.ABORT_RETRIES
+        runner.run_retrying_aborts(tf, always_aborts)
+    assert len(calls) == runner.ABORT_RETRIES
     calls.clear()
 
     def invalid() -> str:
@@ -385,7 +389,7 @@ def test_an_aborted_run_is_tried_again_and_the_last_abort_is_raised() -> None:
         raise tf.errors.InvalidArgumentError(None, None, "no kernel")
 
     with pytest.raises(tf.errors.InvalidArgumentError):  # any other error is an answer: never retried
-        isolation.run_retrying_aborts(tf, invalid)
+        runner.run_retrying_aborts(tf, invalid)
     assert len(calls) == 1
 
 
@@ -413,5 +417,5 @@ def test_the_fallback_runs_channels_first_graphs_with_onednn_off_and_the_same_ou
     assert not runner.worker.alive  # a oneDNN-off worker is not kept for other graphs
     (expected,) = run_graph(graph_def, feeds, ["y:0"])
     np.testing.assert_allclose(folded_off, expected, rtol=1e-5, atol=1e-5)
-    (again,) = isolation.run_without_onednn(graph_def.SerializeToString(), ["y:0"], feeds)
+    (again,) = run_without_onednn(graph_def.SerializeToString(), ["y:0"], feeds)
     np.testing.assert_array_equal(again, folded_off)

@@ -9,9 +9,9 @@ import tensorflow as tf
 from conftest import assert_close, bn_ops, run_graph
 
 from bnfold import fold
-from bnfold.folding import LINEAR_OPS
-from bnfold.freeze import freeze_keras
-from bnfold.verification import find_inputs, find_outputs
+from bnfold.tf.fold import LINEAR_OPS
+from bnfold.tf.freeze import freeze_keras
+from bnfold.tf.verify import find_inputs, find_outputs
 
 
 def randomize_bn(model: object, seed: int = 0) -> None:

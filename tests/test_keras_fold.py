@@ -16,9 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from bnfold import errors, keras_fold
 from bnfold.cli import app
-from bnfold.keras_fold import LINEAR, fold_keras
+from bnfold.core import errors
+from bnfold.keras import file as keras_file
+from bnfold.keras import fold as keras_fold
+from bnfold.keras import layer_graph as keras_graph
+from bnfold.keras import plan as keras_plan
+from bnfold.keras.fold import fold_keras
+from bnfold.keras.plan import LINEAR
 
 L = keras.layers
 
@@ -36,8 +41,8 @@ def randomize_bn(model: object, seed: int = 0) -> None:
                 "moving_variance": rng.uniform(0.5, 2.0, c),
             }
             for v in layer.weights:
-                if keras_fold._weight_name(v) in values:  # renorm's extra statistics keep their initial values
-                    v.assign(values[keras_fold._weight_name(v)].astype(keras_fold._numpy(v).dtype))
+                if keras_plan._weight_name(v) in values:  # renorm's extra statistics keep their initial values
+                    v.assign(values[keras_plan._weight_name(v)].astype(keras_plan._numpy(v).dtype))
 
 
 def predict(model: object, x: object) -> list[np.ndarray]:
@@ -74,12 +79,12 @@ def bn_right_after_linear(model: object) -> list[str]:
             if entry["class_name"] != "BatchNormalization":
                 continue
             if "inbound_nodes" in entry:
-                sources = {r[0] for node in entry["inbound_nodes"] for _, r in keras_fold._walk_refs(node, True)}
+                sources = {r[0] for node in entry["inbound_nodes"] for _, r in keras_graph._walk_refs(node, True)}
             else:
                 sources = {layers[i - 1]["config"]["name"]} if i else set()
             found.extend(entry["config"]["name"] for s in sources if kinds.get(s) in LINEAR)
         for layer in m.layers:  # type: ignore[attr-defined]
-            if keras_fold._model_kind(layer):
+            if keras_graph._model_kind(layer):
                 walk(layer)
 
     walk(model)
@@ -538,7 +543,7 @@ def test_cli_keras_to_keras_loads_in_safe_mode_predicts_and_trains(tmp_path: Pat
     x = sample(model, batch=4)
     history = loaded.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    # the way README "Keras output" tells users to load it with their own copy of the layer class
+    # the way docs/keras.md tells users to load it with their own copy of the layer class
     again = keras.saving.load_model(tmp_path / "out.keras", safe_mode=True, custom_objects=keras_fold.custom_objects())
     assert_same_predictions(model, again)
 
@@ -575,7 +580,7 @@ def test_legacy_tf_keras_h5_round_trip(tmp_path: Path) -> None:
     model = tf_keras.Model(inp, y)
     randomize_bn(model)
     model.save(tmp_path / "in.h5")
-    _, result = keras_fold.fold_keras_file(tmp_path / "in.h5", tmp_path / "out.h5")
+    _, result = keras_file.fold_keras_file(tmp_path / "in.h5", tmp_path / "out.h5")
     assert [(s.name, s.action, s.folded_into) for s in result.sites] == [("bn1", "folded", "c1"), ("bn2", "folded", "d")]
     loaded = tf_keras.models.load_model(tmp_path / "out.h5")
     assert "BatchNormalization" not in [type(layer).__name__ for layer in loaded.layers]
@@ -619,7 +624,7 @@ def test_cli_legacy_h5_standalone_affine_loads_predicts_and_trains(tmp_path: Pat
 def test_keras3_model_to_h5_and_non_keras_input_refused(tmp_path: Path) -> None:
     model = small_model()
     model.save(tmp_path / "in.keras")
-    _, result = keras_fold.fold_keras_file(tmp_path / "in.keras", tmp_path / "out.h5")
+    _, result = keras_file.fold_keras_file(tmp_path / "in.keras", tmp_path / "out.h5")
     assert result.count("folded") == 1  # bn2 follows a ReLU and precedes pooling: it stays
     loaded = keras.saving.load_model(tmp_path / "out.h5")
     assert [type(layer).__name__ for layer in loaded.layers].count("BatchNormalization") == 1
@@ -637,7 +642,7 @@ def test_jax_backend_folds_and_checks(tmp_path: Path) -> None:
         f"""
         import numpy as np, keras
         assert keras.backend.backend() == "jax"
-        from bnfold.keras_fold import fold_keras
+        from bnfold.keras.fold import fold_keras
         L = keras.layers
         inp = keras.Input((8, 8, 3), name="x")
         y = L.BatchNormalization(name="bn")(L.DepthwiseConv2D(3, name="dw")(inp))

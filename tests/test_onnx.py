@@ -19,11 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 from test_keras import randomize_bn
 
 import bnfold
-from bnfold.freeze import freeze_keras
-from bnfold.io import load_graph_def
-from bnfold.onnx_export import DEFAULT_OPSET, convert, to_onnx
-from bnfold.onnx_fold import fold_model, leftover_sites
-from bnfold.verification import find_inputs, find_outputs
+from bnfold.api import to_onnx
+from bnfold.onnx.export import DEFAULT_OPSET, convert
+from bnfold.onnx.fold import fold_model
+from bnfold.onnx.recognize import leftover_sites
+from bnfold.tf.freeze import freeze_keras
+from bnfold.tf.io import load_graph_def
+from bnfold.tf.verify import find_inputs, find_outputs
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

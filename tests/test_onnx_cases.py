@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx_api import fold_onnx, fold_onnx_file
+from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

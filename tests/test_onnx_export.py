@@ -1,6 +1,6 @@
 """The lean TF -> ONNX conversion (#16): what tf2onnx's own pipeline makes, for less time and memory.
 
-:func:`bnfold.onnx_export.convert` calls tf2onnx's stages itself (optimizers in
+:func:`bnfold.onnx.export.convert` calls tf2onnx's stages itself (optimizers in
 place, ``Const`` protos not rebuilt, no discarded freeze); these tests hold it to
 ``tf2onnx.convert.from_graph_def`` on the same graph: the same nodes, attributes,
 initializers and wiring (up to the names tf2onnx generates from a global
@@ -28,13 +28,15 @@ from onnx import helper, numpy_helper
 from tensorflow.core.framework import graph_pb2
 from test_keras import randomize_bn
 
-from bnfold.errors import UsageError
-from bnfold.freeze import freeze_keras
-from bnfold.onnx_api import plan_output
-from bnfold.onnx_export import DEFAULT_OPSET, convert, tensor_name, to_onnx
-from bnfold.onnx_fold import _shape_skeleton, fold_model
-from bnfold.onnx_io import load_onnx
-from bnfold.verification import find_inputs, find_outputs
+from bnfold.api import to_onnx
+from bnfold.core.errors import UsageError
+from bnfold.onnx.export import DEFAULT_OPSET, convert, tensor_name
+from bnfold.onnx.fold import fold_model
+from bnfold.onnx.io import load_onnx
+from bnfold.onnx.pipeline import plan_output
+from bnfold.onnx.recognize import _shape_skeleton
+from bnfold.tf.freeze import freeze_keras
+from bnfold.tf.verify import find_inputs, find_outputs
 
 REALWORLD = realworld_path("onnx")
 

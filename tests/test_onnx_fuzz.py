@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx_api import fold_onnx
+from bnfold.onnx.pipeline import fold_onnx
 
 EXAMPLES = int(os.environ.get("ONNX_FUZZ_EXAMPLES", "40"))
 
@@ -234,7 +234,7 @@ def test_differential_onnx_fold_equals_original_in_onnxruntime(params: dict[str,
 def test_property_no_verify_never_writes_non_finite_outputs(tmp_path_factory: object, params: dict[str, object]) -> None:
     """With --no-verify and extreme statistics (huge gamma, tiny variance, fp16), a written model never outputs
     NaN/inf where the original does not: such sites are skipped, not folded."""
-    from bnfold.onnx_api import fold_onnx_file
+    from bnfold.onnx.pipeline import fold_onnx_file
 
     seed = int(params.pop("seed"))  # type: ignore[call-overload]
     case = build_case(np.random.default_rng(seed), extreme=True, **params)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from conftest import realworld_files, realworld_path
 
-from bnfold.onnx_api import fold_onnx, fold_onnx_file
+from bnfold.onnx.pipeline import fold_onnx, fold_onnx_file
 
 REALWORLD = realworld_path("onnx")
 FILES = realworld_files("onnx", "*.onnx")
@@ -118,7 +118,7 @@ def test_realworld_external_data_read_beside_the_model_from_another_cwd(tmp_path
 
 
 def test_realworld_train_mode_doctor_reports_training_mode() -> None:
-    from bnfold import onnx_doctor
+    from bnfold.doctor import onnx as onnx_doctor
 
     report = onnx_doctor.diagnose(REALWORLD / "train_mode_bn.legacy_train.onnx")
     assert report.codes().count("BN_TRAINING_MODE") == 2 and report.exit_code == 1

@@ -117,7 +117,7 @@ def test_in_place_fold_writes_the_same_bytes(spec: Spec) -> None:
     """fold_graph(in_place=True) edits the parsed graph into exactly what the copying fold builds."""
     from tensorflow.core.framework import graph_pb2
 
-    from bnfold.folding import fold_graph
+    from bnfold.tf.fold import fold_graph
 
     data = build(spec).SerializeToString(deterministic=True)
     original = graph_pb2.GraphDef.FromString(data)
@@ -135,7 +135,7 @@ def test_in_place_fold_writes_the_same_bytes(spec: Spec) -> None:
 def test_streamed_graph_def_is_the_serialized_graph_def(spec: Spec) -> None:
     import io as stdio
 
-    from bnfold.io import stream_graph_def
+    from bnfold.tf.io import stream_graph_def
 
     graph_def = fold(build(spec), verify_outputs=False).graph_def
     buffer = stdio.BytesIO()

@@ -22,7 +22,8 @@ import pytest
 from conftest import assert_close, realworld_path, run_graph
 
 import bnfold
-from bnfold.errors import BnfoldError
+import bnfold.sources
+from bnfold.core.errors import BnfoldError
 
 REALWORLD = realworld_path("keras")
 FILES = {
@@ -104,10 +105,10 @@ def run_case(name: str, fmt: str, tmp: Path) -> Row:
 
     want = [expected[k] for k in sorted(expected)]
     if fmt in (".pb", "SavedModel"):
-        original_frozen = bnfold.freeze.load(src).graph_def
+        original_frozen = bnfold.sources.load(src).graph_def
         places = {n.name: n for n in original_frozen.node if n.op == "Placeholder"}
         if fmt == ".pb":
-            graph_def = bnfold.io.load_graph_def(dst)
+            graph_def = bnfold.tf.io.load_graph_def(dst)
             written = {n.name: n for n in graph_def.node if n.op == "Placeholder"}
             same = set(written) == set(places) and all(
                 written[k].attr["dtype"] == places[k].attr["dtype"] and written[k].attr["shape"] == places[k].attr["shape"] for k in places
@@ -118,7 +119,7 @@ def run_case(name: str, fmt: str, tmp: Path) -> Row:
             got = run_graph(graph_def, inputs, [signature.outputs[k] for k in sorted(signature.outputs)])
         else:
             loaded = tf.saved_model.load(str(dst)).signatures["serving_default"]
-            before = bnfold.freeze.load(src).signature
+            before = bnfold.sources.load(src).signature
             assert before is not None
             same = sorted(loaded.structured_input_signature[1]) == sorted(before.inputs)
             same = same and sorted(loaded.structured_outputs) == sorted(before.outputs)
@@ -134,7 +135,7 @@ def run_case(name: str, fmt: str, tmp: Path) -> Row:
         model = onnx.load(str(dst))
         stage = result.onnx
         assert stage is not None and result.signature is not None
-        places = {n.name: n for n in bnfold.freeze.load(src).graph_def.node if n.op == "Placeholder"}
+        places = {n.name: n for n in bnfold.sources.load(src).graph_def.node if n.op == "Placeholder"}
         for value in model.graph.input:
             tf_name = value.name.split(":")[0]
             dims = [d.size for d in places[tf_name].attr["shape"].shape.dim] if tf_name in places else None
@@ -150,7 +151,7 @@ def run_case(name: str, fmt: str, tmp: Path) -> Row:
         for w, g in zip(want, session.run(fetch, onnx_feeds), strict=True):
             compare(w, g)
     else:
-        from bnfold.freeze import declared_signature, keras_config, signature_difference
+        from bnfold.keras.load import declared_signature, keras_config, signature_difference
 
         if fmt == ".h5":
             import tf_keras

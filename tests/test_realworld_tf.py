@@ -19,9 +19,9 @@ from conftest import assert_close, realworld_path, run_graph
 from tensorflow.core.framework import graph_pb2
 
 import bnfold
-from bnfold.errors import VerificationError
-from bnfold.io import load_graph_def
-from bnfold.verification import find_inputs, find_outputs
+from bnfold.core.errors import VerificationError
+from bnfold.tf.io import load_graph_def
+from bnfold.tf.verify import find_inputs, find_outputs
 
 REALWORLD = realworld_path("tf")
 KWS = REALWORLD / "ML-KWS-for-MCU" / "Pretrained_models"

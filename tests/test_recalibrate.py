@@ -1,7 +1,7 @@
 """``bnfold recalibrate`` on real models trained on scikit-learn's digits with each BN mistake users make.
 
 The recalibrated model differs from its input on purpose, so equivalence is not
-the proof. What is (README "Fix it: bnfold recalibrate"):
+the proof. What is (docs/recalibrate.md):
 
 1. Inference-mode output of the recalibrated model on the calibration samples
    matches the training-mode output (BN on batch statistics) of the same network
@@ -32,10 +32,11 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.doctor import MIN_DRIFT_VALUES, diagnose
-from bnfold.errors import UnsafeModelError, UsageError
-from bnfold.io import load_graph_def
-from bnfold.recalibration import Moments, recalibrate_graph
+from bnfold.core.errors import UnsafeModelError, UsageError
+from bnfold.core.recalibration import Moments
+from bnfold.doctor.graph import MIN_DRIFT_VALUES, diagnose
+from bnfold.recalibration.graph import recalibrate_graph
+from bnfold.tf.io import load_graph_def
 
 ROOT = Path(__file__).resolve().parents[1]
 TF1_CASES = ("not_wired", "decay1", "valid_copy", "ema_cond", "frozen_training")
@@ -229,8 +230,8 @@ def standalone_bn(mean: np.ndarray, var: np.ndarray, dtype: tf.DType = tf.float3
 
 def new_stats(result: bnfold.RecalibrationResult) -> tuple[np.ndarray, np.ndarray]:
     """The statistics the recalibrated graph holds, read back from its constants."""
-    from bnfold.canonical import ConstEvaluator
-    from bnfold.graph import GraphIndex
+    from bnfold.tf.canonical import ConstEvaluator
+    from bnfold.tf.graph import GraphIndex
 
     index = GraphIndex(result.graph_def)
     ev = ConstEvaluator(index)
@@ -243,7 +244,7 @@ def new_stats(result: bnfold.RecalibrationResult) -> tuple[np.ndarray, np.ndarra
 
 
 def _sites(graph_def: graph_pb2.GraphDef):  # type: ignore[no-untyped-def]
-    from bnfold.recalibration import find_sites
+    from bnfold.recalibration.sites import find_sites
 
     return find_sites(graph_def)[0]
 
@@ -441,7 +442,7 @@ def onnx_export(models: Path, tmp_path: Path) -> Path:
     import onnx
     from tf2onnx import tfonnx
 
-    from bnfold.switches import resolve_switches
+    from bnfold.tf.switches import resolve_switches
 
     src = tmp_path / "model.onnx"
     shipped = load_graph_def(models / "not_wired.pb")
@@ -490,7 +491,7 @@ def test_onnx_export_of_the_model_is_repaired(models: Path, tmp_path: Path) -> N
     fixed, original = onnx.load(dst), onnx.load(src)
     assert [n.op_type for n in fixed.graph.node] == [n.op_type for n in original.graph.node]
     assert [i.name for i in fixed.graph.input] == [i.name for i in original.graph.input]
-    from bnfold.onnx_doctor import diagnose as onnx_diagnose
+    from bnfold.doctor.onnx import diagnose as onnx_diagnose
 
     assert not [f for f in onnx_diagnose(dst, data=[calibration]).findings if f.code in ("BN_STATS_AT_INIT", "BN_STATS_DRIFT")]
     in_memory = bnfold.recalibrate(onnx.load(src), [calibration])  # the API on a ModelProto: the same statistics
@@ -537,7 +538,7 @@ def test_onnx_training_mode_batchnormalization_becomes_inference_mode(models: Pa
     out as an inference-mode BatchNormalization (no training_mode, one output) holding the data's statistics."""
     import onnx
 
-    from bnfold.onnx_doctor import diagnose as onnx_diagnose
+    from bnfold.doctor.onnx import diagnose as onnx_diagnose
 
     data = digits(models)
     calibration = data["x_train"][:CALIBRATION]
@@ -624,7 +625,7 @@ def test_onnx_data_sources_and_memory_budget(channels: int, seed: int, sizes: li
     import onnx
     from onnx import numpy_helper
 
-    from bnfold.onnx_recalibration import recalibrate_onnx
+    from bnfold.recalibration.onnx import recalibrate_onnx
 
     model = onnx.load_from_string(small_onnx(channels, seed))
     rng = np.random.default_rng(seed)

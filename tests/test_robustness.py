@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY, OutputError
-from bnfold.io import atomic_write
+from bnfold.core.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY, OutputError
+from bnfold.tf.io import atomic_write
 from sample_models.make_samples import Spec, build
 
 runner = CliRunner()
@@ -318,7 +318,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path) -> None
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from bnfold.io import atomic_write
+from bnfold.tf.io import atomic_write
 
 def write(tmp):
     tmp.write_bytes(b"half a model")
@@ -364,8 +364,8 @@ def _fp32_weights_on_fp16_conv() -> tuple[graph_pb2.GraphDef, graph_pb2.GraphDef
 
 
 def test_a_folded_graph_tf_cannot_load_is_bnfolds_bug_exit_70() -> None:
-    from bnfold.errors import EXIT_INTERNAL, BnfoldError
-    from bnfold.verification import verify
+    from bnfold.core.errors import EXIT_INTERNAL, BnfoldError
+    from bnfold.tf.verify import verify
 
     original, broken = _fp32_weights_on_fp16_conv()
     with pytest.raises(BnfoldError) as info:
@@ -380,12 +380,12 @@ def test_a_folded_graph_tf_cannot_load_is_bnfolds_bug_exit_70() -> None:
 
 def test_cli_reports_a_broken_fold_as_internal_error_without_suggesting_no_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bnfold's own fold stage replaced by one returning a graph TF rejects: the CLI must not advise --no-verify."""
-    from bnfold import api
-    from bnfold.errors import EXIT_INTERNAL
-    from bnfold.folding import FoldOutcome
+    from bnfold.core.errors import EXIT_INTERNAL
+    from bnfold.tf import pipeline
+    from bnfold.tf.fold import FoldOutcome
 
     original, broken = _fp32_weights_on_fp16_conv()
-    monkeypatch.setattr(api, "fold_graph_outcome", lambda *args, **kwargs: FoldOutcome(broken, [], []))
+    monkeypatch.setattr(pipeline, "fold_graph_outcome", lambda *args, **kwargs: FoldOutcome(broken, [], []))
     out = tmp_path / "o.pb"
     result = invoke("fold", _write(tmp_path, original), out)
     assert result.exit_code == EXIT_INTERNAL, result.output

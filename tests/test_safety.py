@@ -315,7 +315,7 @@ def _mixed_model(package: str, policy: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_models_fold_and_load_without_the_check(package: str, policy: str) -> None:
     """Weights reach the fp16/bf16 conv through Cast (SrcT/DstT, no T): folded weights keep the conv's dtype."""
-    from bnfold.freeze import load
+    from bnfold.sources import load
 
     model = _mixed_model(package, policy)
     original = load(model).graph_def
@@ -362,7 +362,7 @@ def test_fed_bias_add_survives_and_the_feed_still_decides_the_output() -> None:
 def _keras3_conv_bn() -> graph_pb2.GraphDef:
     import keras
 
-    from bnfold.freeze import load
+    from bnfold.sources import load
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"), keras.layers.BatchNormalization(name="bn")])
     rng = np.random.default_rng(0)

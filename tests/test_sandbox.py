@@ -1,4 +1,4 @@
-"""The worker that loads and runs models is confined by the OS (bnfold.sandbox): real workers, real CLI runs.
+"""The worker that loads and runs models is confined by the OS (bnfold.core.sandbox): real workers, real CLI runs.
 
 Each attack runs as a user would run bnfold (a subprocess of the CLI, under a
 memory cap the test sets), and is also given ``--trust-model`` with the
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnfold import isolation, sandbox
+from bnfold.core import sandbox
+from bnfold.core import worker as isolation
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDLOCK = sandbox.landlock_abi()
@@ -89,7 +90,7 @@ def write(graph: tf.Graph, path: Path) -> bytes:
 
 SELF_TEST = """
 import json, sys
-from bnfold import isolation
+from bnfold.core import worker as isolation
 if sys.argv[1] == "forked":  # as the CLI forks it: from a process that has imported TensorFlow, before any run
     import tensorflow
     isolation._fork_preferred = True
@@ -347,7 +348,7 @@ def test_onnxruntime_session_lives_in_a_confined_worker(tmp_path: Path, listener
     import onnx
     from onnx import TensorProto, helper
 
-    from bnfold.onnx_io import OrtRunner
+    from bnfold.onnx.io import OrtRunner
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "g",

@@ -23,12 +23,13 @@ from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 from typer.testing import CliRunner
 
-from bnfold import fold, fold_file, sandbox
+from bnfold import fold, fold_file
 from bnfold.cli import app
-from bnfold.errors import EXIT_UNSAFE, InputError, UnsafeModelError, VerificationError
-from bnfold.io import load_graph_def
-from bnfold.runsafety import HARMLESS_STATEFUL, check_runnable, is_step_local, refused_nodes, registry_decisions
-from bnfold.verification import find_outputs
+from bnfold.core import sandbox
+from bnfold.core.errors import EXIT_UNSAFE, InputError, UnsafeModelError, VerificationError
+from bnfold.tf.io import load_graph_def
+from bnfold.tf.runsafety import HARMLESS_STATEFUL, check_runnable, is_step_local, refused_nodes, registry_decisions
+from bnfold.tf.verify import find_outputs
 
 runner = CliRunner()
 
@@ -147,7 +148,7 @@ def test_keras_safe_mode_stays_as_second_line(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from bnfold.allowlist import DISABLE_ENV
+    from bnfold.core.trust import DISABLE_ENV
 
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.keras"
@@ -162,7 +163,7 @@ def test_keras_safe_mode_stays_as_second_line(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-# --trust-model lifts the allowlist, not the confinement (README "Security"): where Landlock confines the
+# --trust-model lifts the allowlist, not the confinement (docs/security.md): where Landlock confines the
 # worker, an attack the user let run is stopped there, and its error names what it tried.
 CONFINED = sandbox.landlock_abi() > 0
 
@@ -191,13 +192,13 @@ def test_trusted_lambda_model_folds(lambda_h5: tuple[Path, Path], tmp_path: Path
 
 def test_nested_and_tfoplambda_configs(tmp_path: Path) -> None:
     """A Lambda inside a nested model is found; TFOpLambda calling a TF op is fine, one calling gfile is not."""
-    from bnfold.freeze import code_in_config
+    from bnfold.keras.load import code_in_config
 
     marker = tmp_path / "m"
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), keras.layers.Lambda(lambda t: t + 1, name="deep")], name="inner")
     outer = keras.Model(inner.inputs, inner.outputs)
     outer.save(tmp_path / "nested.keras")
-    from bnfold.freeze import keras_config
+    from bnfold.keras.load import keras_config
 
     assert code_in_config(keras_config(tmp_path / "nested.keras"))[0] == "deep"  # type: ignore[index]
     op_layer = {"class_name": "TFOpLambda", "config": {"name": "tf.nn.relu", "function": "nn.relu"}}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.errors import EXIT_INPUT, InputError
+from bnfold.core.errors import EXIT_INPUT, InputError
 
 runner = CliRunner()
 RNG = np.random.default_rng(5)
@@ -152,7 +152,7 @@ def test_directory_that_is_not_a_saved_model(tmp_path: Path) -> None:
 
 
 def test_non_empty_directory_is_not_overwritten(tmp_path: Path) -> None:
-    from bnfold.errors import EXIT_OUTPUT
+    from bnfold.core.errors import EXIT_OUTPUT
 
     target = tmp_path / "precious"
     target.mkdir()

@@ -1,4 +1,4 @@
-"""The streaming ``.pb`` path (bnfold.streaming): the same bytes as the in-memory fold, and stubs that never leak.
+"""The streaming ``.pb`` path (bnfold.tf.streaming): the same bytes as the in-memory fold, and stubs that never leak.
 
 ``bnfold in.pb out.pb --no-verify`` leaves large constants in the input file and
 computes the new weights as it writes them. Its output must be byte for byte what
@@ -26,11 +26,12 @@ from test_cli import invoke
 from test_properties import SETTINGS, specs
 from test_robustness import _graph_with_functions
 
-from bnfold import api, streaming
-from bnfold.canonical import ConstEvaluator
-from bnfold.errors import EXIT_INPUT, InputError
-from bnfold.graph import GraphIndex, const_array
-from bnfold.io import load_graph_def_streaming
+from bnfold import api
+from bnfold.core.errors import EXIT_INPUT, InputError
+from bnfold.tf import streaming
+from bnfold.tf.canonical import ConstEvaluator
+from bnfold.tf.graph import GraphIndex, const_array
+from bnfold.tf.io import load_graph_def_streaming
 from sample_models.make_samples import Spec, build
 
 
@@ -155,8 +156,8 @@ def test_a_stub_that_leaked_fails_loudly_and_never_computes(tmp_path: Path) -> N
 
 
 def test_a_stub_the_writer_cannot_fill_is_bnfolds_bug_not_a_written_model(tmp_path: Path) -> None:
-    from bnfold.errors import BrokenOutputError
-    from bnfold.io import write_graph_def
+    from bnfold.core.errors import BrokenOutputError
+    from bnfold.tf.io import write_graph_def
 
     graph_def, contents, stub = _stubbed(tmp_path)
     stub.attr["value"].tensor.tensor_shape.dim[0].size += 1  # no longer the stub of the values kept for it

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.errors import EXIT_VERIFY, VerificationError
-from bnfold.freeze import freeze_keras
+from bnfold.core.errors import EXIT_VERIFY, VerificationError
+from bnfold.tf.freeze import freeze_keras
 from sample_models.make_samples import SAMPLES, Spec, build
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def test_unknown_height_and_width_of_an_image_get_the_default_size(tmp_path: Pat
     [([None, None, None, 3], True), ([None, 3, None, None], True), ([None, None, None, 5], False), ([None, None, None], False), ([None, 3, None, 4], False)],
 )
 def test_default_size_only_for_image_like_inputs(shape: list[int | None], defaulted: bool) -> None:
-    from bnfold.comparison import image_spatial_axes
+    from bnfold.core.comparison import image_spatial_axes
 
     assert (image_spatial_axes(shape) is not None) == defaulted
 
@@ -230,7 +230,7 @@ FORMATS = [None, b"NHWC", b"NCHW", b"NDHWC", b"NCDHW", b"NWC", b"NCW", "placehol
 def test_the_layout_pass_is_kept_where_an_op_may_be_channels_first(top: list, bodies: list[list]) -> None:
     """The check starts grappler (its layout pass only) for a graph with a channels-first op anywhere, in
     function bodies too, and where a body takes its ``data_format`` from the caller; else not at all."""
-    from bnfold.verification import channels_first
+    from bnfold.tf.verify import channels_first
 
     def fill(node: Any, value: object) -> None:
         if value == "placeholder":
@@ -255,7 +255,7 @@ def test_the_check_runs_graphs_without_optimizers() -> None:
     """No grappler pass but the layout pass (and that only for channels-first graphs), no constant folding."""
     from tensorflow.core.protobuf import config_pb2
 
-    from bnfold.verification import runner_config
+    from bnfold.tf.runner import runner_config
 
     for layout in (True, False):
         config = runner_config(layout)
@@ -267,7 +267,7 @@ def test_the_check_runs_graphs_without_optimizers() -> None:
 
 @pytest.mark.parametrize("name", ["conv_fused_nchw", "conv_fused_nhwc", "conv3d_fused"])
 def test_channels_first_and_last_graphs_pass_the_check(name: str) -> None:
-    from bnfold.verification import channels_first
+    from bnfold.tf.verify import channels_first
 
     graph_def = build(SAMPLES[name])
     assert channels_first(graph_def) == (name == "conv_fused_nchw")
@@ -279,8 +279,8 @@ def test_the_input_graph_runs_while_the_fold_runs_and_errors_wait_for_finish() -
     """``PendingCheck`` (what ``bnfold.fold`` starts before folding): the input graph's half runs on a thread;
     what makes the check impossible is raised by ``finish``, not when it starts (a fold that changes nothing
     needs no check); a check never finished leaves the worker to the next one."""
-    from bnfold.comparison import CheckOptions
-    from bnfold.verification import PendingCheck
+    from bnfold.core.comparison import CheckOptions
+    from bnfold.tf.verify import PendingCheck
 
     blocked = PendingCheck(_graph(_bn_with_fan_out_behind_a_string_input), None, ["output"], CheckOptions())
     assert blocked.thread is None
@@ -302,9 +302,9 @@ def test_the_input_graph_runs_while_the_fold_runs_and_errors_wait_for_finish() -
 
 
 def test_a_failing_gate_is_reported_by_finish_and_nothing_runs() -> None:
-    from bnfold.comparison import CheckOptions
-    from bnfold.errors import UnsafeModelError
-    from bnfold.verification import PendingCheck
+    from bnfold.core.comparison import CheckOptions
+    from bnfold.core.errors import UnsafeModelError
+    from bnfold.tf.verify import PendingCheck
 
     def refuse() -> None:
         raise UnsafeModelError("refused for the test")

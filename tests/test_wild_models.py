@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.errors import OutputError
-from bnfold.freeze import declared_signature, keras_config, keras_origin, signature_difference
-from bnfold.io import load_graph_def
+from bnfold.core.errors import OutputError
+from bnfold.keras.load import declared_signature, keras_config, keras_origin, signature_difference
+from bnfold.tf.io import load_graph_def
 
 tf_keras = pytest.importorskip("tf_keras")
 runner = CliRunner()
@@ -217,8 +217,8 @@ def conv_bn_onnx(batch: object, spatial: object) -> onnx.ModelProto:
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.sampled_from(sorted(UNKNOWN_DIMS)), spatial=st.sampled_from([*sorted(UNKNOWN_DIMS), "known"]))
 def test_onnx_negative_zero_and_symbolic_dims_are_unknown(batch: str, spatial: str) -> None:
-    from bnfold.onnx_api import fold_onnx
-    from bnfold.onnx_io import input_specs
+    from bnfold.onnx.io import input_specs
+    from bnfold.onnx.pipeline import fold_onnx
 
     model = conv_bn_onnx(UNKNOWN_DIMS[batch], 8 if spatial == "known" else UNKNOWN_DIMS[spatial])
     shape = input_specs(model)[0].shape
@@ -342,7 +342,7 @@ def test_checkpoint_whose_prefix_is_its_directory(directory_checkpoint: Path, ho
 
 
 def test_checkpoint_prefix_found_like_saver_restore(directory_checkpoint: Path) -> None:
-    from bnfold.training_graph import find_prefix
+    from bnfold.doctor.training import find_prefix
 
     d = directory_checkpoint
     prefix, note = find_prefix(d)
@@ -401,7 +401,7 @@ dims = st.lists(st.one_of(st.none(), st.integers(1, 64)), min_size=1, max_size=4
 def test_signature_difference_finds_every_kind_of_change(shape: list[int | None], change: str) -> None:
     import keras
 
-    from bnfold.freeze import TensorDecl
+    from bnfold.keras.load import TensorDecl
 
     tensor = keras.Input(shape=tuple(shape), name="audio", dtype="float32")
     declared = TensorDecl("audio", (None, *shape), "float32")
