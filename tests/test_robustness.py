@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import bnfold
 from bnfold.cli import app
 from bnfold.core.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSAFE, EXIT_USAGE, EXIT_VERIFY, OutputError
-from bnfold.tf.io import atomic_write
+from bnfold.core.files import atomic_write
 from sample_models.make_samples import Spec, build
 
 runner = CliRunner()
@@ -318,7 +318,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path) -> None
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from bnfold.tf.io import atomic_write
+from bnfold.core.files import atomic_write
 
 def write(tmp):
     tmp.write_bytes(b"half a model")

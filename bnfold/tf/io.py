@@ -17,7 +17,7 @@ from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from bnfold.core.errors import InputError, OutputError, first_line
-from bnfold.core.files import _umask, atomic_write, check_output_path, read_bytes, terminating_cleanly  # noqa: F401  (TF-free; re-exported)
+from bnfold.core.files import _umask, atomic_write, read_bytes, terminating_cleanly
 from bnfold.core.formats import check_output_format, is_saved_model_destination
 from bnfold.core.result import FoldResult, Signature
 from bnfold.tf.graph import parse_input

@@ -24,7 +24,7 @@ import numpy as np
 from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2
 from tensorflow.python.framework import tensor_util
 
-from bnfold.core.comparison import TRAINING_WORDS, looks_like_training_flag  # noqa: F401  (one definition for every route)
+from bnfold.core.comparison import looks_like_training_flag
 from bnfold.core.errors import UsageError
 from bnfold.core.result import Resolution, TrainingBnRewrite
 from bnfold.tf.canonical import ConstEvaluator
