@@ -27,7 +27,6 @@ from bnfold.core.formats import (  # noqa: F401  (OUTPUT_FORMATS re-exported)
     check_output_format,
     input_format,
     is_saved_model_destination,
-    output_format,
     route,
 )
 from bnfold.core.result import DEFAULT_SIGNATURE, FoldResult
@@ -91,7 +90,7 @@ def fold(
     options = CheckOptions.of(check)
     verify_outputs = options.verify
     if isinstance(source, str | os.PathLike) and (trust_model or not _is_graph_file(source)):
-        # The worker loads SavedModel and Keras files (bnfold.tf.freeze.load_in_worker); a trusted graph may read its
+        # The worker loads SavedModel and Keras files (bnfold.sources.load_in_worker); a trusted graph may read its
         # own assets in the check. Allowed before the worker starts: Landlock rules are fixed when it confines itself.
         sandbox.allow_read(source)
     if verify_outputs:  # the check's worker imports TensorFlow while the model is read and folded
@@ -116,7 +115,7 @@ def fold(
 
 
 def _is_graph_file(source: GraphSource) -> bool:
-    """A path :func:`bnfold.tf.freeze.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
+    """A path :func:`bnfold.sources.load` reads as a GraphDef file (not a SavedModel directory or a Keras file)."""
     return isinstance(source, str | os.PathLike) and Path(source).is_file() and input_format(source) == GRAPH
 
 
@@ -225,15 +224,13 @@ def to_onnx(
 
 
 def fold_file_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, in_place: bool = False, **options: Any) -> FoldResult:
-    """``bnfold.fold_file(src, "x.onnx")``: fold, convert, check, verify, then write atomically."""
+    """``bnfold.fold_file`` on the ONNX route (ONNX in, or ``.onnx`` out): fold, convert, check, then write atomically."""
     from bnfold.onnx.io import write_onnx
     from bnfold.onnx.pipeline import fold_onnx_file, plan_output
 
     src_path, dst_path = Path(src), Path(dst)
     if input_format(src_path) == ONNX:
         return fold_onnx_file(src_path, dst_path, in_place=in_place, **options)
-    if output_format(dst_path) != ONNX:
-        raise UsageError(f"{dst}: give an output path ending in .onnx")
     check_output_path(src_path, dst_path, in_place)
     model, result = to_onnx(src_path, **options)
     write_onnx(model, dst_path, plan_output(result, model, dst_path))

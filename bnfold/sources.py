@@ -16,40 +16,30 @@ from typing import IO, Any
 
 from tensorflow.core.framework import graph_pb2
 
-from bnfold.core import errors, sandbox, serve
+from bnfold.core import sandbox, serve
 from bnfold.core.errors import BnfoldError, InputError
 from bnfold.core.formats import is_keras_path
-from bnfold.core.protocol import first_line_of, send
+from bnfold.core.protocol import send
 from bnfold.core.result import DEFAULT_SIGNATURE, Signature
 from bnfold.core.trust import enforced
-from bnfold.core.worker import GraphRunError, WorkerDied, acquire, release
+from bnfold.core.worker import GraphRunError, WorkerDied, as_bnfold_error, ask
 from bnfold.keras.fold import custom_objects
 from bnfold.keras.load import check_keras_file, load_keras_model
 from bnfold.tf import io
-from bnfold.tf.freeze import Loaded, _load_saved_model_here, check_files_inside, check_saved_model, freeze_concrete_function, freeze_keras
+from bnfold.tf.freeze import Loaded, check_files_inside, check_saved_model, freeze_concrete_function, freeze_keras, load_saved_model_here
 
 FREEZE = f"{__name__}:serve_freeze"
 
 
 def freeze_in_worker(request: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """Ask a worker to load and freeze a model file (:func:`load_in_worker`); errors keep their exit codes."""
-    worker = acquire()
     path = str(request.get("path", ""))
     try:
-        head, body = worker.request({"op": FREEZE, **request})
+        head, body = ask({"op": FREEZE, **request})
     except GraphRunError as exc:
-        release(worker)
-        kind = getattr(errors, exc.kind, None)
-        if isinstance(kind, type) and issubclass(kind, errors.BnfoldError):
-            raise kind(str(exc)) from None
-        raise errors.InputError(f"{path}: cannot load the model ({first_line_of(str(exc))})") from None
+        raise as_bnfold_error(exc, lambda text: InputError(f"{path}: cannot load the model ({text})")) from None
     except WorkerDied as exc:
-        worker.stop()
-        raise errors.InputError(f"{path}: loading the model ended bnfold's worker: {exc.describe()}") from None
-    except BaseException:
-        worker.stop()
-        raise
-    release(worker)
+        raise InputError(f"{path}: loading the model ended bnfold's worker: {exc.describe()}") from None
     return body, head
 
 
@@ -61,8 +51,7 @@ def serve_freeze(state: serve.State, head: dict[str, Any], payload: bytes, reply
     except BnfoldError:
         raise
     except Exception as exc:  # noqa: BLE001 - a loader's own failure on a hostile or broken file: the parent reports it
-        send(reply, {"ok": False, "kind": "InputError", "message": f"{head['path']}: cannot load the model ({type(exc).__name__}: {exc})"})
-        return
+        raise InputError(f"{head['path']}: cannot load the model ({type(exc).__name__}: {exc})") from None
     sig = loaded.signature
     signature = {"name": sig.name, "inputs": sig.inputs, "outputs": sig.outputs} if sig is not None else None
     data = loaded.graph_def.SerializeToString()
@@ -114,7 +103,7 @@ def load_in_worker(kind: str, path: Path, signature: str, trust_model: bool) -> 
 def load_here(kind: str, path: Path, signature: str, trust_model: bool) -> Loaded:
     """The worker's side of :func:`load_in_worker`; the checks of the model's bytes ran in bnfold's process."""
     if kind == "saved_model":
-        return _load_saved_model_here(path, signature)
+        return load_saved_model_here(path, signature)
     return _load_keras_file_here(path, trust_model)
 
 

@@ -125,6 +125,10 @@ def fold_command(
             return
         if standalone_affine:
             raise UsageError("--standalone-affine applies to Keras output; give an output path ending in .keras or .h5")
+        if is_onnx_path(src) and dst is not None and not is_onnx_path(dst):
+            raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
+        if is_onnx_path(src) and (set_ or training_bn != "keep"):
+            raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         source: Any = src
         out_names = names(outputs)
         if recalibrate and is_onnx_path(src):
@@ -132,10 +136,6 @@ def fold_command(
             from bnfold.core import recalibration as rcc
             from bnfold.recalibration.onnx import recalibrate_onnx
 
-            if dst is not None and not is_onnx_path(dst):
-                raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
-            if set_ or training_bn != "keep":
-                raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
             source, onnx_recalibrated = recalibrate_onnx(src, data_arrays(recalibrate, "--recalibrate"), trust_model=trust_model)
             if not quiet:
                 rcc.print_report(onnx_recalibrated, out)
@@ -155,15 +155,11 @@ def fold_command(
             switch_options["set_flags"] = flags(set_)
         if training_bn != "keep":
             switch_options["training_bn"] = training_bn
-        if switch_options and is_onnx_path(src):
-            raise UsageError("--set/--training-bn: an ONNX model has no TensorFlow training switch or training-mode BN to resolve")
         onnx_mode = pipeline == ONNX
         if onnx_mode:  # not for a TF-only run: importing onnx costs its memory (#16)
             from bnfold.onnx import export as onnx_export
             from bnfold.onnx import io as onnx_io
             from bnfold.onnx.pipeline import plan_output
-        if is_onnx_path(src) and dst is not None and not is_onnx_path(dst):
-            raise UsageError(f"{dst}: ONNX input is written as ONNX; give an output path ending in .onnx")
         if opset is not None and not onnx_mode:
             raise UsageError("--opset applies to ONNX output; give an output path ending in .onnx")
         if signature is not None and onnx_mode:

@@ -77,12 +77,9 @@ class State:
             raise ValueError(f"request {op!r} needs TensorFlow, which this worker did not import")
         return self.tf
 
-    def open(self, session: Any) -> None:
-        """Hold ``session`` from now on, forgetting the previous model and what its runs kept."""
-        self.close()
-        self.session = session
-
     def close(self) -> None:
+        """Forget the loaded model and what its runs kept; a request that loads another model calls this first,
+        so that the old one's memory is free before the new one is read."""
         self.store.clear()
         if self.session is not None:
             self.session.close()
@@ -172,9 +169,12 @@ def serve(requests: IO[bytes] | None = None, reply: IO[bytes] | None = None) -> 
         if message is None:
             return
         head, payload = message
-        del message  # the graph's bytes go with ``payload`` once it is imported
+        # The handler holds the only reference to the payload (a model's bytes), so that it can drop
+        # them once the model is imported, before the session is built (peak memory of a large graph).
+        parts = [payload]
+        del message, payload
         try:
-            handler(head["op"])(state, head, payload, reply)
+            handler(head["op"])(state, head, parts.pop(), reply)
         except caught as exc:
             kind = type(exc).__name__
             message_text = op_error_text(getattr(exc, "message", None) or str(exc))

@@ -72,7 +72,7 @@ def load(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[byt
     state.close()
     session = OrtSession(str(head["path"]) if head.get("path") else payload)
     del payload
-    state.open(session)
+    state.session = session
     send(reply, {"ok": True, "inputs": session.inputs})
 
 

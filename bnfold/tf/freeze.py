@@ -119,7 +119,7 @@ def check_files_inside(path: Path) -> None:
                 raise InputError(f"{path}: {shown} links outside the SavedModel (to {real}); copy the file into the model directory")
 
 
-def _load_saved_model_here(path: Path, signature: str) -> Loaded:
+def load_saved_model_here(path: Path, signature: str) -> Loaded:
     try:
         model = tf.saved_model.load(str(path))
     except (OSError, ValueError, tf.errors.OpError) as exc:

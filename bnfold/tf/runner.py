@@ -307,7 +307,7 @@ def load(state: serve.State, head: dict[str, Any], payload: bytes, reply: IO[byt
     if head.get("budget"):
         check_budget(graph, str(head["budget"]))
     config = runner_config(bool(head.get("channels_first", True))) if head.get("layout_pass", True) else None
-    state.open(_Session(tf, graph, config))
+    state.session = _Session(tf, graph, config)
     send(reply, {"ok": True})
 
 
